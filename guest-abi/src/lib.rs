@@ -1,0 +1,259 @@
+//! The hypercall ABI between the hypervisor and its paravirtualized (PV) guests.
+//!
+//! Both sides compile this crate: the hypervisor decodes calls with it, guests issue them
+//! with [`hypercall`]. Nothing here is hypervisor-specific.
+//!
+//! # Guest environment at entry
+//!
+//! A guest is a static ELF64 image linked at or above [`GUEST_IMAGE_BASE`]. The hypervisor
+//! loads its `PT_LOAD` segments at their physical addresses in guest-physical memory and
+//! starts it in 64-bit long mode:
+//!
+//! * paging on, guest-virtual = guest-physical for all of its memory (2 MiB pages built by
+//!   the hypervisor in the first megabyte, which the guest must not use);
+//! * `RIP` = ELF entry, `RSP` = top of guest memory (16-byte aligned), `RDI` = guest-physical
+//!   address of the [`BootInfo`] page ([`BOOT_INFO_ADDR`]);
+//! * interrupts off, no IDT: any exception stops the guest (the hypervisor reports it).
+//!
+//! # Calling convention
+//!
+//! ```text
+//!   VMCALL   in:  RAX = call number (Hypercall), RDI, RSI, RDX, R10 = arguments
+//!            out: RAX = result (>= 0) or a negated ErrorCode (< 0)
+//!            all other registers are preserved
+//! ```
+//!
+//! Pointers are guest-physical (= guest-virtual) addresses; the hypervisor checks that a
+//! buffer lies wholly inside guest memory and fails the call with [`ErrorCode::BadAddress`]
+//! otherwise. Unknown numbers fail with [`ErrorCode::UnknownCall`]; the guest keeps running.
+#![no_std]
+
+/// Version of this ABI; [`BootInfo::abi_version`] carries it, and a guest built against
+/// another major version should refuse to run.
+pub const ABI_VERSION: u32 = 1;
+
+/// Guest-physical address of the [`BootInfo`] page.
+pub const BOOT_INFO_ADDR: u64 = 0x1000;
+/// Lowest guest-physical address a guest image may be linked at. Below it the hypervisor
+/// keeps the boot info and the guest's page tables.
+pub const GUEST_IMAGE_BASE: u64 = 0x10_0000;
+/// Largest [`Hypercall::ConsoleWrite`] length accepted in one call.
+pub const MAX_CONSOLE_WRITE: u64 = 4096;
+/// Size of [`BootInfo::args`].
+pub const MAX_ARGS: usize = 256;
+/// Magic at the start of [`BootInfo`] ("PVBOOT01").
+pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"PVBOOT01");
+
+/// Hypercall numbers (RAX). 0 is reserved as invalid so that a zeroed register never
+/// means anything.
+#[repr(u64)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Hypercall {
+    /// Write `len` (RSI) bytes at `ptr` (RDI) to the console. Returns the bytes written.
+    ConsoleWrite = 1,
+    /// Monotonic time in nanoseconds since the guest was first started. It keeps counting
+    /// across migrations (the destination continues from the source's value).
+    Time = 2,
+    /// Give up the rest of this time slice. Returns 0.
+    Yield = 3,
+    /// Sleep until the monotonic time (RDI, nanoseconds) is reached. Returns 0.
+    HaltUntil = 4,
+    /// End the guest with exit code RDI. Does not return.
+    Exit = 5,
+    /// Fill the [`GuestInfo`] at RDI. Returns 0.
+    Info = 6,
+    /// Report a result to the hypervisor: kind RDI ([`ReportKind`]), value RSI, detail RDX.
+    /// The hypervisor shows the latest report per kind (`vms`, `stats`). Returns 0.
+    Report = 7,
+    /// Fetch and clear the request the operator posted for this guest ([`Request`]).
+    /// Returns the request number (0 = none).
+    TakeRequest = 8,
+}
+
+impl Hypercall {
+    /// Decodes a call number, `None` for an unknown one.
+    pub fn from_raw(raw: u64) -> Option<Self> {
+        Some(match raw {
+            1 => Self::ConsoleWrite,
+            2 => Self::Time,
+            3 => Self::Yield,
+            4 => Self::HaltUntil,
+            5 => Self::Exit,
+            6 => Self::Info,
+            7 => Self::Report,
+            8 => Self::TakeRequest,
+            _ => return None,
+        })
+    }
+}
+
+/// Errors returned (negated) in RAX.
+#[repr(i64)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The call number is not known.
+    UnknownCall = 1,
+    /// A pointer or buffer is not wholly inside guest memory.
+    BadAddress = 2,
+    /// A length or argument is out of range.
+    BadArgument = 3,
+}
+
+impl ErrorCode {
+    /// The RAX value for this error.
+    pub const fn to_raw(self) -> u64 {
+        (-(self as i64)) as u64
+    }
+
+    /// Decodes a RAX value: `Ok(value)` or the error.
+    pub fn decode(rax: u64) -> Result<u64, Self> {
+        match rax as i64 {
+            v if v >= 0 => Ok(rax),
+            -1 => Err(Self::UnknownCall),
+            -2 => Err(Self::BadAddress),
+            _ => Err(Self::BadArgument),
+        }
+    }
+}
+
+impl core::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            Self::UnknownCall => "unknown hypercall",
+            Self::BadAddress => "buffer outside guest memory",
+            Self::BadArgument => "argument out of range",
+        })
+    }
+}
+
+/// What a [`Hypercall::Report`] reports.
+#[repr(u64)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReportKind {
+    /// Result of a memory self-check: value 1 = pass, 0 = fail; detail = pages checked.
+    Verify = 1,
+    /// Pages written so far by a dirtying guest: value = total page writes, detail = the
+    /// number of distinct pages in its working set.
+    Dirtied = 2,
+    /// A free-form progress counter (e.g. the counter guest's sequence number).
+    Progress = 3,
+}
+
+impl ReportKind {
+    /// Decodes a report kind.
+    pub fn from_raw(raw: u64) -> Option<Self> {
+        Some(match raw {
+            1 => Self::Verify,
+            2 => Self::Dirtied,
+            3 => Self::Progress,
+            _ => return None,
+        })
+    }
+}
+
+/// Operator requests a guest picks up with [`Hypercall::TakeRequest`].
+#[repr(u64)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Request {
+    /// Nothing pending.
+    None = 0,
+    /// Check your memory invariant now and [`ReportKind::Verify`] the result.
+    Verify = 1,
+}
+
+/// The page at [`BOOT_INFO_ADDR`] at guest start.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BootInfo {
+    /// [`BOOT_INFO_MAGIC`].
+    pub magic: u64,
+    /// [`ABI_VERSION`] of the hypervisor that started the guest.
+    pub abi_version: u32,
+    /// The guest's id on the hypervisor that started it.
+    pub guest_id: u32,
+    /// Size of guest-physical memory in bytes (memory is `0..mem_bytes`).
+    pub mem_bytes: u64,
+    /// First guest-physical address past the loaded image (page aligned): free memory
+    /// runs from here to the stack at the top.
+    pub image_end: u64,
+    /// Length of the argument string in `args`.
+    pub args_len: u32,
+    /// Reserved, zero.
+    pub _reserved: u32,
+    /// Arguments from the `start` command, space separated UTF-8.
+    pub args: [u8; MAX_ARGS],
+}
+
+/// Filled by [`Hypercall::Info`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuestInfo {
+    /// [`ABI_VERSION`] of the hypervisor the guest runs on now.
+    pub abi_version: u32,
+    /// The guest's id on the hypervisor it runs on now (it may change on migration).
+    pub guest_id: u32,
+    /// How many times this guest has arrived by live migration.
+    pub migrations: u64,
+    /// Size of guest memory in bytes.
+    pub mem_bytes: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<BootInfo>() == 40 + MAX_ARGS);
+const _: () = assert!(core::mem::size_of::<GuestInfo>() == 24);
+
+/// Issues a hypercall. Guest side only: on the host or in the hypervisor it would fault.
+///
+/// `VMCALL` with the convention in the module documentation.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub fn hypercall(call: Hypercall, a0: u64, a1: u64, a2: u64, a3: u64) -> u64 {
+    let rax: u64;
+    // SAFETY: VMCALL traps to the hypervisor, which only reads the argument registers and
+    // writes RAX (and guest memory the arguments point at, which is the caller's business).
+    // The asm touches no Rust-visible memory itself and preserves the stack.
+    unsafe {
+        core::arch::asm!(
+            "vmcall",
+            inout("rax") call as u64 => rax,
+            in("rdi") a0,
+            in("rsi") a1,
+            in("rdx") a2,
+            in("r10") a3,
+            options(nostack),
+        );
+    }
+    rax
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_numbers_round_trip() {
+        for raw in 0..16 {
+            if let Some(c) = Hypercall::from_raw(raw) {
+                assert_eq!(c as u64, raw);
+            }
+        }
+        assert_eq!(Hypercall::from_raw(0), None);
+        assert_eq!(Hypercall::from_raw(9), None);
+    }
+
+    #[test]
+    fn errors_are_negative() {
+        for e in [
+            ErrorCode::UnknownCall,
+            ErrorCode::BadAddress,
+            ErrorCode::BadArgument,
+        ] {
+            assert!((e.to_raw() as i64) < 0);
+            assert_eq!(ErrorCode::decode(e.to_raw()), Err(e));
+        }
+        assert_eq!(ErrorCode::decode(42), Ok(42));
+    }
+}

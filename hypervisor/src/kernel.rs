@@ -1,0 +1,323 @@
+//! The kernel proper: boot sequence ([`kmain`]) and the main loop that polls the
+//! console and, as they arrive, the network and the guests. The hypervisor runs on the
+//! boot CPU with interrupts off: everything is a poll-driven state machine, which keeps
+//! the control flow visible and lets migration make progress between guest time slices.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use crate::arch::{cpu, gdt, idt, pit, serial};
+use crate::console::args::{self, CmdError};
+use crate::console::line::{Event, LineEditor};
+use crate::console::{self, PROMPT};
+use crate::mm::{heap, phys};
+use crate::multiboot::{self, BootInfo};
+use crate::platform::{self, CpuTopology, Machine};
+use crate::vmx::{self, caps::VmxCaps};
+use crate::{cmd_err, print, println, time};
+
+/// Version string printed in the banner and by `info`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// A guest image handed over by GRUB.
+#[derive(Clone, Debug)]
+pub struct Image {
+    /// Name (the module string).
+    pub name: String,
+    /// Physical address.
+    pub start: u64,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+/// Everything the console commands act on.
+pub struct Kernel {
+    machine: Machine,
+    cmdline: String,
+    topology: Option<CpuTopology>,
+    vmx: Option<VmxCaps>,
+    vmx_error: Option<String>,
+    images: Vec<Image>,
+    editor: LineEditor,
+    boot_us: u64,
+}
+
+/// Entry from `main.rs`: `magic`/`info` as GRUB left them in EAX/EBX.
+pub fn kmain(magic: u32, info_addr: u64) -> ! {
+    cpu::disable_interrupts();
+    serial::init();
+    crate::logger::init(log::LevelFilter::Info);
+    println!();
+    println!("hvmig {VERSION}: x86-64 VMX microhypervisor with live migration");
+
+    let header = phys::boot_bytes(info_addr, 8);
+    let size = multiboot::total_size(header).unwrap_or(0);
+    let info = match BootInfo::parse(magic, phys::boot_bytes(info_addr, size)) {
+        Ok(i) => i,
+        Err(e) => {
+            println!("fatal: {e}");
+            cpu::halt_forever();
+        }
+    };
+    init_memory(&info, info_addr);
+    if let Err(e) = heap::init() {
+        println!("fatal: no heap: {e}");
+        cpu::halt_forever();
+    }
+    let segs = gdt::init();
+    idt::init(segs.code);
+
+    let tsc_hz = pit::calibrate_tsc(50).unwrap_or_else(|| {
+        log::warn!("PIT calibration failed; assuming 1 GHz TSC");
+        1_000_000_000
+    });
+    time::set_tsc_hz(tsc_hz);
+
+    let rsdp = info.rsdp_offset().map(|o| info_addr + o as u64);
+    let topology = match platform::read_madt(rsdp) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            log::warn!("ACPI: no MADT ({e:?})");
+            None
+        }
+    };
+    let images = info
+        .modules()
+        .map(|m| Image {
+            name: String::from(m.name),
+            start: m.start,
+            len: (m.end - m.start) as usize,
+        })
+        .collect();
+
+    let machine = Machine::detect();
+    let mut k = Kernel {
+        machine,
+        cmdline: String::from(info.command_line()),
+        topology,
+        vmx: None,
+        vmx_error: None,
+        images,
+        editor: LineEditor::new(),
+        boot_us: time::now_us(),
+    };
+    k.init_vmx();
+    let (free, total) = phys::with_frames(|f| (f.free_frames(), f.total_frames()));
+    println!(
+        "machine: {}, {} CPU(s), {} MiB RAM ({} MiB free), TSC {} MHz",
+        machine.name(),
+        k.topology.as_ref().map_or(1, |t| t.apic_ids.len()),
+        total / 256,
+        free / 256,
+        tsc_hz / 1_000_000
+    );
+    match (&k.vmx, &k.vmx_error) {
+        (Some(_), _) => println!("VMX: enabled (type 'info' for capabilities)"),
+        (None, Some(e)) => {
+            println!("VMX: NOT AVAILABLE: {e}");
+            println!("  guests cannot run here; the console and network still work.");
+            println!("  To get VMX: run under Bochs (cargo xtask run --emulator bochs), or QEMU");
+            println!("  with KVM on an Intel host with nested VMX (cargo xtask run --emulator qemu-kvm).");
+        }
+        (None, None) => {}
+    }
+    println!("type 'help' for commands");
+    print!("{PROMPT}");
+    k.run()
+}
+
+fn init_memory(info: &BootInfo<'_>, info_addr: u64) {
+    extern "C" {
+        static __kernel_start: u8;
+        static __kernel_end: u8;
+    }
+    let kstart = core::ptr::addr_of!(__kernel_start) as u64;
+    let kend = core::ptr::addr_of!(__kernel_end) as u64;
+    phys::with_frames(|f| {
+        for r in info.memory_map().filter(|r| r.kind == 1) {
+            f.add_free(r.base, r.base.saturating_add(r.len));
+        }
+        // Low memory holds BIOS data, the EBDA and real-mode structures: keep out.
+        f.reserve(0, 0x10_0000);
+        f.reserve(kstart, kend);
+        f.reserve(info_addr, info_addr + info.len() as u64);
+        for m in info.modules() {
+            f.reserve(m.start, m.end);
+        }
+    });
+}
+
+impl Kernel {
+    fn init_vmx(&mut self) {
+        if !vmx::cpu_has_vmx() {
+            let vendor = platform::cpu_vendor();
+            self.vmx_error = Some(alloc::format!(
+                "this CPU ({}) does not report VMX in CPUID",
+                core::str::from_utf8(&vendor).unwrap_or("?")
+            ));
+            return;
+        }
+        self.vmx = Some(vmx::read_caps());
+    }
+
+    /// The main loop: never returns.
+    fn run(&mut self) -> ! {
+        loop {
+            self.poll_console();
+            cpu::pause();
+        }
+    }
+
+    fn poll_console(&mut self) {
+        while let Some(b) = serial::try_read() {
+            match self.editor.feed(b) {
+                Event::None => {}
+                Event::Echo(bytes) => serial::write_bytes(bytes),
+                Event::EchoByte(b) => serial::write_bytes(&[b]),
+                Event::Line(line) => {
+                    println!();
+                    if let Err(e) = self.execute(&line) {
+                        println!("error: {e}");
+                    }
+                    print!("{PROMPT}");
+                }
+                Event::TooLong => {
+                    println!();
+                    println!(
+                        "error: line too long (max {} characters)",
+                        console::line::MAX_LINE
+                    );
+                    print!("{PROMPT}");
+                }
+                Event::Cancelled => {
+                    println!("^C");
+                    print!("{PROMPT}");
+                }
+            }
+        }
+    }
+
+    fn execute(&mut self, line: &str) -> Result<(), CmdError> {
+        let words = args::words(line);
+        let Some((&name, rest)) = words.split_first() else {
+            return Ok(());
+        };
+        let Some(cmd) = console::find(name) else {
+            return Err(cmd_err!("unknown command '{name}' (type 'help')"));
+        };
+        let usage = || cmd_err!("usage: {} {}", cmd.name, cmd.usage);
+        match name {
+            "help" => {
+                for c in console::COMMANDS {
+                    println!(
+                        "  {:<10} {:<28} {}",
+                        c.name,
+                        c.usage.split(' ').take(2).collect::<Vec<_>>().join(" "),
+                        c.help
+                    );
+                }
+                Ok(())
+            }
+            "info" => {
+                self.cmd_info();
+                Ok(())
+            }
+            "mem" => {
+                self.cmd_mem();
+                Ok(())
+            }
+            "log" => {
+                let [level] = rest else { return Err(usage()) };
+                let l = crate::logger::parse_level(level).ok_or_else(|| {
+                    cmd_err!("unknown log level '{level}' (error|warn|info|debug|trace|off)")
+                })?;
+                log::set_max_level(l);
+                println!("log level: {l}");
+                Ok(())
+            }
+            "images" => {
+                if self.images.is_empty() {
+                    println!("no guest images (GRUB loaded no modules)");
+                }
+                for i in &self.images {
+                    println!("  {:<12} {:>8} bytes at {:#x}", i.name, i.len, i.start);
+                }
+                Ok(())
+            }
+            "shutdown" => {
+                println!("shutting down");
+                platform::shutdown()
+            }
+            _ => Err(cmd_err!("'{name}' is not available in this build")),
+        }
+    }
+
+    fn cmd_info(&self) {
+        let vendor = platform::cpu_vendor();
+        println!("hvmig {VERSION}");
+        println!(
+            "  machine     {} ({})",
+            self.machine.name(),
+            core::str::from_utf8(&vendor).unwrap_or("?")
+        );
+        println!("  cmdline     {}", self.cmdline);
+        let (free, total) = phys::with_frames(|f| (f.free_frames(), f.total_frames()));
+        println!(
+            "  memory      {} MiB usable, {} MiB free",
+            total / 256,
+            free / 256
+        );
+        match &self.topology {
+            Some(t) => println!(
+                "  cpus        {} (APIC ids {:?}), local APIC at {:#x}, {} I/O APIC(s); hypervisor runs on the boot CPU",
+                t.apic_ids.len(),
+                t.apic_ids,
+                t.lapic_addr,
+                t.io_apics
+            ),
+            None => println!("  cpus        unknown (no MADT)"),
+        }
+        println!("  tsc         {} kHz", time::tsc_hz() / 1000);
+        println!(
+            "  uptime      {} ms",
+            (time::now_us() - self.boot_us) / 1000
+        );
+        match (&self.vmx, &self.vmx_error) {
+            (Some(c), _) => {
+                println!(
+                    "  vmx         yes: VMCS revision {:#x}, region {} bytes",
+                    c.revision(),
+                    c.region_size()
+                );
+                let mut s = String::new();
+                for (name, on) in c.features() {
+                    s.push_str(name);
+                    s.push_str(if on { "=yes " } else { "=no " });
+                }
+                println!("  vmx-features {}", s.trim_end());
+                println!(
+                    "  vmx-msrs    basic={:#x} ept_vpid={:#x} proc2={:#x} misc={:#x}",
+                    c.basic, c.ept_vpid, c.procbased2, c.misc
+                );
+            }
+            (None, Some(e)) => println!("  vmx         NOT AVAILABLE: {e}"),
+            (None, None) => println!("  vmx         not initialised"),
+        }
+    }
+
+    fn cmd_mem(&self) {
+        let (free, total) = phys::with_frames(|f| (f.free_frames(), f.total_frames()));
+        let (used, hfree) = heap::usage();
+        println!(
+            "  frames      {} total, {} free ({} KiB free)",
+            total,
+            free,
+            free * 4
+        );
+        println!(
+            "  heap        {} KiB used, {} KiB free",
+            used / 1024,
+            hfree / 1024
+        );
+    }
+}

@@ -1,0 +1,1 @@
+//! Pre-copy live migration (placeholder until the stream codec lands).

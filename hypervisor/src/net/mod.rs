@@ -1,0 +1,1 @@
+//! Networking (placeholder until the e1000 driver lands).

@@ -1,0 +1,71 @@
+//! The end-to-end harness. Scenarios in `tests/` are `#[ignore]`d so that a plain
+//! `cargo test` stays a fast host build; `cargo xtask test` builds the image and runs
+//! them with `--ignored`, one at a time, with `HV_ISO` and `HV_WORK` set.
+//!
+//! [`scenario`] boots the instances, runs the body, and on any failure prints every
+//! instance's serial log (and the tail of the Bochs log) before failing the test.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use hv_tools::emu::{Emulator, Lab, LabConfig};
+
+/// Boot timeout: Bochs boots in seconds here, but CI machines are noisy.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+/// Timeout for an ordinary console command.
+pub const CMD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Which instances a scenario needs.
+pub struct Setup {
+    /// Emulator.
+    pub emulator: Emulator,
+    /// Two linked instances.
+    pub pair: bool,
+    /// A NIC on a single instance.
+    pub net: bool,
+}
+
+/// Boots per `setup`, runs `body`, prints diagnostics and panics on failure.
+pub fn scenario(name: &str, setup: Setup, body: impl FnOnce(&mut Lab) -> Result<(), String>) {
+    let iso = PathBuf::from(
+        std::env::var("HV_ISO")
+            .expect("HV_ISO not set: run the end-to-end tests with `cargo xtask test`"),
+    );
+    let work =
+        PathBuf::from(std::env::var("HV_WORK").unwrap_or_else(|_| "/tmp/hv-e2e".into())).join(name);
+    let cfg = LabConfig {
+        emulator: setup.emulator,
+        iso,
+        work_dir: work,
+        pair: setup.pair,
+        mem_mib: 256,
+        bochs_ips: hv_tools::emu::DEFAULT_BOCHS_IPS,
+        net: setup.net,
+    };
+    let started = std::time::Instant::now();
+    let mut lab = match Lab::start(&cfg, BOOT_TIMEOUT) {
+        Ok(l) => l,
+        Err(e) => panic!("scenario {name}: boot failed: {e}"),
+    };
+    eprintln!(
+        "scenario {name}: booted in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    if let Err(e) = body(&mut lab) {
+        eprintln!("{}", lab.diagnostics());
+        panic!("scenario {name} failed: {e}");
+    }
+    eprintln!(
+        "scenario {name}: passed in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// Fails unless `text` contains `needle`.
+pub fn expect(text: &str, needle: &str) -> Result<(), String> {
+    if text.contains(needle) {
+        Ok(())
+    } else {
+        Err(format!("expected {needle:?} in output:\n{text}"))
+    }
+}

@@ -1,0 +1,8 @@
+//! Host-side support shared by `xtask` and the end-to-end tests: launching the
+//! hypervisor in an emulator ([`emu`]) and driving its serial console ([`console`]).
+//!
+//! Everything binds to loopback only, draws its ports so that concurrent runs do not
+//! collide, kills emulators on drop and bounds every wait with a timeout.
+
+pub mod console;
+pub mod emu;
