@@ -13,31 +13,18 @@ use crate::console::{self, PROMPT};
 use crate::mm::{heap, phys};
 use crate::multiboot::{self, BootInfo};
 use crate::platform::{self, CpuTopology, Machine};
-use crate::vmx::{self, caps::VmxCaps};
+use crate::vmm::{Image, Vmm};
 use crate::{cmd_err, print, println, time};
 
 /// Version string printed in the banner and by `info`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-
-/// A guest image handed over by GRUB.
-#[derive(Clone, Debug)]
-pub struct Image {
-    /// Name (the module string).
-    pub name: String,
-    /// Physical address.
-    pub start: u64,
-    /// Length in bytes.
-    pub len: usize,
-}
 
 /// Everything the console commands act on.
 pub struct Kernel {
     machine: Machine,
     cmdline: String,
     topology: Option<CpuTopology>,
-    vmx: Option<VmxCaps>,
-    vmx_error: Option<String>,
-    images: Vec<Image>,
+    vmm: Vmm,
     editor: LineEditor,
     boot_us: u64,
 }
@@ -45,6 +32,9 @@ pub struct Kernel {
 /// Entry from `main.rs`: `magic`/`info` as GRUB left them in EAX/EBX.
 pub fn kmain(magic: u32, info_addr: u64) -> ! {
     cpu::disable_interrupts();
+    // The hypervisor polls; mask the legacy PICs so no stale IRQ is ever delivered.
+    crate::arch::port::outb(0x21, 0xFF);
+    crate::arch::port::outb(0xA1, 0xFF);
     serial::init();
     crate::logger::init(log::LevelFilter::Info);
     println!();
@@ -95,13 +85,10 @@ pub fn kmain(magic: u32, info_addr: u64) -> ! {
         machine,
         cmdline: String::from(info.command_line()),
         topology,
-        vmx: None,
-        vmx_error: None,
-        images,
+        vmm: Vmm::new(segs, images),
         editor: LineEditor::new(),
         boot_us: time::now_us(),
     };
-    k.init_vmx();
     let (free, total) = phys::with_frames(|f| (f.free_frames(), f.total_frames()));
     println!(
         "machine: {}, {} CPU(s), {} MiB RAM ({} MiB free), TSC {} MHz",
@@ -111,7 +98,7 @@ pub fn kmain(magic: u32, info_addr: u64) -> ! {
         free / 256,
         tsc_hz / 1_000_000
     );
-    match (&k.vmx, &k.vmx_error) {
+    match (&k.vmm.vmx, &k.vmm.vmx_error) {
         (Some(_), _) => println!("VMX: enabled (type 'info' for capabilities)"),
         (None, Some(e)) => {
             println!("VMX: NOT AVAILABLE: {e}");
@@ -148,23 +135,13 @@ fn init_memory(info: &BootInfo<'_>, info_addr: u64) {
 }
 
 impl Kernel {
-    fn init_vmx(&mut self) {
-        if !vmx::cpu_has_vmx() {
-            let vendor = platform::cpu_vendor();
-            self.vmx_error = Some(alloc::format!(
-                "this CPU ({}) does not report VMX in CPUID",
-                core::str::from_utf8(&vendor).unwrap_or("?")
-            ));
-            return;
-        }
-        self.vmx = Some(vmx::read_caps());
-    }
-
     /// The main loop: never returns.
     fn run(&mut self) -> ! {
         loop {
             self.poll_console();
-            cpu::pause();
+            if !self.vmm.schedule() {
+                cpu::pause();
+            }
         }
     }
 
@@ -235,14 +212,8 @@ impl Kernel {
                 println!("log level: {l}");
                 Ok(())
             }
-            "images" => {
-                if self.images.is_empty() {
-                    println!("no guest images (GRUB loaded no modules)");
-                }
-                for i in &self.images {
-                    println!("  {:<12} {:>8} bytes at {:#x}", i.name, i.len, i.start);
-                }
-                Ok(())
+            "images" | "start" | "vms" | "pause" | "resume" | "kill" | "stats" | "check" => {
+                self.vmm.command(name, rest, cmd.usage)
             }
             "shutdown" => {
                 println!("shutting down");
@@ -282,8 +253,9 @@ impl Kernel {
             "  uptime      {} ms",
             (time::now_us() - self.boot_us) / 1000
         );
-        match (&self.vmx, &self.vmx_error) {
-            (Some(c), _) => {
+        match (&self.vmm.vmx, &self.vmm.vmx_error) {
+            (Some(v), _) => {
+                let c = &v.caps;
                 println!(
                     "  vmx         yes: VMCS revision {:#x}, region {} bytes",
                     c.revision(),

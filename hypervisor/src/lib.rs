@@ -23,6 +23,8 @@ pub mod multiboot;
 pub mod net;
 pub mod platform;
 pub mod time;
+pub mod vm;
+pub mod vmm;
 pub mod vmx;
 
 /// The panic handler's body: a panic is a hypervisor bug. Print it and halt.

@@ -11,3 +11,4 @@ pub mod idt;
 pub mod pit;
 pub mod port;
 pub mod serial;
+pub mod vmx;

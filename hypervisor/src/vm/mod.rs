@@ -1,0 +1,392 @@
+//! Paravirtualized guests: one [`Vm`] per guest, with its memory, EPT, VMCS and one
+//! vCPU. This module sets up the VMCS (SDM Vol. 3C ch. 25-26), runs time slices bounded
+//! by the VMX-preemption timer, decodes every VM exit once ([`exits`]) and dispatches it
+//! to one handler, and implements the hypercalls of `guest-abi`.
+//!
+//! A guest that does something illegal (an exception, an access outside its memory, an
+//! I/O port, an MSR) is stopped with a one-line report; the hypervisor and the other
+//! guests go on.
+
+pub mod exits;
+pub mod loader;
+mod vcpu;
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use guest_abi::{
+    BootInfo, ErrorCode, GuestInfo, Hypercall, ReportKind, ABI_VERSION, BOOT_INFO_ADDR,
+    BOOT_INFO_MAGIC, MAX_ARGS, MAX_CONSOLE_WRITE,
+};
+
+use crate::arch::cpu;
+use crate::arch::gdt::HostSegments;
+use crate::arch::vmx::{self as hw, GuestRegs};
+use crate::mm::phys::PhysPages;
+use crate::time;
+use crate::vmx::caps::{self, VmxCaps};
+use crate::vmx::ept;
+use crate::vmx::vmcs::{self, ro, w16, w32, w64, wn};
+use exits::ExitReason;
+
+/// Smallest and largest guest memory in MiB.
+pub const MIN_MEM_MIB: u64 = 2;
+/// Largest guest memory in MiB (one EPT page directory).
+pub const MAX_MEM_MIB: u64 = 512;
+
+/// Where a guest is in its life.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmState {
+    /// Runnable.
+    Running,
+    /// Waiting for its monotonic clock to reach a deadline (TSC ticks).
+    Halted(u64),
+    /// Paused by the operator.
+    Paused,
+    /// Paused for the stop-and-copy phase of a migration, or arrived and waiting for
+    /// the source's COMMIT.
+    Frozen,
+    /// Ended by the guest with an exit code.
+    Exited(i64),
+    /// Stopped by the hypervisor.
+    Stopped(String),
+}
+
+impl VmState {
+    /// Short name for tables.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Halted(_) => "sleeping",
+            Self::Paused => "paused",
+            Self::Frozen => "frozen",
+            Self::Exited(_) => "exited",
+            Self::Stopped(_) => "stopped",
+        }
+    }
+
+    /// Whether the guest can still run (not ended).
+    pub fn alive(&self) -> bool {
+        !matches!(self, Self::Exited(_) | Self::Stopped(_))
+    }
+}
+
+/// How a slice ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SliceEnd {
+    /// The slice was used up (or the guest yielded): it stays runnable.
+    Preempted,
+    /// The guest blocked, ended or was stopped.
+    Blocked,
+}
+
+/// Per-reason exit counters and the latest guest reports.
+#[derive(Clone, Debug)]
+pub struct VmStats {
+    /// Exits by basic exit reason.
+    pub exits: [u64; 70],
+    /// Hypercalls by number (index = call number, 0 = unknown).
+    pub hypercalls: [u64; 9],
+    /// Hypercalls that failed validation.
+    pub hypercall_errors: u64,
+    /// Latest report per [`ReportKind`] (value, detail).
+    pub reports: [Option<(u64, u64)>; 4],
+}
+
+impl Default for VmStats {
+    fn default() -> Self {
+        Self {
+            exits: [0; 70],
+            hypercalls: [0; 9],
+            hypercall_errors: 0,
+            reports: [None; 4],
+        }
+    }
+}
+
+impl VmStats {
+    /// Total exits.
+    pub fn total_exits(&self) -> u64 {
+        self.exits.iter().sum()
+    }
+}
+
+/// The architectural vCPU state that lives in the VMCS, as the migration stream carries
+/// it (together with [`GuestRegs`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VcpuState {
+    /// General-purpose registers.
+    pub regs: GuestRegs,
+    #[allow(missing_docs)]
+    pub rip: u64,
+    #[allow(missing_docs)]
+    pub rsp: u64,
+    #[allow(missing_docs)]
+    pub rflags: u64,
+    #[allow(missing_docs)]
+    pub cr0: u64,
+    #[allow(missing_docs)]
+    pub cr3: u64,
+    #[allow(missing_docs)]
+    pub cr4: u64,
+    #[allow(missing_docs)]
+    pub efer: u64,
+    /// FS and GS bases (the only segment state a PV guest can change).
+    pub fs_base: u64,
+    #[allow(missing_docs)]
+    pub gs_base: u64,
+    /// Guest interruptibility state.
+    pub interruptibility: u64,
+}
+
+/// A guest.
+pub struct Vm {
+    /// Id on this hypervisor.
+    pub id: u32,
+    /// Image name.
+    pub image: String,
+    /// Arguments given at start.
+    pub args: String,
+    /// Memory size in bytes.
+    pub mem_bytes: u64,
+    mem: PhysPages,
+    ept: PhysPages,
+    vmcs: PhysPages,
+    pml: Option<PhysPages>,
+    /// General-purpose registers while not running.
+    pub regs: GuestRegs,
+    launched: bool,
+    ad_enabled: bool,
+    /// Life-cycle state.
+    pub state: VmState,
+    /// Counters.
+    pub stats: VmStats,
+    /// TSC ticks spent in the guest (entry to exit, including exit handling).
+    pub runtime_ticks: u64,
+    /// TSC value at which the guest's monotonic clock reads 0.
+    time_origin: u64,
+    /// Times the guest arrived by migration.
+    pub migrations: u64,
+    /// Operator request waiting for `TakeRequest`.
+    pub request: u64,
+    out: Vec<u8>,
+    /// Pages the hypervisor itself wrote into (hypercall results): EPT does not see those
+    /// writes, so dirty tracking must add them.
+    pub hv_dirty: Vec<usize>,
+    /// Dirty tracking in force, if any (set by the migration engine).
+    pub tracking: Option<Tracking>,
+    /// Pages found dirty by the write-protection method or drained from the PML log,
+    /// waiting for the migration engine.
+    pub dirty_log: Vec<usize>,
+}
+
+/// Dirty-tracking method in force on a guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tracking {
+    /// Page-modification logging.
+    Pml,
+    /// EPT accessed/dirty flags, scanned per round.
+    AccessedDirty,
+    /// EPT write protection with violation exits.
+    WriteProtect,
+}
+
+/// Why a guest could not be created.
+#[derive(Debug)]
+pub enum CreateError {
+    /// Not enough memory.
+    Memory(crate::mm::frames::OutOfMemory),
+    /// The image is invalid.
+    Image(loader::LoadError),
+    /// The VMCS could not be set up.
+    Vmcs(String),
+    /// Bad size or arguments.
+    Config(String),
+}
+
+impl core::fmt::Display for CreateError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Memory(e) => write!(f, "{e}"),
+            Self::Image(e) => write!(f, "bad guest image: {e}"),
+            Self::Vmcs(e) => write!(f, "VMCS setup failed: {e}"),
+            Self::Config(e) => f.write_str(e),
+        }
+    }
+}
+
+/// Guest memory and tables without a loaded image (used by [`Vm::create`] and by the
+/// migration receiver, which fills memory from the stream).
+pub struct VmParts {
+    mem: PhysPages,
+    ept: PhysPages,
+}
+
+impl VmParts {
+    /// Allocates zeroed memory and the EPT for `mem_bytes`.
+    pub fn alloc(mem_bytes: u64) -> Result<Self, CreateError> {
+        let mib = mem_bytes >> 20;
+        if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&mib) || !mem_bytes.is_multiple_of(1 << 20) {
+            return Err(CreateError::Config(format!(
+                "guest memory must be {MIN_MEM_MIB}..{MAX_MEM_MIB} MiB (got {} bytes)",
+                mem_bytes
+            )));
+        }
+        let pages = (mem_bytes / 4096) as usize;
+        let mem = PhysPages::alloc(pages).map_err(CreateError::Memory)?;
+        let mut ept = PhysPages::alloc(ept::table_pages(pages)).map_err(CreateError::Memory)?;
+        let base = ept.base();
+        ept::build(ept.as_u64_mut(), base, mem.base(), pages);
+        Ok(Self { mem, ept })
+    }
+
+    /// Guest memory as bytes.
+    pub fn mem_mut(&mut self) -> &mut [u8] {
+        self.mem.as_bytes_mut()
+    }
+
+    /// Guest memory as bytes.
+    pub fn mem(&self) -> &[u8] {
+        self.mem.as_bytes()
+    }
+}
+
+/// What a new guest needs from the hypervisor.
+pub struct HostContext<'a> {
+    /// VMX capabilities.
+    pub caps: &'a VmxCaps,
+    /// Host segments for the VMCS host-state area.
+    pub host: HostSegments,
+}
+
+impl Vm {
+    /// Creates a guest from an ELF image: allocates memory and EPT, loads the image,
+    /// writes the boot info and the guest page tables, and prepares the VMCS.
+    pub fn create(
+        id: u32,
+        image: &str,
+        elf: &[u8],
+        mem_mib: u64,
+        args: &str,
+        ctx: &HostContext<'_>,
+    ) -> Result<Self, CreateError> {
+        if args.len() > MAX_ARGS {
+            return Err(CreateError::Config(format!(
+                "arguments longer than {MAX_ARGS} bytes"
+            )));
+        }
+        let mem_bytes = mem_mib << 20;
+        let mut parts = VmParts::alloc(mem_bytes)?;
+        let img = loader::parse_elf(elf, mem_bytes).map_err(CreateError::Image)?;
+        loader::load(&img, elf, parts.mem_mut());
+        loader::build_guest_page_tables(parts.mem.as_u64_mut(), mem_bytes);
+        let mut bi = BootInfo {
+            magic: BOOT_INFO_MAGIC,
+            abi_version: ABI_VERSION,
+            guest_id: id,
+            mem_bytes,
+            image_end: img.end,
+            args_len: args.len() as u32,
+            _reserved: 0,
+            args: [0; MAX_ARGS],
+        };
+        bi.args[..args.len()].copy_from_slice(args.as_bytes());
+        write_boot_info(parts.mem_mut(), &bi);
+
+        let mut vm = Self::from_parts(id, image, args, mem_bytes, parts)?;
+        let mut state = VcpuState {
+            rip: img.entry,
+            rsp: mem_bytes - 16,
+            rflags: 0x2,
+            cr0: 0x8000_0031, // PG | NE | ET | PE
+            cr3: loader::GUEST_PML4,
+            cr4: 0x20,   // PAE
+            efer: 0x500, // LMA | LME
+            ..Default::default()
+        };
+        state.regs.rdi = BOOT_INFO_ADDR;
+        vm.setup_vmcs(ctx, &state).map_err(CreateError::Vmcs)?;
+        Ok(vm)
+    }
+
+    /// Wraps allocated parts into a guest whose VMCS is not set up yet.
+    pub fn from_parts(
+        id: u32,
+        image: &str,
+        args: &str,
+        mem_bytes: u64,
+        parts: VmParts,
+    ) -> Result<Self, CreateError> {
+        let vmcs = PhysPages::alloc(1).map_err(CreateError::Memory)?;
+        Ok(Self {
+            id,
+            image: String::from(image),
+            args: String::from(args),
+            mem_bytes,
+            mem: parts.mem,
+            ept: parts.ept,
+            vmcs,
+            pml: None,
+            regs: GuestRegs::default(),
+            launched: false,
+            ad_enabled: false,
+            state: VmState::Running,
+            stats: VmStats::default(),
+            runtime_ticks: 0,
+            time_origin: time::now(),
+            migrations: 0,
+            request: 0,
+            out: Vec::new(),
+            hv_dirty: Vec::new(),
+            tracking: None,
+            dirty_log: Vec::new(),
+        })
+    }
+
+    /// Guest memory.
+    pub fn mem(&self) -> &[u8] {
+        self.mem.as_bytes()
+    }
+
+    /// Guest memory, mutable (migration receiver).
+    pub fn mem_mut(&mut self) -> &mut [u8] {
+        self.mem.as_bytes_mut()
+    }
+
+    /// Number of guest pages.
+    pub fn pages(&self) -> usize {
+        (self.mem_bytes / 4096) as usize
+    }
+
+    /// The guest's monotonic clock in nanoseconds.
+    pub fn guest_time_ns(&self) -> u64 {
+        time::ticks_to_ns(time::now().saturating_sub(self.time_origin))
+    }
+
+    /// Sets the guest clock to continue from `ns` now (after migration).
+    pub fn set_guest_time_ns(&mut self, ns: u64) {
+        self.time_origin = time::now().saturating_sub(time::ns_to_ticks(ns));
+    }
+
+    fn eptp(&self) -> u64 {
+        // A/D flags are always enabled when the CPU has them: PML needs them, and A/D
+        // tracking reads them; without tracking they cost nothing.
+        ept::eptp(self.ept.base(), self.ad_enabled)
+    }
+}
+
+/// Writes the boot info structure at [`BOOT_INFO_ADDR`].
+fn write_boot_info(mem: &mut [u8], bi: &BootInfo) {
+    let at = BOOT_INFO_ADDR as usize;
+    let mut put =
+        |off: usize, bytes: &[u8]| mem[at + off..at + off + bytes.len()].copy_from_slice(bytes);
+    put(0, &bi.magic.to_le_bytes());
+    put(8, &bi.abi_version.to_le_bytes());
+    put(12, &bi.guest_id.to_le_bytes());
+    put(16, &bi.mem_bytes.to_le_bytes());
+    put(24, &bi.image_end.to_le_bytes());
+    put(32, &bi.args_len.to_le_bytes());
+    put(36, &bi._reserved.to_le_bytes());
+    put(40, &bi.args);
+}

@@ -1,0 +1,531 @@
+//! The vCPU of a [`Vm`]: VMCS setup from the capability MSRs, the run loop, one handler
+//! per exit reason, and the hypercalls.
+
+use alloc::format;
+use alloc::string::String;
+
+use super::*;
+use crate::println;
+
+/// Length of VMCALL (0F 01 C1): RIP advances by it after a hypercall.
+const VMCALL_LEN: u64 = 3;
+
+impl Vm {
+    /// Makes this guest's VMCS current (needed before any VMREAD/VMWRITE on it).
+    pub fn load_vmcs(&self) -> Result<(), String> {
+        hw::vmptrld(self.vmcs.base()).map_err(|e| format!("VMPTRLD: {e}"))
+    }
+
+    /// Initialises the VMCS: controls from the capability MSRs, host state, and the guest
+    /// state `s`.
+    pub fn setup_vmcs(&mut self, ctx: &HostContext<'_>, s: &VcpuState) -> Result<(), String> {
+        let c = ctx.caps;
+        let rev = c.revision();
+        self.vmcs.as_bytes_mut()[0..4].copy_from_slice(&rev.to_le_bytes());
+        hw::vmclear(self.vmcs.base()).map_err(|e| format!("VMCLEAR: {e}"))?;
+        self.launched = false;
+        self.load_vmcs()?;
+        self.ad_enabled = c.ept_ad();
+        let e = |e: vmcs::VmcsError| format!("{e}");
+
+        let pin = caps::adjust("pin-based", c.pinbased, caps::pin::PREEMPTION_TIMER, 0)
+            .map_err(|e| format!("{e}"))?;
+        let proc = caps::adjust(
+            "processor-based",
+            c.procbased,
+            caps::proc::HLT_EXITING | caps::proc::UNCOND_IO_EXITING | caps::proc::SECONDARY,
+            0,
+        )
+        .map_err(|e| format!("{e}"))?;
+        let proc2 = caps::adjust(
+            "secondary",
+            c.procbased2,
+            caps::proc2::EPT,
+            caps::proc2::VPID,
+        )
+        .map_err(|e| format!("{e}"))?;
+        let exit = caps::adjust(
+            "VM-exit",
+            c.exit,
+            caps::exit::HOST_ADDR_SPACE_64 | caps::exit::LOAD_EFER | caps::exit::SAVE_EFER,
+            0,
+        )
+        .map_err(|e| format!("{e}"))?;
+        let entry = caps::adjust(
+            "VM-entry",
+            c.entry,
+            caps::entry::IA32E_GUEST | caps::entry::LOAD_EFER,
+            0,
+        )
+        .map_err(|e| format!("{e}"))?;
+        vmcs::write(w32::PIN_BASED_CONTROLS, pin.into()).map_err(e)?;
+        vmcs::write(w32::PROC_BASED_CONTROLS, proc.into()).map_err(e)?;
+        vmcs::write(w32::SECONDARY_CONTROLS, proc2.into()).map_err(e)?;
+        vmcs::write(w32::EXIT_CONTROLS, exit.into()).map_err(e)?;
+        vmcs::write(w32::ENTRY_CONTROLS, entry.into()).map_err(e)?;
+        // Every guest exception exits: PV guests have no IDT, and a fault is a bug.
+        vmcs::write(w32::EXCEPTION_BITMAP, 0xFFFF_FFFF).map_err(e)?;
+        vmcs::write(w32::PAGE_FAULT_ERROR_MASK, 0).map_err(e)?;
+        vmcs::write(w32::PAGE_FAULT_ERROR_MATCH, 0).map_err(e)?;
+        vmcs::write(w32::CR3_TARGET_COUNT, 0).map_err(e)?;
+        vmcs::write(w32::EXIT_MSR_STORE_COUNT, 0).map_err(e)?;
+        vmcs::write(w32::EXIT_MSR_LOAD_COUNT, 0).map_err(e)?;
+        vmcs::write(w32::ENTRY_MSR_LOAD_COUNT, 0).map_err(e)?;
+        vmcs::write(w32::ENTRY_INTERRUPTION_INFO, 0).map_err(e)?;
+        if proc2 & caps::proc2::VPID != 0 {
+            vmcs::write(w16::VPID, u64::from(self.id % 0xFFFF) + 1).map_err(e)?;
+        }
+        vmcs::write(w64::EPT_POINTER, self.eptp()).map_err(e)?;
+        vmcs::write(w64::VMCS_LINK_POINTER, u64::MAX).map_err(e)?;
+        // CR4.VMXE must stay set in VMX operation; hide it from the guest.
+        vmcs::write(wn::CR0_GUEST_HOST_MASK, 0).map_err(e)?;
+        vmcs::write(wn::CR4_GUEST_HOST_MASK, 1 << 13).map_err(e)?;
+        vmcs::write(wn::CR4_READ_SHADOW, s.cr4 & !(1 << 13)).map_err(e)?;
+        vmcs::write(wn::CR0_READ_SHADOW, s.cr0).map_err(e)?;
+
+        // Host state (SDM §27.5): what the CPU loads on every VM exit.
+        let h = &ctx.host;
+        vmcs::write(wn::HOST_CR0, cpu::read_cr0()).map_err(e)?;
+        vmcs::write(wn::HOST_CR3, cpu::read_cr3()).map_err(e)?;
+        vmcs::write(wn::HOST_CR4, cpu::read_cr4()).map_err(e)?;
+        vmcs::write(w16::HOST_CS_SELECTOR, h.code.into()).map_err(e)?;
+        for f in [
+            w16::HOST_SS_SELECTOR,
+            w16::HOST_DS_SELECTOR,
+            w16::HOST_ES_SELECTOR,
+        ] {
+            vmcs::write(f, h.data.into()).map_err(e)?;
+        }
+        vmcs::write(w16::HOST_FS_SELECTOR, 0).map_err(e)?;
+        vmcs::write(w16::HOST_GS_SELECTOR, 0).map_err(e)?;
+        vmcs::write(w16::HOST_TR_SELECTOR, h.tss.into()).map_err(e)?;
+        vmcs::write(wn::HOST_FS_BASE, 0).map_err(e)?;
+        vmcs::write(wn::HOST_GS_BASE, 0).map_err(e)?;
+        vmcs::write(wn::HOST_TR_BASE, h.tss_base).map_err(e)?;
+        vmcs::write(wn::HOST_GDTR_BASE, h.gdt_base).map_err(e)?;
+        vmcs::write(wn::HOST_IDTR_BASE, hw::idtr_base()).map_err(e)?;
+        vmcs::write(w32::HOST_SYSENTER_CS, 0).map_err(e)?;
+        vmcs::write(wn::HOST_SYSENTER_ESP, 0).map_err(e)?;
+        vmcs::write(wn::HOST_SYSENTER_EIP, 0).map_err(e)?;
+        vmcs::write(w64::HOST_IA32_EFER, cpu::rdmsr(0xC000_0080)).map_err(e)?;
+        vmcs::write(wn::HOST_RIP, hw::exit_point()).map_err(e)?;
+
+        // Guest segment state: flat 64-bit code and data, a busy TSS, no LDT.
+        let seg = |sel: u32,
+                   base: u32,
+                   limit: u32,
+                   ar: u32,
+                   s: u16,
+                   l: u32,
+                   a: u32|
+         -> Result<(), vmcs::VmcsError> {
+            vmcs::write(sel, s.into())?;
+            vmcs::write(base, 0)?;
+            vmcs::write(limit, l.into())?;
+            vmcs::write(ar, a.into())
+        };
+        seg(
+            w16::GUEST_CS_SELECTOR,
+            wn::GUEST_CS_BASE,
+            w32::GUEST_CS_LIMIT,
+            w32::GUEST_CS_AR,
+            0x08,
+            0xFFFF_FFFF,
+            0xA09B,
+        )
+        .map_err(e)?;
+        for (sel, base, limit, ar) in [
+            (
+                w16::GUEST_SS_SELECTOR,
+                wn::GUEST_SS_BASE,
+                w32::GUEST_SS_LIMIT,
+                w32::GUEST_SS_AR,
+            ),
+            (
+                w16::GUEST_DS_SELECTOR,
+                wn::GUEST_DS_BASE,
+                w32::GUEST_DS_LIMIT,
+                w32::GUEST_DS_AR,
+            ),
+            (
+                w16::GUEST_ES_SELECTOR,
+                wn::GUEST_ES_BASE,
+                w32::GUEST_ES_LIMIT,
+                w32::GUEST_ES_AR,
+            ),
+            (
+                w16::GUEST_FS_SELECTOR,
+                wn::GUEST_FS_BASE,
+                w32::GUEST_FS_LIMIT,
+                w32::GUEST_FS_AR,
+            ),
+            (
+                w16::GUEST_GS_SELECTOR,
+                wn::GUEST_GS_BASE,
+                w32::GUEST_GS_LIMIT,
+                w32::GUEST_GS_AR,
+            ),
+        ] {
+            seg(sel, base, limit, ar, 0x10, 0xFFFF_FFFF, 0xC093).map_err(e)?;
+        }
+        seg(
+            w16::GUEST_TR_SELECTOR,
+            wn::GUEST_TR_BASE,
+            w32::GUEST_TR_LIMIT,
+            w32::GUEST_TR_AR,
+            0x18,
+            0x67,
+            0x8B,
+        )
+        .map_err(e)?;
+        seg(
+            w16::GUEST_LDTR_SELECTOR,
+            wn::GUEST_LDTR_BASE,
+            w32::GUEST_LDTR_LIMIT,
+            w32::GUEST_LDTR_AR,
+            0,
+            0,
+            0x1_0000,
+        )
+        .map_err(e)?;
+        vmcs::write(wn::GUEST_GDTR_BASE, 0).map_err(e)?;
+        vmcs::write(w32::GUEST_GDTR_LIMIT, 0).map_err(e)?;
+        vmcs::write(wn::GUEST_IDTR_BASE, 0).map_err(e)?;
+        vmcs::write(w32::GUEST_IDTR_LIMIT, 0).map_err(e)?;
+        vmcs::write(wn::GUEST_DR7, 0x400).map_err(e)?;
+        vmcs::write(w64::GUEST_IA32_DEBUGCTL, 0).map_err(e)?;
+        vmcs::write(w32::GUEST_SYSENTER_CS, 0).map_err(e)?;
+        vmcs::write(wn::GUEST_SYSENTER_ESP, 0).map_err(e)?;
+        vmcs::write(wn::GUEST_SYSENTER_EIP, 0).map_err(e)?;
+        vmcs::write(w32::GUEST_ACTIVITY_STATE, 0).map_err(e)?;
+        vmcs::write(wn::GUEST_PENDING_DBG, 0).map_err(e)?;
+        self.write_vcpu_state(c, s).map_err(e)?;
+        Ok(())
+    }
+
+    /// Writes the migratable vCPU state into the current VMCS and the register file.
+    fn write_vcpu_state(&mut self, c: &VmxCaps, s: &VcpuState) -> Result<(), vmcs::VmcsError> {
+        self.regs = s.regs;
+        vmcs::write(wn::GUEST_RIP, s.rip)?;
+        vmcs::write(wn::GUEST_RSP, s.rsp)?;
+        vmcs::write(wn::GUEST_RFLAGS, s.rflags | 0x2)?;
+        vmcs::write(wn::GUEST_CR0, (s.cr0 | c.cr0_fixed0) & c.cr0_fixed1)?;
+        vmcs::write(wn::GUEST_CR3, s.cr3)?;
+        vmcs::write(
+            wn::GUEST_CR4,
+            (s.cr4 | c.cr4_fixed0 | (1 << 13)) & c.cr4_fixed1,
+        )?;
+        vmcs::write(w64::GUEST_IA32_EFER, s.efer)?;
+        vmcs::write(wn::GUEST_FS_BASE, s.fs_base)?;
+        vmcs::write(wn::GUEST_GS_BASE, s.gs_base)?;
+        vmcs::write(w32::GUEST_INTERRUPTIBILITY, s.interruptibility)
+    }
+
+    /// Reads the migratable vCPU state (the VMCS must be current).
+    pub fn read_vcpu_state(&self) -> VcpuState {
+        VcpuState {
+            regs: self.regs,
+            rip: vmcs::read(wn::GUEST_RIP),
+            rsp: vmcs::read(wn::GUEST_RSP),
+            rflags: vmcs::read(wn::GUEST_RFLAGS),
+            cr0: vmcs::read(wn::GUEST_CR0),
+            cr3: vmcs::read(wn::GUEST_CR3),
+            cr4: vmcs::read(wn::GUEST_CR4) & !(1 << 13),
+            efer: vmcs::read(w64::GUEST_IA32_EFER),
+            fs_base: vmcs::read(wn::GUEST_FS_BASE),
+            gs_base: vmcs::read(wn::GUEST_GS_BASE),
+            interruptibility: vmcs::read(w32::GUEST_INTERRUPTIBILITY),
+        }
+    }
+
+    /// Releases the VMCS from the CPU (before the guest is freed).
+    pub fn release(&mut self) {
+        let _ = hw::vmclear(self.vmcs.base());
+        self.launched = false;
+    }
+
+    /// Stops the guest with a report.
+    pub fn stop(&mut self, why: String) {
+        println!("[g{}] STOPPED: {}", self.id, why);
+        self.flush_output();
+        self.state = VmState::Stopped(why);
+    }
+
+    /// Runs the guest (its VMCS must be current) until `deadline` (TSC) or until it
+    /// blocks. Exits are handled inline; the loop returns to the scheduler at the
+    /// deadline so the console and network stay responsive.
+    pub fn run_slice(&mut self, caps: &VmxCaps, deadline: u64) -> SliceEnd {
+        let shift = caps.preemption_timer_rate();
+        loop {
+            let now = time::now();
+            let left = deadline.saturating_sub(now) >> shift;
+            if vmcs::write(
+                w32::PREEMPTION_TIMER_VALUE,
+                left.clamp(1, u64::from(u32::MAX)),
+            )
+            .is_err()
+            {
+                self.stop("cannot program the preemption timer".into());
+                return SliceEnd::Blocked;
+            }
+            let entered = time::now();
+            let r = hw::enter(&mut self.regs, self.launched);
+            let exited = time::now();
+            if let Err(e) = r {
+                let reason = vmcs::read(ro::EXIT_REASON);
+                let qual = vmcs::read(ro::EXIT_QUALIFICATION);
+                self.stop(format!(
+                    "VM entry failed: {e} (exit reason {reason:#x}, qualification {qual:#x})"
+                ));
+                return SliceEnd::Blocked;
+            }
+            self.launched = true;
+            self.runtime_ticks += exited - entered;
+            let raw = vmcs::read(ro::EXIT_REASON);
+            self.stats.exits[(raw as u16 as usize).min(69)] += 1;
+            if raw & (1 << 31) != 0 {
+                let qual = vmcs::read(ro::EXIT_QUALIFICATION);
+                self.stop(format!(
+                    "VM entry failed: exit reason {} ({}) qualification {qual:#x}",
+                    raw as u16,
+                    exits::name(raw as u16 as usize)
+                ));
+                return SliceEnd::Blocked;
+            }
+            let end = match ExitReason::from_raw(raw) {
+                ExitReason::Vmcall => self.on_vmcall(),
+                ExitReason::Cpuid => self.on_cpuid(),
+                ExitReason::Hlt => {
+                    self.advance_rip();
+                    Some(SliceEnd::Preempted)
+                }
+                ExitReason::PreemptionTimer => None,
+                ExitReason::EptViolation => self.on_ept_violation(),
+                ExitReason::PmlFull => {
+                    self.drain_pml();
+                    None
+                }
+                ExitReason::Exception => self.on_exception(),
+                ExitReason::TripleFault => self.fail("triple fault"),
+                ExitReason::Io => self.fail("I/O port access (PV guests have no devices)"),
+                ExitReason::Rdmsr | ExitReason::Wrmsr => {
+                    let msr = self.regs.rcx;
+                    self.fail(&format!("MSR access to {msr:#x} is not allowed"))
+                }
+                ExitReason::CrAccess => self.fail("control register access to a host-owned bit"),
+                ExitReason::ExternalInterrupt => None,
+                ExitReason::InvalidGuestState => self.fail("invalid guest state"),
+                ExitReason::EptMisconfig => self.fail("EPT misconfiguration (hypervisor bug)"),
+                ExitReason::Other(n) => self.fail(&format!(
+                    "unexpected VM exit {n} ({})",
+                    exits::name(n as usize)
+                )),
+            };
+            if let Some(end) = end {
+                return end;
+            }
+            if time::now() >= deadline {
+                return SliceEnd::Preempted;
+            }
+        }
+    }
+
+    fn fail(&mut self, what: &str) -> Option<SliceEnd> {
+        let rip = vmcs::read(wn::GUEST_RIP);
+        self.stop(format!("{what} at rip={rip:#x}"));
+        Some(SliceEnd::Blocked)
+    }
+
+    fn advance_rip(&mut self) {
+        let len = vmcs::read(ro::EXIT_INSTRUCTION_LEN).max(1);
+        let rip = vmcs::read(wn::GUEST_RIP);
+        let _ = vmcs::write(wn::GUEST_RIP, rip + len);
+    }
+
+    fn on_exception(&mut self) -> Option<SliceEnd> {
+        let info = vmcs::read(ro::EXIT_INTERRUPTION_INFO);
+        let vector = (info & 0xFF) as u8;
+        let code = if info & (1 << 11) != 0 {
+            vmcs::read(ro::EXIT_INTERRUPTION_ERROR)
+        } else {
+            0
+        };
+        let extra = if vector == 14 {
+            format!(" address={:#x}", vmcs::read(ro::EXIT_QUALIFICATION))
+        } else {
+            String::new()
+        };
+        self.fail(&format!(
+            "exception {vector} ({}) error={code:#x}{extra}",
+            exits::exception_name(vector)
+        ))
+    }
+
+    fn on_cpuid(&mut self) -> Option<SliceEnd> {
+        let leaf = self.regs.rax as u32;
+        let sub = self.regs.rcx as u32;
+        let mut r = cpu::cpuid(leaf, sub);
+        if leaf == 1 {
+            r.ecx &= !(1 << 5); // no nested VMX
+            r.ecx |= 1 << 31; // running under a hypervisor
+        }
+        self.regs.rax = r.eax.into();
+        self.regs.rbx = r.ebx.into();
+        self.regs.rcx = r.ecx.into();
+        self.regs.rdx = r.edx.into();
+        self.advance_rip();
+        None
+    }
+
+    fn on_ept_violation(&mut self) -> Option<SliceEnd> {
+        let gpa = vmcs::read(ro::GUEST_PHYSICAL_ADDRESS);
+        let qual = vmcs::read(ro::EXIT_QUALIFICATION);
+        let pfn = (gpa / 4096) as usize;
+        let write = qual & 2 != 0;
+        if write && self.tracking == Some(Tracking::WriteProtect) && gpa < self.mem_bytes {
+            let pages = self.pages();
+            if ept::unprotect(ept::leaves_mut(self.ept.as_u64_mut(), pages), pfn) {
+                self.dirty_log.push(pfn);
+                return None;
+            }
+        }
+        let kind = if write {
+            "write"
+        } else if qual & 4 != 0 {
+            "execute"
+        } else {
+            "read"
+        };
+        self.fail(&format!(
+            "EPT violation: {kind} of guest-physical {gpa:#x} outside its {} MiB",
+            self.mem_bytes >> 20
+        ))
+    }
+
+    /// Copies logged GPAs from the PML buffer into `dirty_log` and resets the index.
+    pub fn drain_pml(&mut self) {
+        let Some(pml) = &self.pml else { return };
+        let index = vmcs::read(w16::GUEST_PML_INDEX) as usize;
+        // Entries index+1..=511 are valid; after a full log the index wrapped to 0xFFFF.
+        let first = if index >= 512 { 0 } else { index + 1 };
+        let pages = self.pages();
+        for &gpa in &pml.as_u64()[first..512] {
+            let pfn = (gpa / 4096) as usize;
+            // Bochs may log a stray address: keep only pages of this guest.
+            if pfn < pages {
+                self.dirty_log.push(pfn);
+            }
+        }
+        let _ = vmcs::write(w16::GUEST_PML_INDEX, 511);
+    }
+
+    fn on_vmcall(&mut self) -> Option<SliceEnd> {
+        let call = self.regs.rax;
+        let (a0, a1, a2) = (self.regs.rdi, self.regs.rsi, self.regs.rdx);
+        let mut end = None;
+        let result: Result<u64, ErrorCode> = match Hypercall::from_raw(call) {
+            None => Err(ErrorCode::UnknownCall),
+            Some(hc) => {
+                self.stats.hypercalls[(call as usize).min(8)] += 1;
+                match hc {
+                    Hypercall::ConsoleWrite => self.hc_console_write(a0, a1),
+                    Hypercall::Time => Ok(self.guest_time_ns()),
+                    Hypercall::Yield => {
+                        end = Some(SliceEnd::Preempted);
+                        Ok(0)
+                    }
+                    Hypercall::HaltUntil => {
+                        let until = self.time_origin.saturating_add(time::ns_to_ticks(a0));
+                        if until > time::now() {
+                            self.state = VmState::Halted(until);
+                            end = Some(SliceEnd::Blocked);
+                        }
+                        Ok(0)
+                    }
+                    Hypercall::Exit => {
+                        self.flush_output();
+                        println!("[g{}] exited with code {}", self.id, a0 as i64);
+                        self.state = VmState::Exited(a0 as i64);
+                        return Some(SliceEnd::Blocked);
+                    }
+                    Hypercall::Info => self.hc_info(a0),
+                    Hypercall::Report => match ReportKind::from_raw(a0) {
+                        Some(k) => {
+                            self.stats.reports[(k as usize).min(3)] = Some((a1, a2));
+                            Ok(0)
+                        }
+                        None => Err(ErrorCode::BadArgument),
+                    },
+                    Hypercall::TakeRequest => Ok(core::mem::take(&mut self.request)),
+                    _ => Err(ErrorCode::UnknownCall),
+                }
+            }
+        };
+        self.regs.rax = match result {
+            Ok(v) => v,
+            Err(e) => {
+                self.stats.hypercall_errors += 1;
+                if self.stats.hypercalls[0] < 3 {
+                    log::debug!("g{}: hypercall {call} failed: {e}", self.id);
+                }
+                e.to_raw()
+            }
+        };
+        let rip = vmcs::read(wn::GUEST_RIP);
+        let _ = vmcs::write(wn::GUEST_RIP, rip + VMCALL_LEN);
+        end
+    }
+
+    /// Checks that `[gpa, gpa+len)` lies in guest memory.
+    fn guest_range(&self, gpa: u64, len: u64) -> Result<core::ops::Range<usize>, ErrorCode> {
+        let end = gpa.checked_add(len).ok_or(ErrorCode::BadAddress)?;
+        if end > self.mem_bytes {
+            return Err(ErrorCode::BadAddress);
+        }
+        Ok(gpa as usize..end as usize)
+    }
+
+    fn hc_console_write(&mut self, ptr: u64, len: u64) -> Result<u64, ErrorCode> {
+        if len > MAX_CONSOLE_WRITE {
+            return Err(ErrorCode::BadArgument);
+        }
+        let range = self.guest_range(ptr, len)?;
+        for i in range {
+            let b = self.mem.as_bytes()[i];
+            if b == b'\n' {
+                self.flush_output();
+            } else if b.is_ascii_graphic() || b == b' ' || b == b'\t' {
+                self.out.push(b);
+                if self.out.len() >= 200 {
+                    self.flush_output();
+                }
+            }
+        }
+        Ok(len)
+    }
+
+    /// Prints the buffered guest output line with its id prefix.
+    pub fn flush_output(&mut self) {
+        if !self.out.is_empty() {
+            let line = String::from_utf8_lossy(&self.out);
+            println!("[g{}] {}", self.id, line);
+            self.out.clear();
+        }
+    }
+
+    fn hc_info(&mut self, ptr: u64) -> Result<u64, ErrorCode> {
+        let size = core::mem::size_of::<GuestInfo>() as u64;
+        let range = self.guest_range(ptr, size)?;
+        let mut b = [0u8; 24];
+        b[0..4].copy_from_slice(&ABI_VERSION.to_le_bytes());
+        b[4..8].copy_from_slice(&self.id.to_le_bytes());
+        b[8..16].copy_from_slice(&self.migrations.to_le_bytes());
+        b[16..24].copy_from_slice(&self.mem_bytes.to_le_bytes());
+        let first = range.start / 4096;
+        let last = (range.end - 1) / 4096;
+        self.mem.as_bytes_mut()[range].copy_from_slice(&b);
+        // The hypervisor's own writes bypass EPT dirty tracking.
+        self.hv_dirty.extend(first..=last);
+        Ok(0)
+    }
+}

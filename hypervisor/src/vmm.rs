@@ -1,0 +1,361 @@
+//! The guest manager: the table of guests, the round-robin scheduler that time-slices
+//! them with the VMX-preemption timer, and the console commands that act on guests
+//! (`images`, `start`, `vms`, `pause`, `resume`, `kill`, `stats`, `check`).
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use crate::arch::gdt::HostSegments;
+use crate::console::args::{self, CmdError};
+use crate::mm::phys;
+use crate::vm::{exits, HostContext, SliceEnd, Vm, VmState};
+use crate::vmx::Vmx;
+use crate::{cmd_err, println, time};
+
+/// A guest image handed over by GRUB.
+#[derive(Clone, Debug)]
+pub struct Image {
+    /// Name (the module string).
+    pub name: String,
+    /// Physical address.
+    pub start: u64,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+/// Default guest memory.
+pub const DEFAULT_MEM_MIB: u64 = 16;
+/// Length of a time slice.
+pub const SLICE_US: u64 = 10_000;
+
+/// Guests and VMX.
+pub struct Vmm {
+    /// VMX root operation, when available.
+    pub vmx: Option<Vmx>,
+    /// Why VMX is unavailable.
+    pub vmx_error: Option<String>,
+    host: HostSegments,
+    /// The guests (alive or ended, until killed).
+    pub vms: Vec<Vm>,
+    next_id: u32,
+    /// Loadable images.
+    pub images: Vec<Image>,
+    cursor: usize,
+}
+
+impl Vmm {
+    /// Brings up VMX (or records why not).
+    pub fn new(host: HostSegments, images: Vec<Image>) -> Self {
+        let (vmx, vmx_error) = match crate::vmx::enable() {
+            Ok(v) => (Some(v), None),
+            Err(e) => (None, Some(e)),
+        };
+        Self {
+            vmx,
+            vmx_error,
+            host,
+            vms: Vec::new(),
+            next_id: 1,
+            images,
+            cursor: 0,
+        }
+    }
+
+    /// Allocates a guest id.
+    pub fn alloc_id(&mut self) -> u32 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    /// The host context for VMCS setup (needs VMX).
+    pub fn host_context(&self) -> Option<HostContext<'_>> {
+        self.vmx.as_ref().map(|v| HostContext {
+            caps: &v.caps,
+            host: self.host,
+        })
+    }
+
+    /// Finds a guest by id.
+    pub fn get_mut(&mut self, id: u32) -> Option<&mut Vm> {
+        self.vms.iter_mut().find(|v| v.id == id)
+    }
+
+    /// Runs one time slice of the next runnable guest. Returns whether a guest ran.
+    pub fn schedule(&mut self) -> bool {
+        let Some(vmx) = &self.vmx else { return false };
+        let now = time::now();
+        for vm in self.vms.iter_mut() {
+            if let VmState::Halted(until) = vm.state {
+                if now >= until {
+                    vm.state = VmState::Running;
+                }
+            }
+        }
+        let n = self.vms.len();
+        for i in 0..n {
+            let idx = (self.cursor + i) % n;
+            if self.vms[idx].state == VmState::Running {
+                self.cursor = idx + 1;
+                let vm = &mut self.vms[idx];
+                if let Err(e) = vm.load_vmcs() {
+                    vm.stop(e);
+                    return true;
+                }
+                let deadline = time::now() + time::ns_to_ticks(SLICE_US * 1000);
+                let _ = vm.run_slice(&vmx.caps, deadline) == SliceEnd::Blocked;
+                return true;
+            }
+        }
+        false
+    }
+
+    fn parse_id(&self, s: &str) -> Result<u32, CmdError> {
+        let id = args::parse_u64("guest id", s)?;
+        if self.vms.iter().any(|v| u64::from(v.id) == id) {
+            Ok(id as u32)
+        } else {
+            Err(cmd_err!("no guest with id {id} (see 'vms')"))
+        }
+    }
+
+    /// Runs a guest command.
+    pub fn command(&mut self, name: &str, argv: &[&str], usage: &str) -> Result<(), CmdError> {
+        let usage = || cmd_err!("usage: {name} {usage}");
+        match name {
+            "images" => {
+                if self.images.is_empty() {
+                    println!("no guest images (GRUB loaded no modules)");
+                }
+                println!("  {:<12} {:>9}  {}", "IMAGE", "BYTES", "ADDRESS");
+                for i in &self.images {
+                    println!("  {:<12} {:>9}  {:#x}", i.name, i.len, i.start);
+                }
+                Ok(())
+            }
+            "start" => self
+                .cmd_start(argv)
+                .map_err(|e| if e.0.is_empty() { usage() } else { e }),
+            "vms" => {
+                self.cmd_vms();
+                Ok(())
+            }
+            "pause" | "resume" | "kill" | "stats" | "check" => {
+                let [id] = argv else { return Err(usage()) };
+                let id = self.parse_id(id)?;
+                match name {
+                    "pause" => self.cmd_pause(id),
+                    "resume" => self.cmd_resume(id),
+                    "kill" => self.cmd_kill(id),
+                    "stats" => self.cmd_stats(id),
+                    _ => self.cmd_check(id),
+                }
+            }
+            _ => Err(cmd_err!("'{name}' is not a guest command")),
+        }
+    }
+
+    fn cmd_start(&mut self, argv: &[&str]) -> Result<(), CmdError> {
+        let Some((&image, rest)) = argv.split_first() else {
+            return Err(CmdError(String::new()));
+        };
+        let img = self
+            .images
+            .iter()
+            .find(|i| i.name == image)
+            .cloned()
+            .ok_or_else(|| cmd_err!("no image '{image}' (see 'images')"))?;
+        let mut mem = DEFAULT_MEM_MIB;
+        let mut guest_args: Vec<&str> = Vec::new();
+        for a in rest {
+            match a.strip_prefix("mem=") {
+                Some(v) => {
+                    mem = args::parse_u64("memory size", v)?;
+                    if !(crate::vm::MIN_MEM_MIB..=crate::vm::MAX_MEM_MIB).contains(&mem) {
+                        return Err(cmd_err!(
+                            "memory must be {}..{} MiB (got {mem})",
+                            crate::vm::MIN_MEM_MIB,
+                            crate::vm::MAX_MEM_MIB
+                        ));
+                    }
+                }
+                None => guest_args.push(a),
+            }
+        }
+        let guest_args = guest_args.join(" ");
+        if self.vmx.is_none() {
+            return Err(cmd_err!(
+                "cannot run guests: {}",
+                self.vmx_error.as_deref().unwrap_or("VMX unavailable")
+            ));
+        }
+        let id = self.next_id;
+        let elf = phys::boot_bytes(img.start, img.len);
+        let ctx = self
+            .host_context()
+            .ok_or_else(|| cmd_err!("VMX unavailable"))?;
+        let vm = Vm::create(id, &img.name, elf, mem, &guest_args, &ctx)
+            .map_err(|e| cmd_err!("cannot start '{image}': {e}"))?;
+        self.next_id += 1;
+        println!(
+            "started guest {id} ({image}, {mem} MiB{}{})",
+            if guest_args.is_empty() {
+                ""
+            } else {
+                ", args: "
+            },
+            guest_args
+        );
+        self.vms.push(vm);
+        Ok(())
+    }
+
+    fn cmd_vms(&self) {
+        println!(
+            "  {:>3}  {:<10} {:<9} {:>6} {:>10} {:>10} {:>4}  {}",
+            "ID", "IMAGE", "STATE", "MEM", "EXITS", "RUN-MS", "MIGR", "NOTE"
+        );
+        for vm in &self.vms {
+            let note = match &vm.state {
+                VmState::Exited(c) => format!("exit code {c}"),
+                VmState::Stopped(why) => why.clone(),
+                _ => vm.args.clone(),
+            };
+            println!(
+                "  {:>3}  {:<10} {:<9} {:>4}Mi {:>10} {:>10} {:>4}  {}",
+                vm.id,
+                vm.image,
+                vm.state.name(),
+                vm.mem_bytes >> 20,
+                vm.stats.total_exits(),
+                time::ticks_to_us(vm.runtime_ticks) / 1000,
+                vm.migrations,
+                note
+            );
+        }
+        if self.vms.is_empty() {
+            println!("  (no guests: start one with 'start <image>')");
+        }
+    }
+
+    fn cmd_pause(&mut self, id: u32) -> Result<(), CmdError> {
+        let vm = self.get_mut(id).ok_or_else(|| cmd_err!("no guest {id}"))?;
+        match vm.state {
+            VmState::Running | VmState::Halted(_) => {
+                vm.state = VmState::Paused;
+                println!("guest {id} paused");
+                Ok(())
+            }
+            ref s => Err(cmd_err!("guest {id} is {}, not running", s.name())),
+        }
+    }
+
+    fn cmd_resume(&mut self, id: u32) -> Result<(), CmdError> {
+        let vm = self.get_mut(id).ok_or_else(|| cmd_err!("no guest {id}"))?;
+        match vm.state {
+            VmState::Paused => {
+                vm.state = VmState::Running;
+                println!("guest {id} resumed");
+                Ok(())
+            }
+            VmState::Frozen => Err(cmd_err!(
+                "guest {id} is frozen by a migration; it resumes when the migration ends (or use 'resume-frozen {id}' only if its source is known dead)"
+            )),
+            ref s => Err(cmd_err!("guest {id} is {}, not paused", s.name())),
+        }
+    }
+
+    fn cmd_kill(&mut self, id: u32) -> Result<(), CmdError> {
+        let idx = self
+            .vms
+            .iter()
+            .position(|v| v.id == id)
+            .ok_or_else(|| cmd_err!("no guest {id}"))?;
+        if self.vms[idx].state == VmState::Frozen {
+            return Err(cmd_err!(
+                "guest {id} is being migrated; wait for the migration to end"
+            ));
+        }
+        let mut vm = self.vms.remove(idx);
+        vm.release();
+        let mem = vm.mem_bytes >> 20;
+        drop(vm);
+        println!("guest {id} killed, {mem} MiB freed");
+        Ok(())
+    }
+
+    fn cmd_stats(&mut self, id: u32) -> Result<(), CmdError> {
+        let vm = self.get_mut(id).ok_or_else(|| cmd_err!("no guest {id}"))?;
+        let total = vm.stats.total_exits();
+        println!(
+            "guest {id} ({}): {} exits, {} ms in guest, state {}, migrations {}",
+            vm.image,
+            total,
+            time::ticks_to_us(vm.runtime_ticks) / 1000,
+            vm.state.name(),
+            vm.migrations
+        );
+        println!("  {:<22} {:>10}", "EXIT REASON", "COUNT");
+        for (reason, &n) in vm.stats.exits.iter().enumerate() {
+            if n > 0 {
+                println!(
+                    "  {:<22} {:>10}",
+                    format!("{} ({reason})", exits::name(reason)),
+                    n
+                );
+            }
+        }
+        let names = [
+            "?",
+            "console-write",
+            "time",
+            "yield",
+            "halt-until",
+            "exit",
+            "info",
+            "report",
+            "take-request",
+        ];
+        let calls: Vec<String> = vm
+            .stats
+            .hypercalls
+            .iter()
+            .enumerate()
+            .skip(1)
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, n)| format!("{}={n}", names[i]))
+            .collect();
+        println!(
+            "  hypercalls: {} (failed: {})",
+            calls.join(" "),
+            vm.stats.hypercall_errors
+        );
+        if let Some((v, d)) = vm.stats.reports[1] {
+            println!(
+                "  verify: {} ({d} pages checked)",
+                if v == 1 { "PASS" } else { "FAIL" }
+            );
+        }
+        if let Some((v, d)) = vm.stats.reports[2] {
+            println!("  dirtied: {v} page writes over a {d}-page working set");
+        }
+        if let Some((v, _)) = vm.stats.reports[3] {
+            println!("  progress: {v}");
+        }
+        if let Some(t) = vm.tracking {
+            println!("  dirty tracking: {t:?}");
+        }
+        Ok(())
+    }
+
+    fn cmd_check(&mut self, id: u32) -> Result<(), CmdError> {
+        let vm = self.get_mut(id).ok_or_else(|| cmd_err!("no guest {id}"))?;
+        if !vm.state.alive() {
+            return Err(cmd_err!("guest {id} is {}", vm.state.name()));
+        }
+        vm.request = guest_abi::Request::Verify as u64;
+        println!("verify request posted to guest {id}; its answer appears on the console and in 'stats {id}'");
+        Ok(())
+    }
+}
