@@ -7,6 +7,7 @@
 //! I/O port, an MSR) is stopped with a one-line report; the hypervisor and the other
 //! guests go on.
 
+mod dirty;
 pub mod exits;
 pub mod loader;
 mod vcpu;
@@ -369,7 +370,7 @@ impl Vm {
         self.time_origin = time::now().saturating_sub(time::ns_to_ticks(ns));
     }
 
-    fn eptp(&self) -> u64 {
+    pub(crate) fn eptp(&self) -> u64 {
         // A/D flags are always enabled when the CPU has them: PML needs them, and A/D
         // tracking reads them; without tracking they cost nothing.
         ept::eptp(self.ept.base(), self.ad_enabled)
@@ -389,4 +390,176 @@ fn write_boot_info(mem: &mut [u8], bi: &BootInfo) {
     put(32, &bi.args_len.to_le_bytes());
     put(36, &bi._reserved.to_le_bytes());
     put(40, &bi.args);
+}
+
+/// Size of an encoded [`VcpuState`].
+pub const VCPU_STATE_BYTES: usize = 25 * 8;
+
+/// Why an encoded vCPU state was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuStateError {
+    /// Wrong length.
+    Length(usize),
+    /// Not a 64-bit paged guest (CR0.PG/PE, EFER.LMA or CR4.PAE clear).
+    NotLongMode,
+    /// RIP or RSP outside guest memory, or CR3 not page aligned inside it.
+    OutOfRange,
+}
+
+impl core::fmt::Display for VcpuStateError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Length(n) => write!(f, "vCPU state has {n} bytes, expected {VCPU_STATE_BYTES}"),
+            Self::NotLongMode => f.write_str("vCPU state is not a 64-bit paged guest"),
+            Self::OutOfRange => f.write_str("vCPU state points outside guest memory"),
+        }
+    }
+}
+
+impl VcpuState {
+    fn words(&self) -> [u64; 25] {
+        let r = &self.regs;
+        [
+            r.rax,
+            r.rbx,
+            r.rcx,
+            r.rdx,
+            r.rsi,
+            r.rdi,
+            r.rbp,
+            r.r8,
+            r.r9,
+            r.r10,
+            r.r11,
+            r.r12,
+            r.r13,
+            r.r14,
+            r.r15,
+            self.rip,
+            self.rsp,
+            self.rflags,
+            self.cr0,
+            self.cr3,
+            self.cr4,
+            self.efer,
+            self.fs_base,
+            self.gs_base,
+            self.interruptibility,
+        ]
+    }
+
+    /// Encodes as 25 little-endian words.
+    pub fn to_bytes(&self) -> [u8; VCPU_STATE_BYTES] {
+        let mut out = [0u8; VCPU_STATE_BYTES];
+        for (chunk, w) in out.chunks_exact_mut(8).zip(self.words()) {
+            chunk.copy_from_slice(&w.to_le_bytes());
+        }
+        out
+    }
+
+    /// Decodes and validates against a guest of `mem_bytes`.
+    pub fn from_bytes(b: &[u8], mem_bytes: u64) -> Result<Self, VcpuStateError> {
+        if b.len() != VCPU_STATE_BYTES {
+            return Err(VcpuStateError::Length(b.len()));
+        }
+        let mut w = [0u64; 25];
+        for (i, chunk) in b.chunks_exact(8).enumerate() {
+            w[i] = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
+        }
+        let regs = GuestRegs {
+            rax: w[0],
+            rbx: w[1],
+            rcx: w[2],
+            rdx: w[3],
+            rsi: w[4],
+            rdi: w[5],
+            rbp: w[6],
+            r8: w[7],
+            r9: w[8],
+            r10: w[9],
+            r11: w[10],
+            r12: w[11],
+            r13: w[12],
+            r14: w[13],
+            r15: w[14],
+        };
+        let s = Self {
+            regs,
+            rip: w[15],
+            rsp: w[16],
+            rflags: w[17],
+            cr0: w[18],
+            cr3: w[19],
+            cr4: w[20],
+            efer: w[21],
+            fs_base: w[22],
+            gs_base: w[23],
+            interruptibility: w[24],
+        };
+        if s.cr0 & 0x8000_0001 != 0x8000_0001 || s.efer & 0x500 != 0x500 || s.cr4 & 0x20 == 0 {
+            return Err(VcpuStateError::NotLongMode);
+        }
+        if s.rip >= mem_bytes || s.rsp > mem_bytes || s.cr3 & 0xFFF != 0 || s.cr3 >= mem_bytes {
+            return Err(VcpuStateError::OutOfRange);
+        }
+        // Only the interrupt-shadow bits are meaningful for a PV guest.
+        Ok(Self {
+            interruptibility: s.interruptibility & 0x3,
+            rflags: s.rflags & 0x3F_7FD7 | 0x2,
+            ..s
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> VcpuState {
+        let mut s = VcpuState {
+            rip: 0x10_0040,
+            rsp: 0xFF_FFF0,
+            rflags: 0x202,
+            cr0: 0x8000_0031,
+            cr3: 0x2000,
+            cr4: 0x20,
+            efer: 0x500,
+            fs_base: 7,
+            gs_base: 9,
+            interruptibility: 0,
+            ..Default::default()
+        };
+        s.regs.rax = 1;
+        s.regs.r15 = u64::MAX;
+        s
+    }
+
+    #[test]
+    fn vcpu_state_round_trips() {
+        let s = sample();
+        assert_eq!(VcpuState::from_bytes(&s.to_bytes(), 16 << 20), Ok(s));
+    }
+
+    #[test]
+    fn vcpu_state_is_validated() {
+        let s = sample();
+        assert_eq!(
+            VcpuState::from_bytes(&s.to_bytes()[..100], 16 << 20),
+            Err(VcpuStateError::Length(100))
+        );
+        assert_eq!(
+            VcpuState::from_bytes(&s.to_bytes(), 1 << 20),
+            Err(VcpuStateError::OutOfRange)
+        );
+        let bad = VcpuState { efer: 0, ..s };
+        assert_eq!(
+            VcpuState::from_bytes(&bad.to_bytes(), 16 << 20),
+            Err(VcpuStateError::NotLongMode)
+        );
+        let bad = VcpuState { cr3: 0x2001, ..s };
+        assert_eq!(
+            VcpuState::from_bytes(&bad.to_bytes(), 16 << 20),
+            Err(VcpuStateError::OutOfRange)
+        );
+    }
 }

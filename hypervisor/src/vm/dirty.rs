@@ -1,0 +1,170 @@
+//! Dirty-page tracking for live migration, three ways behind one interface (SDM Vol. 3C
+//! §29.3.5 for EPT A/D flags, §29.3.6 for page-modification logging):
+//!
+//! * [`Tracking::Pml`]: the CPU appends the GPA of every page whose EPT dirty flag it
+//!   sets to a 512-entry log and exits when the log is full. Per round we drain the log
+//!   and clear the dirty flags of the logged pages so that their next write is logged.
+//! * [`Tracking::AccessedDirty`]: scan every leaf for its dirty flag and clear it.
+//! * [`Tracking::WriteProtect`]: remove write permission from every leaf; each first
+//!   write to a page exits (EPT violation), is recorded, and gets write access back.
+//!
+//! Each collects into the caller's sink the pages written since the previous collection,
+//! plus the pages the hypervisor wrote on the guest's behalf (hypercall results), which
+//! EPT never sees. Callers run between guest time slices (one CPU: the guest is not
+//! running), with the guest's VMCS current for PML.
+
+use alloc::format;
+use alloc::string::String;
+
+use super::{Tracking, Vm};
+use crate::arch::vmx as hw;
+use crate::mm::phys::PhysPages;
+use crate::vmx::caps::{self, VmxCaps};
+use crate::vmx::ept;
+use crate::vmx::vmcs::{self, w16, w32, w64};
+
+impl Tracking {
+    /// The best method this CPU offers.
+    pub fn best(caps: &VmxCaps) -> Self {
+        if caps.pml() && caps.ept_ad() {
+            Self::Pml
+        } else if caps.ept_ad() {
+            Self::AccessedDirty
+        } else {
+            Self::WriteProtect
+        }
+    }
+
+    /// Whether this CPU supports the method.
+    pub fn supported(self, caps: &VmxCaps) -> bool {
+        match self {
+            Self::Pml => caps.pml() && caps.ept_ad(),
+            Self::AccessedDirty => caps.ept_ad(),
+            Self::WriteProtect => true,
+        }
+    }
+
+    /// Short name (console and figures).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pml => "pml",
+            Self::AccessedDirty => "ad",
+            Self::WriteProtect => "wp",
+        }
+    }
+
+    /// Parses a short name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "pml" => Some(Self::Pml),
+            "ad" => Some(Self::AccessedDirty),
+            "wp" => Some(Self::WriteProtect),
+            _ => None,
+        }
+    }
+}
+
+impl Vm {
+    fn invept(&self) {
+        let _ = hw::invept(Some(self.eptp())).or_else(|_| hw::invept(None));
+    }
+
+    /// Starts tracking with `method` (the VMCS must be current). Pages written before
+    /// this call are not reported: round 0 sends everything anyway.
+    pub fn start_tracking(&mut self, method: Tracking, caps: &VmxCaps) -> Result<(), String> {
+        if !method.supported(caps) {
+            return Err(format!(
+                "dirty tracking '{}' is not supported by this CPU",
+                method.name()
+            ));
+        }
+        if !self.ad_enabled && method != Tracking::WriteProtect {
+            return Err("EPT A/D flags are off for this guest".into());
+        }
+        let pages = self.pages();
+        let leaves = ept::leaves_mut(self.ept.as_u64_mut(), pages);
+        match method {
+            Tracking::WriteProtect => ept::write_protect_all(leaves),
+            Tracking::AccessedDirty => ept::take_dirty_flags(leaves, |_| {}),
+            Tracking::Pml => {
+                ept::take_dirty_flags(leaves, |_| {});
+                let pml = PhysPages::alloc(1).map_err(|e| format!("PML buffer: {e}"))?;
+                let e = |e: vmcs::VmcsError| format!("{e}");
+                vmcs::write(w64::PML_ADDRESS, pml.base()).map_err(e)?;
+                vmcs::write(w16::GUEST_PML_INDEX, 511).map_err(e)?;
+                let proc2 = vmcs::read(w32::SECONDARY_CONTROLS) as u32 | caps::proc2::PML;
+                vmcs::write(w32::SECONDARY_CONTROLS, proc2.into()).map_err(e)?;
+                self.pml = Some(pml);
+            }
+        }
+        self.invept();
+        self.hv_dirty.clear();
+        self.dirty_log.clear();
+        self.tracking = Some(method);
+        Ok(())
+    }
+
+    /// Reports every page written since the last call (or since tracking started) to
+    /// `sink`, possibly more than once, and re-arms tracking for those pages.
+    pub fn collect_dirty(&mut self, mut sink: impl FnMut(usize)) {
+        let Some(method) = self.tracking else { return };
+        let pages = self.pages();
+        match method {
+            Tracking::AccessedDirty => {
+                let leaves = ept::leaves_mut(self.ept.as_u64_mut(), pages);
+                ept::take_dirty_flags(leaves, &mut sink);
+            }
+            Tracking::Pml => {
+                self.drain_pml();
+                let log = core::mem::take(&mut self.dirty_log);
+                let leaves = ept::leaves_mut(self.ept.as_u64_mut(), pages);
+                for &pfn in &log {
+                    ept::clear_dirty(leaves, pfn);
+                    sink(pfn);
+                }
+                self.dirty_log = log;
+                self.dirty_log.clear();
+            }
+            Tracking::WriteProtect => {
+                let log = core::mem::take(&mut self.dirty_log);
+                let leaves = ept::leaves_mut(self.ept.as_u64_mut(), pages);
+                for &pfn in &log {
+                    if let Some(e) = leaves.get_mut(pfn) {
+                        *e &= !ept::W;
+                    }
+                    sink(pfn);
+                }
+                self.dirty_log = log;
+                self.dirty_log.clear();
+            }
+        }
+        for pfn in self.hv_dirty.drain(..) {
+            if pfn < pages {
+                sink(pfn);
+            }
+        }
+        self.invept();
+    }
+
+    /// Stops tracking and restores normal EPT permissions (the VMCS must be current).
+    pub fn stop_tracking(&mut self) {
+        let Some(method) = self.tracking.take() else {
+            return;
+        };
+        let pages = self.pages();
+        match method {
+            Tracking::WriteProtect => {
+                ept::write_enable_all(ept::leaves_mut(self.ept.as_u64_mut(), pages))
+            }
+            Tracking::AccessedDirty => {}
+            Tracking::Pml => {
+                let proc2 = vmcs::read(w32::SECONDARY_CONTROLS) as u32 & !caps::proc2::PML;
+                let _ = vmcs::write(w32::SECONDARY_CONTROLS, proc2.into());
+                self.pml = None;
+            }
+        }
+        self.dirty_log.clear();
+        self.hv_dirty.clear();
+        self.invept();
+    }
+}
