@@ -23,6 +23,30 @@ pub struct Setup {
     pub pair: bool,
     /// A NIC on a single instance.
     pub net: bool,
+    /// Extra hub ports for host endpoints (hv_tools::bxnet).
+    pub extra_hub_ports: u16,
+}
+
+impl Setup {
+    /// One Bochs instance without network.
+    pub fn bochs() -> Self {
+        Self {
+            emulator: Emulator::Bochs,
+            pair: false,
+            net: false,
+            extra_hub_ports: 0,
+        }
+    }
+
+    /// A linked Bochs pair.
+    pub fn bochs_pair() -> Self {
+        Self {
+            emulator: Emulator::Bochs,
+            pair: true,
+            net: true,
+            extra_hub_ports: 0,
+        }
+    }
 }
 
 /// Boots per `setup`, runs `body`, prints diagnostics and panics on failure.
@@ -41,6 +65,7 @@ pub fn scenario(name: &str, setup: Setup, body: impl FnOnce(&mut Lab) -> Result<
         mem_mib: 256,
         bochs_ips: hv_tools::emu::DEFAULT_BOCHS_IPS,
         net: setup.net,
+        extra_hub_ports: setup.extra_hub_ports,
     };
     let started = std::time::Instant::now();
     let mut lab = match Lab::start(&cfg, BOOT_TIMEOUT) {

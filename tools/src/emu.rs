@@ -393,6 +393,8 @@ impl Drop for Hub {
 pub struct Lab {
     /// The instances ("a", then "b").
     pub instances: Vec<Instance>,
+    /// bxhub's base UDP port (Bochs): port `base + 2*i` belongs to hub member `i`.
+    pub hub_base: u16,
     _hub: Option<Hub>,
 }
 
@@ -413,6 +415,8 @@ pub struct LabConfig {
     pub bochs_ips: u64,
     /// Give single instances a NIC too.
     pub net: bool,
+    /// Extra bxhub ports for host endpoints ([`crate::bxnet`]), after the instances'.
+    pub extra_hub_ports: u16,
 }
 
 impl LabConfig {
@@ -447,13 +451,10 @@ impl Lab {
     /// Starts the instances (and the hub) and waits until every console shows its prompt.
     pub fn start(cfg: &LabConfig, boot_timeout: Duration) -> Result<Self, String> {
         fs::create_dir_all(&cfg.work_dir).map_err(|e| e.to_string())?;
-        let hub_base = free_udp_range(4);
+        let members = if cfg.pair { 2 } else { 1 } + cfg.extra_hub_ports;
+        let hub_base = free_udp_range(2 * members);
         let hub = if cfg.emulator == Emulator::Bochs && (cfg.pair || cfg.net) {
-            Some(Hub::start(
-                hub_base,
-                if cfg.pair { 2 } else { 1 },
-                &cfg.work_dir,
-            )?)
+            Some(Hub::start(hub_base, members, &cfg.work_dir)?)
         } else {
             None
         };
@@ -464,6 +465,7 @@ impl Lab {
         }
         let mut lab = Self {
             instances,
+            hub_base,
             _hub: hub,
         };
         for i in 0..lab.instances.len() {
@@ -497,6 +499,7 @@ mod tests {
             mem_mib: 256,
             bochs_ips: 50_000_000,
             net: false,
+            extra_hub_ports: 0,
         }
     }
 

@@ -4,5 +4,6 @@
 //! Everything binds to loopback only, draws its ports so that concurrent runs do not
 //! collide, kills emulators on drop and bounds every wait with a timeout.
 
+pub mod bxnet;
 pub mod console;
 pub mod emu;

@@ -35,6 +35,7 @@ pub fn boot(opts: &BootOpts, work: &str) -> Result<Lab, String> {
         mem_mib: opts.mem_mib,
         bochs_ips: opts.ips,
         net: true,
+        extra_hub_ports: 0,
     };
     eprintln!(
         "xtask: booting {} instance(s) in {} (logs in {})",

@@ -1,0 +1,217 @@
+//! A host endpoint on the Bochs virtual Ethernet, for test tools that must talk TCP to a
+//! hypervisor (for example to send it a malformed migration stream).
+//!
+//! Bochs' `socket` network module exchanges raw Ethernet frames as UDP datagrams on
+//! loopback: an instance receives on port P and sends to P+1, and `bxhub` forwards
+//! between the instances' ports. This endpoint takes a hub port like an instance would
+//! and runs smoltcp over it, so everything stays on 127.0.0.1 and no TAP device or host
+//! routing is involved.
+
+use std::net::UdpSocket;
+use std::time::{Duration, Instant as StdInstant};
+
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant;
+use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, Ipv4Address};
+
+struct UdpEth {
+    sock: UdpSocket,
+    tx_port: u16,
+    buf: Vec<u8>,
+}
+
+struct Rx(Vec<u8>);
+struct Tx<'a>(&'a UdpSocket, u16);
+
+impl phy::RxToken for Rx {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl phy::TxToken for Tx<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut frame = vec![0u8; len];
+        let r = f(&mut frame);
+        let _ = self.0.send_to(&frame, ("127.0.0.1", self.1));
+        r
+    }
+}
+
+impl Device for UdpEth {
+    type RxToken<'a> = Rx;
+    type TxToken<'a> = Tx<'a>;
+
+    fn receive(&mut self, _t: Instant) -> Option<(Rx, Tx<'_>)> {
+        match self.sock.recv(&mut self.buf) {
+            Ok(n) => Some((Rx(self.buf[..n].to_vec()), Tx(&self.sock, self.tx_port))),
+            Err(_) => None,
+        }
+    }
+
+    fn transmit(&mut self, _t: Instant) -> Option<Tx<'_>> {
+        Some(Tx(&self.sock, self.tx_port))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut c = DeviceCapabilities::default();
+        c.medium = Medium::Ethernet;
+        c.max_transmission_unit = 1514;
+        c
+    }
+}
+
+/// A smoltcp endpoint on a bxhub port.
+pub struct BxEndpoint {
+    dev: UdpEth,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    tcp: SocketHandle,
+    epoch: StdInstant,
+}
+
+impl BxEndpoint {
+    /// Joins the hub at UDP `rx_port` (the hub sends to it; we send to `rx_port + 1`)
+    /// with `mac` and `ip`/24.
+    pub fn new(rx_port: u16, mac: [u8; 6], ip: [u8; 4]) -> Result<Self, String> {
+        let sock = UdpSocket::bind(("127.0.0.1", rx_port))
+            .map_err(|e| format!("bind UDP {rx_port}: {e}"))?;
+        sock.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let mut dev = UdpEth {
+            sock,
+            tx_port: rx_port + 1,
+            buf: vec![0; 65536],
+        };
+        let epoch = StdInstant::now();
+        let cfg = Config::new(EthernetAddress(mac).into());
+        let mut iface = Interface::new(cfg, &mut dev, Instant::from_millis(0));
+        iface.update_ip_addrs(|a| {
+            let _ = a.push(IpCidr::new(IpAddress::v4(ip[0], ip[1], ip[2], ip[3]), 24));
+        });
+        let mut sockets = SocketSet::new(Vec::new());
+        let s = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; 65536]),
+            tcp::SocketBuffer::new(vec![0; 65536]),
+        );
+        let tcp = sockets.add(s);
+        Ok(Self {
+            dev,
+            iface,
+            sockets,
+            tcp,
+            epoch,
+        })
+    }
+
+    fn now(&self) -> Instant {
+        Instant::from_millis(self.epoch.elapsed().as_millis() as i64)
+    }
+
+    /// Polls the stack once.
+    pub fn poll(&mut self) {
+        let now = self.now();
+        self.iface.poll(now, &mut self.dev, &mut self.sockets);
+    }
+
+    fn socket(&mut self) -> &mut tcp::Socket<'static> {
+        self.sockets.get_mut::<tcp::Socket>(self.tcp)
+    }
+
+    /// Opens a TCP connection to `ip:port`.
+    pub fn connect(&mut self, ip: [u8; 4], port: u16, timeout: Duration) -> Result<(), String> {
+        let remote = (Ipv4Address::new(ip[0], ip[1], ip[2], ip[3]), port);
+        let ctx = self.iface.context();
+        self.sockets
+            .get_mut::<tcp::Socket>(self.tcp)
+            .connect(ctx, remote, 49152 + (std::process::id() % 10000) as u16)
+            .map_err(|e| format!("connect: {e}"))?;
+        self.wait(timeout, |s| s.may_send(), "TCP connection")
+    }
+
+    fn wait(
+        &mut self,
+        timeout: Duration,
+        mut done: impl FnMut(&tcp::Socket) -> bool,
+        what: &str,
+    ) -> Result<(), String> {
+        let deadline = StdInstant::now() + timeout;
+        loop {
+            self.poll();
+            let s = self.socket();
+            if done(s) {
+                return Ok(());
+            }
+            if !s.is_open() {
+                return Err(format!("{what}: connection closed"));
+            }
+            if StdInstant::now() > deadline {
+                return Err(format!("{what}: timed out after {timeout:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Sends all of `data`.
+    pub fn send_all(&mut self, data: &[u8], timeout: Duration) -> Result<(), String> {
+        let deadline = StdInstant::now() + timeout;
+        let mut off = 0;
+        while off < data.len() {
+            self.poll();
+            let s = self.socket();
+            if !s.may_send() {
+                return Err(format!("send: connection closed after {off} bytes"));
+            }
+            if s.can_send() {
+                off += s
+                    .send_slice(&data[off..])
+                    .map_err(|e| format!("send: {e}"))?;
+            }
+            if StdInstant::now() > deadline {
+                return Err(format!(
+                    "send: timed out after {off} of {} bytes",
+                    data.len()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    /// Receives until the peer closes or `timeout`; returns what arrived.
+    pub fn recv_until_close(&mut self, timeout: Duration) -> Vec<u8> {
+        let deadline = StdInstant::now() + timeout;
+        let mut out = Vec::new();
+        while StdInstant::now() < deadline {
+            self.poll();
+            let s = self.socket();
+            if s.can_recv() {
+                let _ = s.recv(|b| {
+                    out.extend_from_slice(b);
+                    (b.len(), ())
+                });
+            } else if !s.may_recv() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        out
+    }
+
+    /// Closes the connection (FIN) and lets it drain briefly.
+    pub fn close(&mut self) {
+        self.socket().close();
+        let deadline = StdInstant::now() + Duration::from_secs(2);
+        while StdInstant::now() < deadline && self.socket().is_open() {
+            self.poll();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Drops the connection without FIN (a vanished peer).
+    pub fn abort(&mut self) {
+        self.socket().abort();
+        self.poll();
+    }
+}
