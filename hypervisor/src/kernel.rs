@@ -27,6 +27,8 @@ pub struct Kernel {
     vmm: Vmm,
     editor: LineEditor,
     boot_us: u64,
+    /// The network stack, when an e1000 came up.
+    net: Option<crate::net::NetStack>,
 }
 
 /// Entry from `main.rs`: `magic`/`info` as GRUB left them in EAX/EBX.
@@ -88,7 +90,16 @@ pub fn kmain(magic: u32, info_addr: u64) -> ! {
         vmm: Vmm::new(segs, images),
         editor: LineEditor::new(),
         boot_us: time::now_us(),
+        net: None,
     };
+    // Network (after ACPI): PCI, e1000, smoltcp.
+    match crate::net::NetStack::init(&k.cmdline) {
+        Ok(n) => {
+            println!("net: {}", n.summary());
+            k.net = Some(n);
+        }
+        Err(e) => println!("net: not available: {e}"),
+    }
     let (free, total) = phys::with_frames(|f| (f.free_frames(), f.total_frames()));
     println!(
         "machine: {}, {} CPU(s), {} MiB RAM ({} MiB free), TSC {} MHz",
@@ -139,6 +150,9 @@ impl Kernel {
     fn run(&mut self) -> ! {
         loop {
             self.poll_console();
+            if let Some(n) = &mut self.net {
+                n.poll();
+            }
             if !self.vmm.schedule() {
                 cpu::pause();
             }
@@ -214,6 +228,9 @@ impl Kernel {
             }
             "images" | "start" | "vms" | "pause" | "resume" | "kill" | "stats" | "check" => {
                 self.vmm.command(name, rest, cmd.usage)
+            }
+            "pci" | "net" | "ip" | "ping" | "netbench" => {
+                crate::net::commands::execute(self.net.as_mut(), name, rest)
             }
             "shutdown" => {
                 println!("shutting down");

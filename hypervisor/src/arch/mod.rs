@@ -8,6 +8,7 @@
 pub mod cpu;
 pub mod gdt;
 pub mod idt;
+pub mod mmio;
 pub mod pit;
 pub mod port;
 pub mod serial;

@@ -1,1 +1,560 @@
-//! Networking (placeholder until the e1000 driver lands).
+//! Networking: PCI discovery ([`pci`]), the e1000 driver ([`e1000`], ring logic in
+//! [`ring`]), and a smoltcp TCP/IP stack on top of it ([`NetStack`]), plus the console
+//! commands that use them ([`commands`]) and the `netbench` protocol ([`bench`](mod@bench)).
+//!
+//! Everything is polled: the main loop calls [`NetStack::poll`] often, and blocking
+//! console commands (`ping`, `netbench`) poll in their own bounded loops. The stack is a
+//! single smoltcp [`Interface`] with one IPv4 address on the e1000 and a [`SocketSet`]
+//! that other subsystems share: the live-migration engine adds its own TCP sockets with
+//! [`NetStack::add_tcp_socket`], drives them with [`NetStack::connect`] /
+//! [`NetStack::listen`] and [`NetStack::tcp`], and relies on the main loop's `poll`.
+//! A `netbench` sink always listens on TCP port [`bench::SINK_PORT`].
+//!
+//! Addressing: `ip=a.b.c.d/nn` on the kernel command line, else derived from the MAC
+//! when it is one the project's emulator pairs use (52:54:00:12:34:xx gives
+//! 10.0.0.(xx - 0x55)/24), else none until the `ip` command sets one.
+
+pub mod bench;
+pub mod commands;
+pub mod e1000;
+pub mod pci;
+pub mod ring;
+
+use alloc::vec;
+use core::fmt;
+
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant;
+use smoltcp::wire::{
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
+    EthernetRepr, IpAddress, IpCidr, IpEndpoint, Ipv4Address,
+};
+
+use crate::arch::mmio::{Mmio, MmioError};
+use crate::mm::frames::OutOfMemory;
+use crate::mm::phys::PhysPages;
+use crate::time;
+use bench::{SinkVerifier, Verdict};
+use e1000::{E1000Error, Stats, E1000};
+use pci::{PciAddr, PortConfig};
+
+/// The driver as it runs on the machine.
+pub type Nic = E1000<Mmio, PhysPages>;
+
+/// Receive descriptors: Bochs drops a frame when none is free, so be generous.
+const RX_DESCS: usize = 256;
+/// Transmit descriptors.
+const TX_DESCS: usize = 128;
+/// Size of the e1000 register window (BAR0 of the 82540EM).
+const E1000_BAR_LEN: u64 = 128 * 1024;
+/// PCI ids of the supported controllers: 82540EM (QEMU, Bochs), 82545EM copper.
+const E1000_IDS: [(u16, u16); 2] = [(0x8086, 0x100e), (0x8086, 0x100f)];
+
+/// Default TCP buffer size (each direction) for bulk sockets.
+pub const TCP_BUF: usize = 128 * 1024;
+/// Receive buffer of the netbench sink (its advertised window).
+const SINK_RX_BUF: usize = 128 * 1024;
+/// How long the sink waits for the sender to close after the trailer.
+const SINK_LINGER_MS: i64 = 10_000;
+
+/// Errors of the network layer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetError {
+    /// No supported Ethernet controller on the PCI bus.
+    NoNic,
+    /// The controller's BAR0 is not a usable memory BAR.
+    BadBar(Option<u64>),
+    /// The register window was refused.
+    Mmio(MmioError),
+    /// No memory for rings and buffers.
+    OutOfMemory(OutOfMemory),
+    /// The device did not come up.
+    Device(E1000Error),
+    /// This interface has no IPv4 address.
+    NoAddress,
+    /// The address cannot be used (not unicast).
+    BadAddress(Ipv4Address),
+    /// The link is down.
+    LinkDown,
+    /// The socket could not connect (invalid state or address).
+    Connect(tcp::ConnectError),
+    /// The socket could not listen (already open, port 0).
+    Listen(tcp::ListenError),
+}
+
+impl fmt::Display for NetError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoNic => write!(f, "no supported network card (e1000 8086:100e) found"),
+            Self::BadBar(Some(a)) => write!(f, "e1000 BAR0 {a:#x} is not usable"),
+            Self::BadBar(None) => write!(f, "e1000 has no memory BAR0"),
+            Self::Mmio(e) => write!(f, "{e}"),
+            Self::OutOfMemory(e) => write!(f, "network rings: {e}"),
+            Self::Device(e) => write!(f, "{e}"),
+            Self::NoAddress => write!(f, "no IPv4 address (set one with 'ip a.b.c.d/nn')"),
+            Self::BadAddress(a) => write!(f, "{a} is not a unicast address"),
+            Self::LinkDown => write!(f, "link is down"),
+            Self::Connect(e) => write!(f, "connect: {e}"),
+            Self::Listen(e) => write!(f, "listen: {e}"),
+        }
+    }
+}
+
+/// Where the initial address came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AddrSource {
+    /// `ip=` on the kernel command line.
+    CommandLine,
+    /// Derived from the MAC.
+    Mac,
+    /// The `ip` command.
+    Console,
+}
+
+/// Finds `ip=a.b.c.d/nn` in a kernel command line.
+pub fn cmdline_ip(cmdline: &str) -> Option<([u8; 4], u8)> {
+    cmdline
+        .split_ascii_whitespace()
+        .find_map(|w| w.strip_prefix("ip="))
+        .and_then(|v| crate::console::args::parse_cidr(v).ok())
+}
+
+/// The address of an instance of the project's emulator pairs: MAC 52:54:00:12:34:xx
+/// gives 10.0.0.(xx - 0x55)/24 (0x56 is .1, 0x57 is .2).
+pub fn mac_derived_ip(mac: [u8; 6]) -> Option<([u8; 4], u8)> {
+    if mac[..5] != [0x52, 0x54, 0x00, 0x12, 0x34] {
+        return None;
+    }
+    let host = mac[5].checked_sub(0x55).filter(|h| (1..=254).contains(h))?;
+    Some(([10, 0, 0, host], 24))
+}
+
+/// Formats a MAC address.
+pub struct MacFmt(pub [u8; 6]);
+
+impl fmt::Display for MacFmt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+enum SinkState {
+    Receiving(SinkVerifier),
+    Replying {
+        trailer: [u8; bench::TRAILER_LEN],
+        sent: usize,
+    },
+    Lingering {
+        since: i64,
+    },
+    Closing,
+}
+
+/// The network stack: the e1000, a smoltcp interface and the shared socket set.
+pub struct NetStack {
+    pci: PciAddr,
+    dev: Nic,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    addr_source: Option<AddrSource>,
+    sink: SocketHandle,
+    sink_state: SinkState,
+    sink_runs: u64,
+    next_port: u16,
+}
+
+/// smoltcp's clock: milliseconds of the TSC clock.
+pub fn now() -> Instant {
+    Instant::from_micros(time::now_us() as i64)
+}
+
+impl NetStack {
+    /// Finds the e1000 on the PCI bus, brings it up and builds the stack. `cmdline` is
+    /// the kernel command line (for `ip=`).
+    pub fn init(cmdline: &str) -> Result<Self, NetError> {
+        let cs = PortConfig;
+        let dev = pci::enumerate(&cs)
+            .into_iter()
+            .find(|d| E1000_IDS.contains(&(d.vendor, d.device)))
+            .ok_or(NetError::NoNic)?;
+        let bar = dev.mem_bar(0).ok_or(NetError::BadBar(None))?;
+        if bar >= 1 << 32 {
+            return Err(NetError::BadBar(Some(bar)));
+        }
+        let mmio = Mmio::new(bar, E1000_BAR_LEN).map_err(NetError::Mmio)?;
+        pci::enable_mem_and_dma(&cs, dev.addr);
+        let alloc = |bytes: usize| {
+            PhysPages::alloc(bytes.div_ceil(crate::mm::PAGE_SIZE as usize))
+                .map_err(NetError::OutOfMemory)
+        };
+        let nic = E1000::init(
+            mmio,
+            alloc(RX_DESCS * ring::DESC_SIZE)?,
+            alloc(RX_DESCS * e1000::BUF_SIZE)?,
+            alloc(TX_DESCS * ring::DESC_SIZE)?,
+            alloc(TX_DESCS * e1000::BUF_SIZE)?,
+        )
+        .map_err(NetError::Device)?;
+        Ok(Self::with_device(dev.addr, nic, cmdline))
+    }
+
+    fn with_device(pci: PciAddr, mut dev: Nic, cmdline: &str) -> Self {
+        let mac = dev.mac();
+        let mut config = Config::new(EthernetAddress(mac).into());
+        config.random_seed = time::now()
+            ^ u64::from_le_bytes([0, 0, mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]]);
+        let iface = Interface::new(config, &mut dev, now());
+        let mut sockets = SocketSet::new(vec![]);
+        let sink = sockets.add(tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; SINK_RX_BUF]),
+            tcp::SocketBuffer::new(vec![0; 256]),
+        ));
+        let mut s = Self {
+            pci,
+            dev,
+            iface,
+            sockets,
+            addr_source: None,
+            sink,
+            sink_state: SinkState::Receiving(SinkVerifier::new()),
+            sink_runs: 0,
+            next_port: 49152 + (time::now() % 8192) as u16,
+        };
+        let initial = cmdline_ip(cmdline)
+            .map(|a| (a, AddrSource::CommandLine))
+            .or_else(|| mac_derived_ip(mac).map(|a| (a, AddrSource::Mac)));
+        if let Some(((ip, prefix), src)) = initial {
+            match s.set_ipv4(Ipv4Address::from(ip), prefix) {
+                Ok(()) => s.addr_source = Some(src),
+                Err(e) => log::warn!("net: initial address: {e}"),
+            }
+        } else {
+            s.announce();
+        }
+        s
+    }
+
+    /// Runs the stack once: receives what the card has, runs the sockets' timers, sends
+    /// what they queued, and services the netbench sink. Returns whether anything
+    /// happened that a waiting loop may care about.
+    pub fn poll(&mut self) -> bool {
+        let mut active = false;
+        // A few rounds so that replies to frames received in this call go out now.
+        for _ in 0..4 {
+            let r = self.iface.poll(now(), &mut self.dev, &mut self.sockets);
+            let sink = self.service_sink();
+            let changed = r == smoltcp::iface::PollResult::SocketStateChanged;
+            active |= changed || sink;
+            if !changed && !sink && !self.dev.rx_pending() {
+                break;
+            }
+        }
+        active
+    }
+
+    /// How long until the stack needs polling again (for callers that want to idle).
+    pub fn poll_delay_us(&mut self) -> Option<u64> {
+        self.iface
+            .poll_delay(now(), &self.sockets)
+            .map(|d| d.total_micros())
+    }
+
+    /// One line for the boot log: MAC, PCI address, link, address.
+    pub fn summary(&self) -> alloc::string::String {
+        let ip = match self.ipv4() {
+            Some((a, p)) => alloc::format!("{a}/{p}"),
+            None => alloc::string::String::from("none"),
+        };
+        alloc::format!(
+            "e1000 {} at {}, link {}, ip {ip}, netbench sink on tcp/{}",
+            MacFmt(self.mac()),
+            self.pci,
+            if self.link_up() { "up" } else { "down" },
+            bench::SINK_PORT
+        )
+    }
+
+    /// The card's MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        self.dev.mac()
+    }
+
+    /// Where the card sits on the PCI bus.
+    pub fn pci_addr(&self) -> PciAddr {
+        self.pci
+    }
+
+    /// Whether the link is up.
+    pub fn link_up(&self) -> bool {
+        self.dev.link_up()
+    }
+
+    /// The driver's counters.
+    pub fn stats(&mut self) -> Stats {
+        self.dev.stats()
+    }
+
+    /// Ring sizes (receive, transmit).
+    pub fn ring_sizes(&self) -> (u32, u32) {
+        self.dev.ring_sizes()
+    }
+
+    /// The IPv4 address and prefix length, if set.
+    pub fn ipv4(&self) -> Option<(Ipv4Address, u8)> {
+        self.iface
+            .ip_addrs()
+            .iter()
+            .map(|c| match c {
+                IpCidr::Ipv4(c) => (c.address(), c.prefix_len()),
+            })
+            .next()
+    }
+
+    /// Where the current address came from.
+    pub fn addr_source(&self) -> Option<AddrSource> {
+        self.addr_source
+    }
+
+    /// Sets the (only) IPv4 address. Open connections keep their old local address and
+    /// will fail; the neighbour cache is flushed.
+    pub fn set_ipv4(&mut self, addr: Ipv4Address, prefix: u8) -> Result<(), NetError> {
+        if !IpAddress::Ipv4(addr).is_unicast() || prefix > 32 {
+            return Err(NetError::BadAddress(addr));
+        }
+        self.iface.update_ip_addrs(|a| {
+            a.clear();
+            let _ = a.push(IpCidr::new(IpAddress::Ipv4(addr), prefix));
+        });
+        self.addr_source = Some(AddrSource::Console);
+        self.announce();
+        Ok(())
+    }
+
+    /// Broadcasts a gratuitous ARP for the current address (an ARP probe from 0.0.0.0
+    /// without one). Peers update their caches, and switches learn where this MAC is:
+    /// Bochs' `bxhub` forwards unicast frames only to MACs it has seen in a broadcast,
+    /// so without this a peer's replies would reach us but its requests would not.
+    pub fn announce(&mut self) {
+        let mac = EthernetAddress(self.mac());
+        let ip = self.ipv4().map_or(Ipv4Address::UNSPECIFIED, |(a, _)| a);
+        let arp = ArpRepr::EthernetIpv4 {
+            operation: ArpOperation::Request,
+            source_hardware_addr: mac,
+            source_protocol_addr: ip,
+            target_hardware_addr: EthernetAddress([0; 6]),
+            target_protocol_addr: ip,
+        };
+        let eth = EthernetRepr {
+            src_addr: mac,
+            dst_addr: EthernetAddress::BROADCAST,
+            ethertype: EthernetProtocol::Arp,
+        };
+        let len = eth.buffer_len() + arp.buffer_len();
+        let sent = self.dev.send_with(len, |buf| {
+            let mut frame = EthernetFrame::new_unchecked(buf);
+            eth.emit(&mut frame);
+            arp.emit(&mut ArpPacket::new_unchecked(frame.payload_mut()));
+        });
+        if sent.is_none() {
+            log::warn!("net: could not send the ARP announcement (transmit ring full)");
+        }
+    }
+
+    /// Checks that the stack can reach a peer: address set, link up.
+    pub fn ready(&self) -> Result<(), NetError> {
+        if self.ipv4().is_none() {
+            return Err(NetError::NoAddress);
+        }
+        if !self.link_up() {
+            return Err(NetError::LinkDown);
+        }
+        Ok(())
+    }
+
+    /// The smoltcp interface (for anything the methods here do not cover).
+    pub fn interface(&mut self) -> &mut Interface {
+        &mut self.iface
+    }
+
+    /// The shared socket set. Do not remove sockets you did not add.
+    pub fn sockets(&mut self) -> &mut SocketSet<'static> {
+        &mut self.sockets
+    }
+
+    /// Adds a TCP socket with `rx`/`tx` bytes of buffer (see [`TCP_BUF`]; above 64 KiB
+    /// smoltcp uses window scaling). Nagle is off: bulk senders fill whole segments
+    /// anyway and request/response exchanges should not wait.
+    pub fn add_tcp_socket(&mut self, rx: usize, tx: usize) -> SocketHandle {
+        let mut s = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; rx]),
+            tcp::SocketBuffer::new(vec![0; tx]),
+        );
+        s.set_nagle_enabled(false);
+        self.sockets.add(s)
+    }
+
+    /// The TCP socket behind `h` (a handle from [`NetStack::add_tcp_socket`]; smoltcp
+    /// panics on a handle of another set or kind, which is a caller bug).
+    pub fn tcp(&mut self, h: SocketHandle) -> &mut tcp::Socket<'static> {
+        self.sockets.get_mut::<tcp::Socket>(h)
+    }
+
+    /// Starts connecting `h` to `addr:port` from an ephemeral local port. Progress
+    /// happens in [`NetStack::poll`]; watch `tcp(h).state()` / `may_send()`.
+    pub fn connect(
+        &mut self,
+        h: SocketHandle,
+        addr: Ipv4Address,
+        port: u16,
+    ) -> Result<(), NetError> {
+        self.ready()?;
+        let local = self.ephemeral_port();
+        let cx = self.iface.context();
+        self.sockets
+            .get_mut::<tcp::Socket>(h)
+            .connect(cx, IpEndpoint::new(IpAddress::Ipv4(addr), port), local)
+            .map_err(NetError::Connect)
+    }
+
+    /// Puts `h` into LISTEN on `port` (one connection per socket; re-listen after it
+    /// closes to accept the next).
+    pub fn listen(&mut self, h: SocketHandle, port: u16) -> Result<(), NetError> {
+        self.tcp(h).listen(port).map_err(NetError::Listen)
+    }
+
+    /// Removes a socket added with [`NetStack::add_tcp_socket`] (abort or close it
+    /// first; a removed socket sends nothing more).
+    pub fn remove_socket(&mut self, h: SocketHandle) {
+        if h != self.sink {
+            self.sockets.remove(h);
+        }
+    }
+
+    /// A local port for an outgoing connection (49152..65535, cycling).
+    pub fn ephemeral_port(&mut self) -> u16 {
+        let p = self.next_port;
+        self.next_port = if p == u16::MAX { 49152 } else { p + 1 };
+        p
+    }
+
+    /// Completed sink connections since boot.
+    pub fn sink_runs(&self) -> u64 {
+        self.sink_runs
+    }
+
+    /// Advances the netbench sink; returns whether it did anything.
+    fn service_sink(&mut self) -> bool {
+        let now_ms = time::now_ms();
+        let sock = self.sockets.get_mut::<tcp::Socket>(self.sink);
+        match sock.state() {
+            tcp::State::Closed => {
+                let _ = sock.listen(bench::SINK_PORT);
+                self.sink_state = SinkState::Receiving(SinkVerifier::new());
+                return false;
+            }
+            tcp::State::Listen | tcp::State::SynReceived => return false,
+            _ => {}
+        }
+        let mut did = false;
+        match &mut self.sink_state {
+            SinkState::Receiving(v) => {
+                while sock.can_recv() && !v.complete() {
+                    match sock.recv(|buf| {
+                        let n = v.feed(buf);
+                        (n, n)
+                    }) {
+                        Ok(n) if n > 0 => did = true,
+                        _ => break,
+                    }
+                }
+                if v.complete() || !sock.may_recv() {
+                    let verdict = v.verdict();
+                    if verdict != Verdict::Ok {
+                        log::warn!(
+                            "netbench sink: {verdict} after {} bytes (first bad byte {:?})",
+                            v.received,
+                            v.first_bad
+                        );
+                    }
+                    self.sink_state = SinkState::Replying {
+                        trailer: bench::trailer(v.received, verdict),
+                        sent: 0,
+                    };
+                    did = true;
+                }
+            }
+            SinkState::Replying { trailer, sent } => {
+                if sock.may_send() {
+                    *sent += sock.send_slice(&trailer[*sent..]).unwrap_or(0);
+                    if *sent == trailer.len() {
+                        self.sink_state = SinkState::Lingering { since: now_ms };
+                        self.sink_runs += 1;
+                        did = true;
+                    }
+                } else {
+                    sock.abort();
+                    self.sink_state = SinkState::Closing;
+                }
+            }
+            SinkState::Lingering { since } => {
+                // Drain anything further; close once the sender has closed.
+                while sock.can_recv() {
+                    if sock.recv(|b| (b.len(), ())).is_err() {
+                        break;
+                    }
+                }
+                if !sock.may_recv() {
+                    sock.close();
+                    self.sink_state = SinkState::Closing;
+                    did = true;
+                } else if now_ms - *since > SINK_LINGER_MS {
+                    sock.abort();
+                    self.sink_state = SinkState::Closing;
+                }
+            }
+            SinkState::Closing => {
+                if sock.state() == tcp::State::TimeWait {
+                    // Re-listen now rather than after the 2*MSL wait.
+                    sock.abort();
+                }
+            }
+        }
+        did
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_from_cmdline_and_mac() {
+        assert_eq!(
+            cmdline_ip("log=info ip=192.168.1.5/16"),
+            Some(([192, 168, 1, 5], 16))
+        );
+        assert_eq!(cmdline_ip("ip=bad"), None);
+        assert_eq!(cmdline_ip(""), None);
+        assert_eq!(
+            mac_derived_ip([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+            Some(([10, 0, 0, 1], 24))
+        );
+        assert_eq!(
+            mac_derived_ip([0x52, 0x54, 0, 0x12, 0x34, 0x57]),
+            Some(([10, 0, 0, 2], 24))
+        );
+        assert_eq!(mac_derived_ip([0x52, 0x54, 0, 0x12, 0x34, 0x55]), None);
+        assert_eq!(mac_derived_ip([0x52, 0x54, 0, 0x12, 0x34, 0x10]), None);
+        assert_eq!(mac_derived_ip([0x52, 0x54, 0, 0, 0, 1]), None);
+        assert_eq!(
+            MacFmt([0x52, 0x54, 0, 0x12, 0x34, 0x56]).to_string(),
+            "52:54:00:12:34:56"
+        );
+    }
+}
