@@ -29,6 +29,8 @@ pub struct Kernel {
     boot_us: u64,
     /// The network stack, when an e1000 came up.
     net: Option<crate::net::NetStack>,
+    /// Outgoing and incoming migrations.
+    migrations: crate::migration::kernel::Migrations,
 }
 
 /// Entry from `main.rs`: `magic`/`info` as GRUB left them in EAX/EBX.
@@ -91,6 +93,7 @@ pub fn kmain(magic: u32, info_addr: u64) -> ! {
         editor: LineEditor::new(),
         boot_us: time::now_us(),
         net: None,
+        migrations: crate::migration::kernel::Migrations::new(),
     };
     // Network (after ACPI): PCI, e1000, smoltcp.
     match crate::net::NetStack::init(&k.cmdline) {
@@ -152,6 +155,7 @@ impl Kernel {
             self.poll_console();
             if let Some(n) = &mut self.net {
                 n.poll();
+                self.migrations.poll(n, &mut self.vmm);
             }
             if !self.vmm.schedule() {
                 cpu::pause();
@@ -231,6 +235,14 @@ impl Kernel {
             }
             "pci" | "net" | "ip" | "ping" | "netbench" => {
                 crate::net::commands::execute(self.net.as_mut(), name, rest)
+            }
+            "migrate" => {
+                self.migrations
+                    .cmd_migrate(self.net.as_mut(), &mut self.vmm, rest, cmd.usage)
+            }
+            "migrations" => {
+                self.migrations.cmd_migrations();
+                Ok(())
             }
             "shutdown" => {
                 println!("shutting down");

@@ -175,6 +175,8 @@ pub struct Vm {
     /// Pages the hypervisor itself wrote into (hypercall results): EPT does not see those
     /// writes, so dirty tracking must add them.
     pub hv_dirty: Vec<usize>,
+    /// State to return to when a migration that froze the guest fails.
+    pre_freeze: Option<VmState>,
     /// Dirty tracking in force, if any (set by the migration engine).
     pub tracking: Option<Tracking>,
     /// Pages found dirty by the write-protection method or drained from the PML log,
@@ -340,6 +342,7 @@ impl Vm {
             request: 0,
             out: Vec::new(),
             hv_dirty: Vec::new(),
+            pre_freeze: None,
             tracking: None,
             dirty_log: Vec::new(),
         })
@@ -374,6 +377,59 @@ impl Vm {
         // A/D flags are always enabled when the CPU has them: PML needs them, and A/D
         // tracking reads them; without tracking they cost nothing.
         ept::eptp(self.ept.base(), self.ad_enabled)
+    }
+}
+
+impl Vm {
+    /// Freezes the guest for stop-and-copy (or on arrival, until COMMIT).
+    pub fn freeze(&mut self) {
+        if self.state.alive() && self.state != VmState::Frozen {
+            self.pre_freeze = Some(core::mem::replace(&mut self.state, VmState::Frozen));
+        }
+    }
+
+    /// Returns a frozen guest to the state it had before it was frozen.
+    pub fn thaw(&mut self) {
+        if self.state == VmState::Frozen {
+            self.state = self.pre_freeze.take().unwrap_or(VmState::Running);
+        }
+    }
+
+    /// The PV-device state for migration: the guest clock, a pending sleep, the
+    /// operator's pending request and whether it was paused (guest frozen).
+    pub fn device_state(&self) -> Vec<u8> {
+        let now = self.guest_time_ns();
+        let (sleep_until, paused) = match self.pre_freeze.as_ref().unwrap_or(&self.state) {
+            VmState::Halted(until) => (
+                time::ticks_to_ns(until.saturating_sub(self.time_origin)).max(1),
+                0u64,
+            ),
+            VmState::Paused => (0, 1),
+            _ => (0, 0),
+        };
+        let mut out = Vec::with_capacity(32);
+        for w in [now, sleep_until, self.request, paused] {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        out
+    }
+
+    /// Restores [`Vm::device_state`] on the destination (before COMMIT).
+    pub fn restore_device_state(&mut self, b: &[u8]) -> Result<(), String> {
+        if b.len() != 32 {
+            return Err(format!("device state has {} bytes, expected 32", b.len()));
+        }
+        let w = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+        self.set_guest_time_ns(w(0));
+        self.request = w(2);
+        self.state = if w(3) == 1 {
+            VmState::Paused
+        } else if w(1) != 0 {
+            VmState::Halted(self.time_origin.saturating_add(time::ns_to_ticks(w(1))))
+        } else {
+            VmState::Running
+        };
+        Ok(())
     }
 }
 

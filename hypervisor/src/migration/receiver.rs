@@ -1,0 +1,321 @@
+//! The destination side: validates an incoming stream record by record, fills the new
+//! guest's memory, and takes part in the hand-over (READY, then resume only on COMMIT).
+//! Like the source it works against small traits, so the protocol runs on the host in
+//! tests; the kernel implements [`Installer`] with real guest memory and VMCS.
+//!
+//! Whatever arrives, the receiver never panics and never writes outside the guest's
+//! memory: every page number is checked against the size announced in Hello, every
+//! length by the decoder, and the checksum and vCPU state before READY.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use super::link::{Link, LinkState};
+use super::wire::{self, Hello, Msg};
+
+/// What the receiver needs from the hypervisor.
+pub trait Installer {
+    /// Guest memory under construction.
+    type Mem: AsRef<[u8]> + AsMut<[u8]>;
+    /// Allocates zeroed memory for the announced guest (refuses what does not fit).
+    fn alloc(&mut self, hello: &Hello) -> Result<Self::Mem, String>;
+    /// Checks the state and installs the guest, frozen (not running). Returns its id.
+    fn install(
+        &mut self,
+        mem: Self::Mem,
+        hello: &Hello,
+        vcpu: &[u8],
+        device: &[u8],
+    ) -> Result<u32, String>;
+    /// COMMIT arrived: the guest may run.
+    fn commit(&mut self, id: u32);
+    /// The link ended after READY without COMMIT: keep the guest paused, say so.
+    fn commit_lost(&mut self, id: u32);
+}
+
+/// Reject reason codes.
+pub mod reject {
+    /// Malformed or out-of-order stream.
+    pub const MALFORMED: u32 = 1;
+    /// Not enough memory or another resource.
+    pub const RESOURCES: u32 = 2;
+    /// Checksum or state check failed.
+    pub const VERIFY: u32 = 3;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Hello,
+    Stream,
+    AwaitCommit(u32),
+    Done,
+}
+
+/// The outcome, when finished.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Guest `id` runs here now.
+    Committed(u32),
+    /// The stream was discarded.
+    Discarded(String),
+    /// Guest `id` is complete but paused: COMMIT never came.
+    CommitLost(u32),
+}
+
+/// An incoming migration.
+pub struct Receiver<M> {
+    phase: Phase,
+    dec: wire::Decoder,
+    mem: Option<M>,
+    hello: Option<Hello>,
+    pages: u64,
+    checksum: wire::Checksum,
+    vcpu: Option<Vec<u8>>,
+    device: Option<Vec<u8>>,
+    page_msgs: u64,
+    next_round: u32,
+    last_activity_us: u64,
+    idle_timeout_us: u64,
+    /// Bytes received.
+    pub bytes: u64,
+    /// Set when finished.
+    pub outcome: Option<Outcome>,
+}
+
+impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
+    /// A receiver for a freshly accepted connection.
+    pub fn new(now_us: u64, idle_timeout_us: u64) -> Self {
+        Self {
+            phase: Phase::Hello,
+            dec: wire::Decoder::new(),
+            mem: None,
+            hello: None,
+            pages: 0,
+            checksum: wire::Checksum::default(),
+            vcpu: None,
+            device: None,
+            page_msgs: 0,
+            next_round: 0,
+            last_activity_us: now_us,
+            idle_timeout_us,
+            bytes: 0,
+            outcome: None,
+        }
+    }
+
+    /// The guest being received (after Hello).
+    pub fn hello(&self) -> Option<&Hello> {
+        self.hello.as_ref()
+    }
+
+    /// Advances; returns true once finished (see `outcome`).
+    pub fn poll<I: Installer<Mem = M>>(
+        &mut self,
+        link: &mut dyn Link,
+        inst: &mut I,
+        now_us: u64,
+    ) -> bool {
+        if self.phase == Phase::Done {
+            return true;
+        }
+        if let Err((code, why)) = self.step(link, inst, now_us) {
+            match self.phase {
+                Phase::AwaitCommit(id) => {
+                    inst.commit_lost(id);
+                    self.outcome = Some(Outcome::CommitLost(id));
+                }
+                _ => {
+                    if code != 0 && link.state() == LinkState::Open {
+                        let mut m = Vec::new();
+                        wire::put_reason(&mut m, wire::tag::REJECT, code, &why);
+                        let _ = link.send(&m);
+                    }
+                    self.mem = None; // discard everything received
+                    self.outcome = Some(Outcome::Discarded(why));
+                }
+            }
+            link.close();
+            self.phase = Phase::Done;
+            return true;
+        }
+        self.phase == Phase::Done
+    }
+
+    fn step<I: Installer<Mem = M>>(
+        &mut self,
+        link: &mut dyn Link,
+        inst: &mut I,
+        now_us: u64,
+    ) -> Result<(), (u32, String)> {
+        let mut buf = [0u8; 2048];
+        loop {
+            let n = link.recv(&mut buf);
+            if n == 0 {
+                break;
+            }
+            self.bytes += n as u64;
+            self.last_activity_us = now_us;
+            let mut off = 0;
+            while off < n {
+                let (used, ready) = self
+                    .dec
+                    .push(&buf[off..n])
+                    .map_err(|e| (reject::MALFORMED, alloc::format!("malformed stream: {e}")))?;
+                off += used;
+                if ready {
+                    self.handle(link, inst)?;
+                    if self.phase == Phase::Done {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        if link.state() == LinkState::Closed {
+            return Err((
+                0,
+                String::from(match self.phase {
+                    Phase::AwaitCommit(_) => "connection closed before COMMIT",
+                    _ => "source closed the connection before the end of the stream",
+                }),
+            ));
+        }
+        if now_us - self.last_activity_us > self.idle_timeout_us {
+            return Err((
+                reject::MALFORMED,
+                alloc::format!(
+                    "no data from the source for {} s",
+                    self.idle_timeout_us / 1_000_000
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn handle<I: Installer<Mem = M>>(
+        &mut self,
+        link: &mut dyn Link,
+        inst: &mut I,
+    ) -> Result<(), (u32, String)> {
+        let bad = |what: String| (reject::MALFORMED, what);
+        let msg = self
+            .dec
+            .take()
+            .map_err(|e| bad(alloc::format!("malformed stream: {e}")))?;
+        match (self.phase, msg) {
+            (Phase::Hello | Phase::Stream, Msg::Abort { reason, .. }) => {
+                return Err((0, alloc::format!("source aborted: {reason}")));
+            }
+            (Phase::Hello, Msg::Hello(h)) => {
+                let mem = inst.alloc(&h).map_err(|e| (reject::RESOURCES, e))?;
+                self.pages = h.mem_bytes / wire::PAGE as u64;
+                self.checksum = wire::Checksum::new(self.pages as usize);
+                self.mem = Some(mem);
+                self.hello = Some(h);
+                self.phase = Phase::Stream;
+            }
+            (Phase::Hello, m) => {
+                return Err(bad(alloc::format!(
+                    "stream must start with Hello, got {}",
+                    name(&m)
+                )))
+            }
+            (Phase::Stream, Msg::Page { pfn, data }) => {
+                let mem = self.mem.as_mut().ok_or_else(|| bad("no memory".into()))?;
+                let range = page_range(pfn, self.pages).ok_or_else(|| {
+                    bad(alloc::format!(
+                        "page {pfn} outside the guest's {} pages",
+                        self.pages
+                    ))
+                })?;
+                mem.as_mut()[range].copy_from_slice(data);
+                self.checksum.set(pfn as usize, wire::page_hash(pfn, data));
+                self.page_msgs += 1;
+            }
+            (Phase::Stream, Msg::ZeroPage { pfn }) => {
+                let mem = self.mem.as_mut().ok_or_else(|| bad("no memory".into()))?;
+                let range = page_range(pfn, self.pages).ok_or_else(|| {
+                    bad(alloc::format!(
+                        "page {pfn} outside the guest's {} pages",
+                        self.pages
+                    ))
+                })?;
+                mem.as_mut()[range].fill(0);
+                self.checksum.set(pfn as usize, wire::zero_hash(pfn));
+                self.page_msgs += 1;
+            }
+            (Phase::Stream, Msg::RoundEnd { round, .. }) => {
+                if round != self.next_round {
+                    return Err(bad(alloc::format!(
+                        "round {round} out of order (expected {})",
+                        self.next_round
+                    )));
+                }
+                self.next_round += 1;
+            }
+            (Phase::Stream, Msg::Vcpu(b)) if self.vcpu.is_none() => self.vcpu = Some(b.to_vec()),
+            (Phase::Stream, Msg::Device(b)) if self.device.is_none() => {
+                self.device = Some(b.to_vec())
+            }
+            (Phase::Stream, Msg::End { pages, checksum }) => {
+                let (Some(vcpu), Some(device)) = (self.vcpu.take(), self.device.take()) else {
+                    return Err(bad("End before the vCPU and device state".into()));
+                };
+                if pages != self.page_msgs {
+                    return Err((
+                        reject::VERIFY,
+                        alloc::format!("End says {pages} pages, {} arrived", self.page_msgs),
+                    ));
+                }
+                if checksum != self.checksum.value() {
+                    return Err((reject::VERIFY, String::from("memory checksum mismatch")));
+                }
+                let hello = self.hello.take().ok_or_else(|| bad("no Hello".into()))?;
+                let mem = self.mem.take().ok_or_else(|| bad("no memory".into()))?;
+                let id = inst
+                    .install(mem, &hello, &vcpu, &device)
+                    .map_err(|e| (reject::VERIFY, e))?;
+                self.hello = Some(hello);
+                let mut m = Vec::new();
+                wire::put_control(&mut m, wire::tag::READY);
+                if link.send(&m) != m.len() {
+                    inst.commit_lost(id);
+                    self.outcome = Some(Outcome::CommitLost(id));
+                    self.phase = Phase::Done;
+                    return Ok(());
+                }
+                self.phase = Phase::AwaitCommit(id);
+            }
+            (Phase::AwaitCommit(id), Msg::Commit) => {
+                inst.commit(id);
+                self.outcome = Some(Outcome::Committed(id));
+                self.phase = Phase::Done;
+                link.close();
+            }
+            (Phase::AwaitCommit(_), m) => {
+                return Err(bad(alloc::format!("expected COMMIT, got {}", name(&m))))
+            }
+            (_, m) => return Err(bad(alloc::format!("unexpected {} in the stream", name(&m)))),
+        }
+        Ok(())
+    }
+}
+
+fn page_range(pfn: u64, pages: u64) -> Option<core::ops::Range<usize>> {
+    (pfn < pages).then(|| pfn as usize * wire::PAGE..(pfn as usize + 1) * wire::PAGE)
+}
+
+fn name(m: &Msg<'_>) -> &'static str {
+    match m {
+        Msg::Hello(_) => "Hello",
+        Msg::Page { .. } => "Page",
+        Msg::ZeroPage { .. } => "ZeroPage",
+        Msg::RoundEnd { .. } => "RoundEnd",
+        Msg::Vcpu(_) => "Vcpu",
+        Msg::Device(_) => "Device",
+        Msg::End { .. } => "End",
+        Msg::Ready => "Ready",
+        Msg::Reject { .. } => "Reject",
+        Msg::Commit => "Commit",
+        Msg::Abort { .. } => "Abort",
+    }
+}

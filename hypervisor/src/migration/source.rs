@@ -1,0 +1,448 @@
+//! The source side of a pre-copy migration: a poll-driven state machine that streams
+//! the guest's memory in rounds while it runs, then stops it, sends the rest and hands
+//! it over. It works against two small traits ([`Link`], [`SourceGuest`]) so that the
+//! whole protocol runs on the host in tests with an in-memory link and a fake guest;
+//! the kernel binds them to a smoltcp TCP socket and a real [`Vm`](crate::vm::Vm).
+//!
+//! ```text
+//!  poll ──► Connecting ──► Precopy(round 0: every page) ──► Precopy(round n: pages
+//!           dirtied in round n-1) ... ──policy says stop──► StopCopy: freeze guest,
+//!           send last dirty pages, vCPU + device state, End{checksum}
+//!           ──► AwaitReady ──READY──► guest marked gone, COMMIT sent ──► Done
+//!  any error before COMMIT (link closed, timeout, REJECT): tracking off, guest thawed,
+//!  Failed(reason). The guest keeps running here.
+//! ```
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use super::link::{Link, LinkState};
+use super::stats::{self, MigrationStats, RoundStats, StopReason};
+use super::wire::{self, Hello, Msg};
+
+/// What the source needs from the guest being migrated.
+pub trait SourceGuest {
+    /// Number of guest pages.
+    fn pages(&self) -> usize;
+    /// The current contents of page `pfn`.
+    fn page(&self, pfn: usize) -> &[u8];
+    /// Starts dirty tracking.
+    fn start_tracking(&mut self) -> Result<(), String>;
+    /// Reports pages written since the previous call (or since tracking started).
+    fn collect_dirty(&mut self, sink: &mut dyn FnMut(usize));
+    /// Stops the guest for stop-and-copy (it must not run until thawed or gone).
+    fn freeze(&mut self);
+    /// Stops tracking and lets the guest run again (migration failed).
+    fn thaw(&mut self);
+    /// The encoded vCPU state (guest frozen).
+    fn vcpu_state(&mut self) -> Vec<u8>;
+    /// The encoded PV-device state (guest frozen).
+    fn device_state(&mut self) -> Vec<u8>;
+    /// The guest's monotonic clock now, in ns.
+    fn time_ns(&self) -> u64;
+    /// Marks the guest as gone: it will never run here again.
+    fn hand_over(&mut self);
+}
+
+/// Tunables of one migration (console options).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Params {
+    /// Target downtime.
+    pub downtime_us: u64,
+    /// Most pre-copy rounds before stop-and-copy is forced.
+    pub max_rounds: u32,
+    /// Pause first and copy everything (the baseline), instead of pre-copy.
+    pub stop_and_copy: bool,
+    /// Give up waiting for the peer after this long.
+    pub timeout_us: u64,
+    /// Link bandwidth to assume for the downtime estimate (bytes/s) instead of the
+    /// measured stream rate.
+    pub bandwidth_bps: Option<u64>,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Self {
+            downtime_us: 10_000,
+            max_rounds: 30,
+            stop_and_copy: false,
+            timeout_us: 30_000_000,
+            bandwidth_bps: None,
+        }
+    }
+}
+
+/// Where the source stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for the TCP connection.
+    Connecting,
+    /// Streaming rounds while the guest runs.
+    Precopy,
+    /// Guest frozen: sending the last dirty pages.
+    StopCopy,
+    /// Everything queued; waiting for READY.
+    AwaitReady,
+    /// READY received, guest handed over: flushing COMMIT.
+    Committing,
+    /// Committed: the guest now belongs to the destination.
+    Done,
+    /// Failed before COMMIT: the guest runs on here.
+    Failed,
+}
+
+/// The result of a poll.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Status {
+    /// Still under way.
+    Running,
+    /// Finished (stats say how).
+    Finished,
+}
+
+/// Pages encoded per poll, so the guest and the console get the CPU between polls.
+const PAGES_PER_POLL: usize = 64;
+/// Encoded bytes kept ahead of the link.
+const OUT_HIGH: usize = 64 * 1024;
+
+/// A migration in progress on the source.
+pub struct Source {
+    params: Params,
+    phase: Phase,
+    started_us: u64,
+    round: u32,
+    round_started_us: u64,
+    cur: RoundStats,
+    sending: Vec<u64>,
+    next: Vec<u64>,
+    cursor: usize,
+    pages: usize,
+    out: Vec<u8>,
+    out_off: usize,
+    checksum: wire::Checksum,
+    page_msgs: u64,
+    frozen_at_us: u64,
+    last_progress_us: u64,
+    reply: wire::Decoder,
+    hello: Hello,
+    /// The figures, complete when the migration finishes.
+    pub stats: MigrationStats,
+}
+
+fn bitmap_all(pages: usize) -> Vec<u64> {
+    let mut v = alloc::vec![u64::MAX; pages.div_ceil(64)];
+    if !pages.is_multiple_of(64) {
+        if let Some(last) = v.last_mut() {
+            *last = (1u64 << (pages % 64)) - 1;
+        }
+    }
+    v
+}
+
+fn count(bits: &[u64]) -> u64 {
+    bits.iter().map(|w| u64::from(w.count_ones())).sum()
+}
+
+impl Source {
+    /// Prepares a migration of a guest described by `hello` (memory size, name, ...).
+    pub fn new(params: Params, hello: Hello, stats: MigrationStats, now_us: u64) -> Self {
+        let pages = (hello.mem_bytes / wire::PAGE as u64) as usize;
+        Self {
+            params,
+            phase: Phase::Connecting,
+            started_us: now_us,
+            round: 0,
+            round_started_us: now_us,
+            cur: RoundStats::default(),
+            sending: bitmap_all(pages),
+            next: alloc::vec![0; pages.div_ceil(64)],
+            cursor: 0,
+            pages,
+            out: Vec::with_capacity(OUT_HIGH + 8192),
+            out_off: 0,
+            checksum: wire::Checksum::new(pages),
+            page_msgs: 0,
+            frozen_at_us: 0,
+            last_progress_us: now_us,
+            reply: wire::Decoder::new(),
+            hello,
+            stats,
+        }
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Current pre-copy round.
+    pub fn round(&self) -> u32 {
+        self.round
+    }
+
+    /// Advances the migration. Call often, between guest time slices.
+    pub fn poll(&mut self, g: &mut dyn SourceGuest, link: &mut dyn Link, now_us: u64) -> Status {
+        match self.step(g, link, now_us) {
+            Ok(()) if self.phase == Phase::Done => Status::Finished,
+            Ok(()) => Status::Running,
+            Err(e) => {
+                self.fail(g, link, now_us, e);
+                Status::Finished
+            }
+        }
+    }
+
+    fn fail(&mut self, g: &mut dyn SourceGuest, link: &mut dyn Link, now_us: u64, why: String) {
+        if link.state() == LinkState::Open {
+            let mut m = Vec::new();
+            wire::put_reason(&mut m, wire::tag::ABORT, 1, &why);
+            let _ = link.send(&m);
+        }
+        link.close();
+        g.thaw();
+        self.phase = Phase::Failed;
+        self.stats.total_us = now_us - self.started_us;
+        self.stats.outcome = why;
+    }
+
+    fn step(
+        &mut self,
+        g: &mut dyn SourceGuest,
+        link: &mut dyn Link,
+        now_us: u64,
+    ) -> Result<(), String> {
+        let state = link.state();
+        if self.phase == Phase::Connecting {
+            match state {
+                LinkState::Connecting if now_us - self.started_us > 10_000_000 => {
+                    return Err("peer did not accept the connection within 10 s".into())
+                }
+                LinkState::Connecting => return Ok(()),
+                LinkState::Closed => {
+                    return Err(
+                        "peer refused the connection (is it a hypervisor with a free port 7000?)"
+                            .into(),
+                    )
+                }
+                LinkState::Open => {
+                    wire::put_hello(&mut self.out, &self.hello);
+                    self.round_started_us = now_us;
+                    self.last_progress_us = now_us;
+                    if self.params.stop_and_copy {
+                        g.freeze();
+                        self.frozen_at_us = now_us;
+                        self.stats.stop_reason = Some(StopReason::Baseline);
+                        self.phase = Phase::StopCopy;
+                    } else {
+                        g.start_tracking()?;
+                        self.phase = Phase::Precopy;
+                    }
+                }
+            }
+        }
+        if state == LinkState::Closed && self.phase != Phase::Committing {
+            return Err(alloc::format!("connection lost during {:?}", self.phase));
+        }
+        if self.phase == Phase::Committing {
+            // The guest is gone from here whatever happens now: a lost COMMIT leaves it
+            // paused at the destination, never running twice.
+            self.flush(link, now_us);
+            if self.out.is_empty() || now_us - self.last_progress_us > self.params.timeout_us {
+                link.close();
+                self.phase = Phase::Done;
+            }
+            return Ok(());
+        }
+        self.read_replies(g, link, now_us)?;
+        if self.phase == Phase::Committing {
+            return Ok(());
+        }
+        self.flush(link, now_us);
+        if now_us - self.last_progress_us > self.params.timeout_us {
+            return Err(alloc::format!(
+                "peer stopped reading for {} s",
+                self.params.timeout_us / 1_000_000
+            ));
+        }
+        if self.out.len() - self.out_off >= OUT_HIGH {
+            return Ok(());
+        }
+        match self.phase {
+            Phase::Precopy | Phase::StopCopy => {
+                self.send_pages(g);
+                if self.cursor >= self.pages {
+                    self.end_round(g, now_us);
+                }
+                self.flush(link, now_us);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, link: &mut dyn Link, now_us: u64) {
+        if self.out_off < self.out.len() {
+            let n = link.send(&self.out[self.out_off..]);
+            if n > 0 {
+                self.out_off += n;
+                self.last_progress_us = now_us;
+            }
+            if self.out_off == self.out.len() {
+                self.out.clear();
+                self.out_off = 0;
+            }
+        } else if self.phase == Phase::AwaitReady {
+            // Waiting on the peer is progress as long as it keeps acknowledging.
+            if !link.flushed() {
+                self.last_progress_us = now_us;
+            }
+        }
+    }
+
+    /// Encodes up to PAGES_PER_POLL pages of the current set.
+    fn send_pages(&mut self, g: &mut dyn SourceGuest) {
+        let mut budget = PAGES_PER_POLL;
+        while budget > 0 && self.cursor < self.pages {
+            let (w, b) = (self.cursor / 64, self.cursor % 64);
+            let word = self.sending[w] >> b;
+            if word == 0 {
+                self.cursor = (w + 1) * 64;
+                continue;
+            }
+            let pfn = self.cursor + word.trailing_zeros() as usize;
+            self.cursor = pfn + 1;
+            if pfn >= self.pages {
+                break;
+            }
+            let data = g.page(pfn);
+            let before = self.out.len();
+            if wire::is_zero(data) {
+                wire::put_zero(&mut self.out, pfn as u64);
+                self.checksum.set(pfn, wire::zero_hash(pfn as u64));
+                self.cur.zero_pages += 1;
+            } else {
+                wire::put_page(&mut self.out, pfn as u64, data);
+                self.checksum.set(pfn, wire::page_hash(pfn as u64, data));
+            }
+            self.cur.bytes += (self.out.len() - before) as u64;
+            self.cur.pages += 1;
+            self.page_msgs += 1;
+            budget -= 1;
+        }
+    }
+
+    fn end_round(&mut self, g: &mut dyn SourceGuest, now_us: u64) {
+        match self.phase {
+            Phase::Precopy => {
+                let before = self.out.len();
+                wire::put_round_end(&mut self.out, self.round, self.cur.pages as u32);
+                self.cur.bytes += (self.out.len() - before) as u64;
+                let next = &mut self.next;
+                g.collect_dirty(&mut |pfn| {
+                    if let Some(w) = next.get_mut(pfn / 64) {
+                        *w |= 1 << (pfn % 64);
+                    }
+                });
+                let dirty = count(&self.next);
+                self.cur.round = self.round;
+                self.cur.us = now_us - self.round_started_us;
+                self.cur.dirty_after = dirty;
+                self.stats.rounds.push(self.cur);
+                let elapsed = (now_us - self.started_us).max(1);
+                let sent: u64 = self.stats.rounds.iter().map(|r| r.bytes).sum();
+                let bandwidth = self
+                    .params
+                    .bandwidth_bps
+                    .unwrap_or(sent * 1_000_000 / elapsed);
+                let decision = stats::decide(
+                    &self.stats.rounds,
+                    dirty,
+                    bandwidth,
+                    self.params.downtime_us,
+                    self.params.max_rounds,
+                );
+                self.cur = RoundStats::default();
+                self.cursor = 0;
+                self.round_started_us = now_us;
+                if let Some(reason) = decision {
+                    self.stats.stop_reason = Some(reason);
+                    g.freeze();
+                    self.frozen_at_us = now_us;
+                    let next = &mut self.next;
+                    g.collect_dirty(&mut |pfn| {
+                        if let Some(w) = next.get_mut(pfn / 64) {
+                            *w |= 1 << (pfn % 64);
+                        }
+                    });
+                    self.phase = Phase::StopCopy;
+                } else {
+                    self.round += 1;
+                }
+                core::mem::swap(&mut self.sending, &mut self.next);
+                self.next.fill(0);
+            }
+            Phase::StopCopy => {
+                let vcpu = g.vcpu_state();
+                let dev = g.device_state();
+                let before = self.out.len();
+                wire::put_state(&mut self.out, wire::tag::VCPU, &vcpu);
+                wire::put_state(&mut self.out, wire::tag::DEVICE, &dev);
+                wire::put_end(&mut self.out, self.page_msgs, self.checksum.value());
+                self.cur.bytes += (self.out.len() - before) as u64;
+                self.cur.us = now_us - self.round_started_us;
+                self.cur.round = self.round + 1;
+                self.stats.last = self.cur;
+                self.phase = Phase::AwaitReady;
+            }
+            _ => {}
+        }
+    }
+
+    fn read_replies(
+        &mut self,
+        g: &mut dyn SourceGuest,
+        link: &mut dyn Link,
+        now_us: u64,
+    ) -> Result<(), String> {
+        let mut buf = [0u8; 256];
+        loop {
+            let n = link.recv(&mut buf);
+            if n == 0 {
+                return Ok(());
+            }
+            let mut off = 0;
+            while off < n {
+                let (used, ready) = self
+                    .reply
+                    .push(&buf[off..n])
+                    .map_err(|e| alloc::format!("bad reply from peer: {e}"))?;
+                off += used;
+                if !ready {
+                    continue;
+                }
+                match self
+                    .reply
+                    .take()
+                    .map_err(|e| alloc::format!("bad reply from peer: {e}"))?
+                {
+                    Msg::Ready if self.phase == Phase::AwaitReady && self.out.is_empty() => {
+                        // Point of no return: the guest is the destination's from here.
+                        g.hand_over();
+                        wire::put_control(&mut self.out, wire::tag::COMMIT);
+                        self.stats.downtime_us = now_us - self.frozen_at_us;
+                        self.stats.total_us = now_us - self.started_us;
+                        self.stats.outcome = String::from("ok");
+                        self.phase = Phase::Committing;
+                        return Ok(());
+                    }
+                    Msg::Reject { code, reason } => {
+                        return Err(alloc::format!(
+                            "peer rejected the migration (code {code}): {reason}"
+                        ))
+                    }
+                    other => return Err(alloc::format!("unexpected reply from peer: {other:?}")),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! Figures of one migration: per round and in total, from the hypervisor's TSC clock
+//! (microseconds). Printed for people as a table and as one machine-readable line
+//! (`MIGRATION-STATS key=value ...`) that xtask parses into JSON/CSV.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt::{self, Write};
+
+/// One pre-copy round (or the final stop-and-copy, marked `last`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RoundStats {
+    /// Round number (0 sends everything).
+    pub round: u32,
+    /// Page messages sent (data and zero).
+    pub pages: u64,
+    /// Zero pages sent as headers only.
+    pub zero_pages: u64,
+    /// Bytes put on the wire.
+    pub bytes: u64,
+    /// Duration.
+    pub us: u64,
+    /// Dirty pages found at the end of the round (what the next round must send).
+    pub dirty_after: u64,
+}
+
+/// Why pre-copy stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// The dirty set fits the downtime target at the measured bandwidth.
+    FitsDowntime,
+    /// Rounds stopped shrinking the dirty set.
+    NotConverging,
+    /// The round limit was reached.
+    MaxRounds,
+    /// Stop-and-copy baseline: no pre-copy at all.
+    Baseline,
+}
+
+impl StopReason {
+    /// Short name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::FitsDowntime => "fits-downtime",
+            Self::NotConverging => "not-converging",
+            Self::MaxRounds => "max-rounds",
+            Self::Baseline => "stop-and-copy",
+        }
+    }
+}
+
+/// Everything reported for a migration.
+#[derive(Clone, Debug, Default)]
+pub struct MigrationStats {
+    /// Guest id on the source.
+    pub guest: u32,
+    /// Guest image.
+    pub image: String,
+    /// Guest memory.
+    pub mem_bytes: u64,
+    /// Peer.
+    pub peer: String,
+    /// Dirty-tracking method name.
+    pub method: &'static str,
+    /// "precopy" or "stop".
+    pub mode: &'static str,
+    /// Pre-copy rounds (the stop-and-copy phase not counted).
+    pub rounds: Vec<RoundStats>,
+    /// The stop-and-copy phase.
+    pub last: RoundStats,
+    /// Why pre-copy ended.
+    pub stop_reason: Option<StopReason>,
+    /// Start to COMMIT sent.
+    pub total_us: u64,
+    /// Guest frozen to COMMIT sent (the destination resumes on receipt).
+    pub downtime_us: u64,
+    /// Outcome: "ok" or the error.
+    pub outcome: String,
+}
+
+impl MigrationStats {
+    /// Bytes over all rounds.
+    pub fn total_bytes(&self) -> u64 {
+        self.rounds.iter().map(|r| r.bytes).sum::<u64>() + self.last.bytes
+    }
+
+    /// Zero pages elided over all rounds.
+    pub fn zero_pages(&self) -> u64 {
+        self.rounds.iter().map(|r| r.zero_pages).sum::<u64>() + self.last.zero_pages
+    }
+
+    /// Pages sent over all rounds.
+    pub fn total_pages(&self) -> u64 {
+        self.rounds.iter().map(|r| r.pages).sum::<u64>() + self.last.pages
+    }
+
+    /// Stream throughput in kB/s (bytes per ms).
+    pub fn throughput_kbps(&self) -> u64 {
+        self.total_bytes() * 1000 / self.total_us.max(1)
+    }
+
+    /// The machine-readable line.
+    pub fn line(&self) -> String {
+        let mut s = String::new();
+        let per_round: Vec<String> = self
+            .rounds
+            .iter()
+            .map(|r| alloc::format!("{}:{}:{}", r.pages, r.bytes, r.us))
+            .collect();
+        let _ = write!(
+            s,
+            "MIGRATION-STATS guest={} image={} mem_bytes={} peer={} method={} mode={} outcome={} total_us={} downtime_us={} rounds={} bytes={} pages={} zero_pages={} final_dirty={} final_bytes={} stop={} throughput_kBps={} per_round={}",
+            self.guest,
+            self.image,
+            self.mem_bytes,
+            self.peer,
+            self.method,
+            self.mode,
+            self.outcome.replace(' ', "_"),
+            self.total_us,
+            self.downtime_us,
+            self.rounds.len(),
+            self.total_bytes(),
+            self.total_pages(),
+            self.zero_pages(),
+            self.last.pages,
+            self.last.bytes,
+            self.stop_reason.map_or("none", StopReason::name),
+            self.throughput_kbps(),
+            if per_round.is_empty() { String::from("-") } else { per_round.join(",") },
+        );
+        s
+    }
+}
+
+impl fmt::Display for MigrationStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "  {:>5} {:>8} {:>7} {:>11} {:>9} {:>8}",
+            "ROUND", "PAGES", "ZERO", "BYTES", "MS", "DIRTY"
+        )?;
+        for r in self.rounds.iter().chain(core::iter::once(&self.last)) {
+            let name = if core::ptr::eq(r, &self.last) {
+                String::from("final")
+            } else {
+                alloc::format!("{}", r.round)
+            };
+            writeln!(
+                f,
+                "  {:>5} {:>8} {:>7} {:>11} {:>9} {:>8}",
+                name,
+                r.pages,
+                r.zero_pages,
+                r.bytes,
+                r.us / 1000,
+                r.dirty_after
+            )?;
+        }
+        write!(
+            f,
+            "  total {} ms, downtime {} us, {} pre-copy rounds ({}), {} bytes, {} zero pages elided, final dirty set {} pages, {} kB/s, dirty tracking {}",
+            self.total_us / 1000,
+            self.downtime_us,
+            self.rounds.len(),
+            self.stop_reason.map_or("none", StopReason::name),
+            self.total_bytes(),
+            self.zero_pages(),
+            self.last.pages,
+            self.throughput_kbps(),
+            self.method
+        )
+    }
+}
+
+/// The round policy: after a pre-copy round, stop and copy now, or run another round?
+/// `bandwidth` is bytes per second measured so far; `dirty` the pages to send next.
+pub fn decide(
+    rounds: &[RoundStats],
+    dirty: u64,
+    bandwidth: u64,
+    downtime_us: u64,
+    max_rounds: u32,
+) -> Option<StopReason> {
+    let bytes = dirty * (4096 + 16);
+    if bandwidth > 0 && bytes * 1_000_000 / bandwidth <= downtime_us {
+        return Some(StopReason::FitsDowntime);
+    }
+    if rounds.len() as u32 >= max_rounds {
+        return Some(StopReason::MaxRounds);
+    }
+    // Not converging: the dirty set did not shrink by 10% over the last two rounds.
+    if rounds.len() >= 3 {
+        let before = rounds[rounds.len() - 3].dirty_after;
+        if dirty * 10 > before * 9 {
+            return Some(StopReason::NotConverging);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(dirty_after: u64) -> RoundStats {
+        RoundStats {
+            dirty_after,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn policy_decisions() {
+        // 1 MB/s, 10 ms target: ~2 pages fit.
+        assert_eq!(
+            decide(&[r(1000)], 2, 1_000_000, 10_000, 30),
+            Some(StopReason::FitsDowntime)
+        );
+        assert_eq!(decide(&[r(1000)], 500, 1_000_000, 10_000, 30), None);
+        assert_eq!(
+            decide(&[r(1000), r(500)], 400, 1_000_000, 10_000, 2),
+            Some(StopReason::MaxRounds)
+        );
+        assert_eq!(
+            decide(&[r(1000), r(990), r(985)], 980, 1_000_000, 10_000, 30),
+            Some(StopReason::NotConverging)
+        );
+        assert_eq!(
+            decide(&[r(1000), r(600), r(300)], 150, 1_000_000, 10_000, 30),
+            None
+        );
+        assert_eq!(
+            decide(&[r(10)], 0, 0, 10_000, 30),
+            None,
+            "no bandwidth measured yet"
+        );
+    }
+
+    #[test]
+    fn stats_line_is_parseable() {
+        let mut s = MigrationStats {
+            guest: 3,
+            image: "verify".into(),
+            method: "pml",
+            mode: "precopy",
+            ..Default::default()
+        };
+        s.rounds.push(RoundStats {
+            round: 0,
+            pages: 10,
+            zero_pages: 4,
+            bytes: 30_000,
+            us: 1000,
+            dirty_after: 2,
+        });
+        s.last = RoundStats {
+            pages: 2,
+            bytes: 8200,
+            ..Default::default()
+        };
+        s.total_us = 2000;
+        s.downtime_us = 300;
+        s.outcome = "ok".into();
+        let line = s.line();
+        assert!(line.starts_with("MIGRATION-STATS guest=3 image=verify"));
+        assert!(line.contains(" bytes=38200 "));
+        assert!(line.contains(" zero_pages=4 "));
+        assert!(line.contains(" per_round=10:30000:1000"));
+        for kv in line.split(' ').skip(1) {
+            assert!(kv.contains('='), "{kv}");
+        }
+        assert!(s.to_string().contains("downtime 300 us"));
+    }
+}

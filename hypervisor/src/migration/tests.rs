@@ -1,0 +1,628 @@
+//! Host tests of the migration protocol: both ends run against an in-memory link and a
+//! fake guest that keeps writing pages between polls, as a real one does between time
+//! slices. The destination's memory must equal the source's at freeze, page for page.
+
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+use super::link::{Link, LinkState};
+use super::receiver::{Installer, Outcome, Receiver};
+use super::source::{Params, Phase, Source, SourceGuest, Status};
+use super::stats::{MigrationStats, StopReason};
+use super::wire::{self, Decoder, Hello, Msg, PAGE};
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[derive(Default)]
+struct Wire {
+    a_to_b: VecDeque<u8>,
+    b_to_a: VecDeque<u8>,
+    closed: bool,
+    /// Bytes the a→b direction may still carry (None: unlimited). Models a peer that
+    /// dies mid-stream.
+    budget: Option<usize>,
+}
+
+/// One end of an in-memory link with a bounded send window.
+struct End {
+    w: Rc<RefCell<Wire>>,
+    is_a: bool,
+    window: usize,
+}
+
+fn pipe(window: usize) -> (End, End) {
+    let w = Rc::new(RefCell::new(Wire::default()));
+    (
+        End {
+            w: w.clone(),
+            is_a: true,
+            window,
+        },
+        End {
+            w,
+            is_a: false,
+            window,
+        },
+    )
+}
+
+impl Link for End {
+    fn state(&mut self) -> LinkState {
+        if self.w.borrow().closed {
+            LinkState::Closed
+        } else {
+            LinkState::Open
+        }
+    }
+    fn send(&mut self, data: &[u8]) -> usize {
+        let mut w = self.w.borrow_mut();
+        if w.closed {
+            return 0;
+        }
+        let is_a = self.is_a;
+        let queued = if is_a { w.a_to_b.len() } else { w.b_to_a.len() };
+        let mut n = data.len().min(self.window.saturating_sub(queued));
+        if is_a {
+            if let Some(b) = w.budget {
+                n = n.min(b);
+                w.budget = Some(b - n);
+                if b - n == 0 {
+                    w.closed = true;
+                }
+            }
+            w.a_to_b.extend(&data[..n]);
+        } else {
+            w.b_to_a.extend(&data[..n]);
+        }
+        n
+    }
+    fn flushed(&mut self) -> bool {
+        let w = self.w.borrow();
+        if self.is_a {
+            w.a_to_b.is_empty()
+        } else {
+            w.b_to_a.is_empty()
+        }
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> usize {
+        let mut w = self.w.borrow_mut();
+        let q = if self.is_a {
+            &mut w.b_to_a
+        } else {
+            &mut w.a_to_b
+        };
+        let n = buf.len().min(q.len());
+        for (i, b) in q.drain(..n).enumerate() {
+            buf[i] = b;
+        }
+        n
+    }
+    fn close(&mut self) {
+        // Graceful close: the peer may still read what is queued.
+    }
+}
+
+struct FakeGuest {
+    mem: Vec<u8>,
+    tracking: bool,
+    dirty: Vec<usize>,
+    frozen: bool,
+    gone: bool,
+    rng: Rng,
+    /// Pages written per "time slice".
+    rate: usize,
+    /// Working set.
+    ws: usize,
+}
+
+impl FakeGuest {
+    fn new(pages: usize, rate: usize, ws: usize) -> Self {
+        let mut mem = vec![0u8; pages * PAGE];
+        // Half the pages start with data, the rest are zero.
+        for p in (0..pages).step_by(2) {
+            mem[p * PAGE..p * PAGE + 8].copy_from_slice(&(p as u64 + 1).to_le_bytes());
+        }
+        Self {
+            mem,
+            tracking: false,
+            dirty: vec![],
+            frozen: false,
+            gone: false,
+            rng: Rng(0x1234_5678),
+            rate,
+            ws,
+        }
+    }
+
+    /// One guest time slice: write `rate` pages of the working set.
+    fn run(&mut self) {
+        if self.frozen {
+            return;
+        }
+        assert!(
+            !self.gone,
+            "split brain: the source ran a guest it handed over"
+        );
+        for _ in 0..self.rate {
+            let p = (self.rng.next() as usize) % self.ws;
+            let off = p * PAGE + (self.rng.next() as usize % 512) * 8;
+            let v = self.rng.next() | 1;
+            self.mem[off..off + 8].copy_from_slice(&v.to_le_bytes());
+            if self.tracking {
+                self.dirty.push(p);
+            }
+        }
+    }
+}
+
+impl SourceGuest for FakeGuest {
+    fn pages(&self) -> usize {
+        self.mem.len() / PAGE
+    }
+    fn page(&self, pfn: usize) -> &[u8] {
+        &self.mem[pfn * PAGE..(pfn + 1) * PAGE]
+    }
+    fn start_tracking(&mut self) -> Result<(), String> {
+        self.tracking = true;
+        Ok(())
+    }
+    fn collect_dirty(&mut self, sink: &mut dyn FnMut(usize)) {
+        for p in self.dirty.drain(..) {
+            sink(p);
+        }
+    }
+    fn freeze(&mut self) {
+        self.frozen = true;
+    }
+    fn thaw(&mut self) {
+        assert!(!self.gone, "thawed a guest after handing it over");
+        self.frozen = false;
+        self.tracking = false;
+    }
+    fn vcpu_state(&mut self) -> Vec<u8> {
+        vec![7; 200]
+    }
+    fn device_state(&mut self) -> Vec<u8> {
+        vec![9; 16]
+    }
+    fn time_ns(&self) -> u64 {
+        42
+    }
+    fn hand_over(&mut self) {
+        self.gone = true;
+    }
+}
+
+#[derive(Default)]
+struct FakeHost {
+    installed: Option<(Vec<u8>, Hello, Vec<u8>)>,
+    committed: Option<u32>,
+    lost: Option<u32>,
+    max_mem: u64,
+}
+
+impl Installer for FakeHost {
+    type Mem = Vec<u8>;
+    fn alloc(&mut self, hello: &Hello) -> Result<Vec<u8>, String> {
+        if hello.mem_bytes > self.max_mem {
+            return Err(String::from("not enough memory"));
+        }
+        Ok(vec![0xEE; hello.mem_bytes as usize])
+    }
+    fn install(
+        &mut self,
+        mem: Vec<u8>,
+        hello: &Hello,
+        vcpu: &[u8],
+        _device: &[u8],
+    ) -> Result<u32, String> {
+        self.installed = Some((mem, hello.clone(), vcpu.to_vec()));
+        Ok(5)
+    }
+    fn commit(&mut self, id: u32) {
+        self.committed = Some(id);
+    }
+    fn commit_lost(&mut self, id: u32) {
+        self.lost = Some(id);
+    }
+}
+
+fn hello(pages: usize) -> Hello {
+    Hello {
+        mem_bytes: (pages * PAGE) as u64,
+        migrations: 2,
+        time_ns: 42,
+        name: "fake".into(),
+        args: "a=1".into(),
+    }
+}
+
+/// Runs both ends until both finish (or a step bound). Returns the source.
+fn migrate(
+    g: &mut FakeGuest,
+    host: &mut FakeHost,
+    params: Params,
+    window: usize,
+    budget: Option<usize>,
+) -> (Source, Receiver<Vec<u8>>) {
+    let (mut a, mut b) = pipe(window);
+    a.w.borrow_mut().budget = budget;
+    let pages = g.pages();
+    let mut src = Source::new(params, hello(pages), MigrationStats::default(), 0);
+    let mut rcv = Receiver::new(0, 5_000_000);
+    let mut now = 0u64;
+    let (mut s_done, mut r_done) = (false, false);
+    let mut frozen_copy: Option<Vec<u8>> = None;
+    for _ in 0..200_000 {
+        now += 100; // 100 µs per step
+        g.run();
+        if !s_done {
+            s_done = src.poll(g, &mut a, now) == Status::Finished;
+        }
+        if g.frozen && frozen_copy.is_none() {
+            frozen_copy = Some(g.mem.clone());
+        }
+        if !r_done {
+            r_done = rcv.poll(&mut b, host, now);
+        }
+        if s_done && r_done {
+            break;
+        }
+        if s_done && budget.is_some() {
+            // The source failed; the peer learns from the closed link.
+            rcv.poll(&mut b, host, now);
+            break;
+        }
+    }
+    if let (Some(copy), Some((mem, _, _))) = (&frozen_copy, &host.installed) {
+        for p in 0..pages {
+            assert_eq!(
+                &copy[p * PAGE..(p + 1) * PAGE],
+                &mem[p * PAGE..(p + 1) * PAGE],
+                "page {p} differs"
+            );
+        }
+    }
+    (src, rcv)
+}
+
+fn host() -> FakeHost {
+    FakeHost {
+        max_mem: 1 << 30,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn precopy_converges_and_copies_every_page() {
+    let mut g = FakeGuest::new(512, 2, 64);
+    let mut h = host();
+    let params = Params {
+        downtime_us: 2_000,
+        ..Default::default()
+    };
+    let (src, rcv) = migrate(&mut g, &mut h, params, 64 * 1024, None);
+    assert_eq!(src.phase(), Phase::Done, "{}", src.stats.outcome);
+    assert_eq!(rcv.outcome, Some(Outcome::Committed(5)));
+    assert_eq!(h.committed, Some(5));
+    assert!(g.gone);
+    let st = &src.stats;
+    assert!(!st.rounds.is_empty());
+    assert_eq!(st.rounds[0].pages, 512);
+    assert_eq!(
+        st.rounds[0].zero_pages, 256,
+        "half the pages are zero at the start"
+    );
+    assert!(st.zero_pages() >= 256);
+    assert!(st.downtime_us < st.total_us);
+    let (_, hello, vcpu) = h.installed.unwrap();
+    assert_eq!(hello.name, "fake");
+    assert_eq!(hello.migrations, 2);
+    assert_eq!(vcpu, vec![7; 200]);
+}
+
+#[test]
+fn heavy_dirtier_stops_by_policy_and_still_copies_exactly() {
+    let mut g = FakeGuest::new(256, 50, 256);
+    let mut h = host();
+    let params = Params {
+        downtime_us: 100,
+        max_rounds: 5,
+        ..Default::default()
+    };
+    let (src, _) = migrate(&mut g, &mut h, params, 16 * 1024, None);
+    assert_eq!(src.phase(), Phase::Done, "{}", src.stats.outcome);
+    assert!(matches!(
+        src.stats.stop_reason,
+        Some(StopReason::MaxRounds | StopReason::NotConverging)
+    ));
+    assert!(src.stats.last.pages > 0);
+    assert_eq!(h.committed, Some(5));
+}
+
+#[test]
+fn stop_and_copy_baseline() {
+    let mut g = FakeGuest::new(128, 5, 128);
+    let mut h = host();
+    let params = Params {
+        stop_and_copy: true,
+        ..Default::default()
+    };
+    let (src, _) = migrate(&mut g, &mut h, params, 64 * 1024, None);
+    assert_eq!(src.phase(), Phase::Done);
+    assert!(src.stats.rounds.is_empty());
+    assert_eq!(src.stats.last.pages, 128);
+    assert_eq!(src.stats.stop_reason, Some(StopReason::Baseline));
+}
+
+#[test]
+fn peer_gone_mid_stream_keeps_guest_on_source() {
+    let mut g = FakeGuest::new(256, 2, 64);
+    let mut h = host();
+    let (src, rcv) = migrate(&mut g, &mut h, Params::default(), 64 * 1024, Some(200_000));
+    assert_eq!(src.phase(), Phase::Failed);
+    assert!(
+        src.stats.outcome.contains("connection lost"),
+        "{}",
+        src.stats.outcome
+    );
+    assert!(
+        !g.gone && !g.frozen && !g.tracking,
+        "guest runs on at the source"
+    );
+    assert!(h.installed.is_none() && h.committed.is_none());
+    assert!(matches!(rcv.outcome, Some(Outcome::Discarded(_))));
+}
+
+#[test]
+fn destination_without_memory_rejects_and_source_keeps_guest() {
+    let mut g = FakeGuest::new(64, 1, 8);
+    let mut h = FakeHost {
+        max_mem: 4096,
+        ..Default::default()
+    };
+    let (src, rcv) = migrate(&mut g, &mut h, Params::default(), 64 * 1024, None);
+    assert_eq!(src.phase(), Phase::Failed);
+    assert!(
+        src.stats.outcome.contains("not enough memory"),
+        "{}",
+        src.stats.outcome
+    );
+    assert!(!g.gone && !g.frozen);
+    assert!(matches!(rcv.outcome, Some(Outcome::Discarded(_))));
+}
+
+/// A source that dies right after READY never sends COMMIT: the destination keeps
+/// the complete guest paused, never running.
+#[test]
+fn lost_commit_leaves_guest_paused_at_destination() {
+    let pages = 8;
+    let mut stream = Vec::new();
+    wire::put_hello(&mut stream, &hello(pages));
+    let mut sum = wire::Checksum::new(pages);
+    for p in 0..pages as u64 {
+        wire::put_zero(&mut stream, p);
+        sum.set(p as usize, wire::zero_hash(p));
+    }
+    wire::put_state(&mut stream, wire::tag::VCPU, &[1; 200]);
+    wire::put_state(&mut stream, wire::tag::DEVICE, &[]);
+    wire::put_end(&mut stream, pages as u64, sum.value());
+    let (mut a, mut b) = pipe(1 << 20);
+    a.send(&stream);
+    let mut h = host();
+    let mut rcv: Receiver<Vec<u8>> = Receiver::new(0, 1_000_000);
+    assert!(!rcv.poll(&mut b, &mut h, 10));
+    assert!(h.installed.is_some());
+    // READY went out.
+    let mut buf = [0u8; 64];
+    let n = a.recv(&mut buf);
+    assert_eq!(&buf[..n], &[wire::tag::READY, 0, 0, 0, 0, 0, 0, 0]);
+    a.w.borrow_mut().closed = true;
+    assert!(rcv.poll(&mut b, &mut h, 20));
+    assert_eq!(rcv.outcome, Some(Outcome::CommitLost(5)));
+    assert_eq!(h.lost, Some(5));
+    assert_eq!(h.committed, None);
+}
+
+/// Feeds `bytes` to a fresh receiver and returns its outcome.
+fn receive(bytes: &[u8]) -> (Option<Outcome>, FakeHost) {
+    let (mut a, mut b) = pipe(1 << 20);
+    a.send(bytes);
+    a.w.borrow_mut().closed = true;
+    let mut h = FakeHost {
+        max_mem: 1 << 20,
+        ..Default::default()
+    };
+    let mut rcv: Receiver<Vec<u8>> = Receiver::new(0, 1_000_000);
+    for t in 0..10 {
+        if rcv.poll(&mut b, &mut h, t) {
+            break;
+        }
+    }
+    (rcv.outcome, h)
+}
+
+fn discarded(bytes: &[u8], why: &str) {
+    let (out, h) = receive(bytes);
+    match out {
+        Some(Outcome::Discarded(r)) => assert!(r.contains(why), "expected '{why}', got '{r}'"),
+        other => panic!("expected discard ({why}), got {other:?}"),
+    }
+    assert!(h.installed.is_none());
+}
+
+#[test]
+fn receiver_rejects_malformed_streams() {
+    let mut ok = Vec::new();
+    wire::put_hello(&mut ok, &hello(4));
+    // Garbage.
+    discarded(b"GET / HTTP/1.0\r\n\r\n", "malformed");
+    // Tag 0.
+    discarded(&[0u8; 16], "tag 0");
+    // Page before Hello.
+    let mut s = Vec::new();
+    wire::put_zero(&mut s, 0);
+    discarded(&s, "must start with Hello");
+    // Page out of range.
+    let mut s = ok.clone();
+    wire::put_page(&mut s, 4, &[1; PAGE]);
+    discarded(&s, "outside the guest");
+    let mut s = ok.clone();
+    wire::put_zero(&mut s, u64::MAX);
+    discarded(&s, "outside the guest");
+    // Huge length.
+    let mut s = ok.clone();
+    s.extend_from_slice(&[wire::tag::VCPU, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0x7F]);
+    discarded(&s, "bad length");
+    // Bad checksum.
+    let mut s = ok.clone();
+    for p in 0..4 {
+        wire::put_zero(&mut s, p);
+    }
+    wire::put_state(&mut s, wire::tag::VCPU, &[0; 8]);
+    wire::put_state(&mut s, wire::tag::DEVICE, &[]);
+    wire::put_end(&mut s, 4, 12345);
+    discarded(&s, "checksum");
+    // End before state.
+    let mut s = ok.clone();
+    wire::put_end(&mut s, 0, 0);
+    discarded(&s, "before the vCPU");
+    // Truncated: source vanished.
+    discarded(&ok[..ok.len() - 3], "closed the connection");
+    // Memory bigger than this host has.
+    let mut s = Vec::new();
+    wire::put_hello(
+        &mut s,
+        &Hello {
+            mem_bytes: 1 << 40,
+            ..hello(1)
+        },
+    );
+    discarded(&s, "not enough memory");
+    // Round out of order.
+    let mut s = ok.clone();
+    wire::put_round_end(&mut s, 3, 0);
+    discarded(&s, "out of order");
+}
+
+#[test]
+fn every_message_round_trips_in_any_chunking() {
+    let mut s = Vec::new();
+    let h = hello(16);
+    wire::put_hello(&mut s, &h);
+    let page: Vec<u8> = (0..PAGE).map(|i| i as u8).collect();
+    wire::put_page(&mut s, 3, &page);
+    wire::put_zero(&mut s, 4);
+    wire::put_round_end(&mut s, 0, 2);
+    wire::put_state(&mut s, wire::tag::VCPU, &[5; 100]);
+    wire::put_state(&mut s, wire::tag::DEVICE, &[]);
+    wire::put_end(&mut s, 2, 99);
+    wire::put_control(&mut s, wire::tag::READY);
+    wire::put_reason(&mut s, wire::tag::REJECT, 3, "nope");
+    wire::put_control(&mut s, wire::tag::COMMIT);
+    wire::put_reason(&mut s, wire::tag::ABORT, 1, "gone");
+    let mut rng = Rng(99);
+    for chunking in 0..20 {
+        let mut d = Decoder::new();
+        let mut got = Vec::new();
+        let mut off = 0;
+        while off < s.len() {
+            let len = if chunking == 0 {
+                1
+            } else {
+                1 + rng.next() as usize % 5000
+            };
+            let chunk = &s[off..(off + len).min(s.len())];
+            let mut used = 0;
+            while used < chunk.len() {
+                let (n, ready) = d.push(&chunk[used..]).unwrap();
+                used += n;
+                if ready {
+                    got.push(format!("{:?}", d.take().unwrap()).len());
+                }
+            }
+            off += chunk.len();
+        }
+        assert_eq!(got.len(), 11);
+    }
+    let mut d = Decoder::new();
+    let (n, ready) = d.push(&s).unwrap();
+    assert!(ready);
+    match d.take().unwrap() {
+        Msg::Hello(x) => assert_eq!(x, h),
+        m => panic!("{m:?}"),
+    }
+    let (_, ready) = d.push(&s[n..]).unwrap();
+    assert!(ready);
+    match d.take().unwrap() {
+        Msg::Page { pfn, data } => {
+            assert_eq!(pfn, 3);
+            assert_eq!(data, &page[..]);
+        }
+        m => panic!("{m:?}"),
+    }
+}
+
+#[test]
+fn corrupted_streams_never_panic() {
+    let mut base = Vec::new();
+    wire::put_hello(&mut base, &hello(8));
+    for p in 0..8 {
+        if p % 2 == 0 {
+            wire::put_page(&mut base, p, &[p as u8; PAGE]);
+        } else {
+            wire::put_zero(&mut base, p);
+        }
+    }
+    wire::put_state(&mut base, wire::tag::VCPU, &[1; 200]);
+    wire::put_state(&mut base, wire::tag::DEVICE, &[2; 4]);
+    wire::put_end(&mut base, 8, 0);
+    let mut rng = Rng(7);
+    for _ in 0..3000 {
+        let mut s = base.clone();
+        for _ in 0..1 + rng.next() % 4 {
+            let i = rng.next() as usize % s.len();
+            s[i] ^= 1 << (rng.next() % 8);
+        }
+        if rng.next().is_multiple_of(4) {
+            s.truncate(rng.next() as usize % s.len());
+        }
+        let (out, h) = receive(&s);
+        // The base stream has a wrong checksum, so no corruption may ever install it.
+        assert!(matches!(out, Some(Outcome::Discarded(_))), "{out:?}");
+        assert!(h.installed.is_none());
+    }
+    // Random bytes.
+    for _ in 0..500 {
+        let s: Vec<u8> = (0..rng.next() % 300).map(|_| rng.next() as u8).collect();
+        let (out, _) = receive(&s);
+        assert!(matches!(out, Some(Outcome::Discarded(_))));
+    }
+}
+
+#[test]
+fn zero_detection_and_checksum() {
+    assert!(wire::is_zero(&[0; PAGE]));
+    let mut p = [0u8; PAGE];
+    p[PAGE - 1] = 1;
+    assert!(!wire::is_zero(&p));
+    let mut c = wire::Checksum::new(4);
+    c.set(1, 10);
+    c.set(1, 20);
+    c.set(2, 5);
+    c.set(9, 100);
+    assert_eq!(c.value(), 25);
+    assert_ne!(wire::page_hash(1, &p), wire::page_hash(2, &p));
+}

@@ -1,0 +1,494 @@
+//! The migration stream: one module owns the wire format.
+//!
+//! Every message is a fixed 8-byte header and a payload of the length it announces:
+//!
+//! ```text
+//!  byte 0     1       2..4      4..8
+//!  [ tag ][ flags=0 ][ rsvd=0 ][ payload length, u32 LE ][ payload ... ]
+//! ```
+//!
+//! | tag | message   | payload                                                    | dir |
+//! |-----|-----------|------------------------------------------------------------|-----|
+//! | 0   | (invalid) | never sent: a zeroed header is an error                    |     |
+//! | 1   | Hello     | magic "HVMIGR01", version u16, rsvd u16, flags u32, memory bytes u64, migrations u64, guest time ns u64, name len u16, args len u16, name, args | S→D |
+//! | 2   | Page      | pfn u64, 4096 bytes                                        | S→D |
+//! | 3   | ZeroPage  | pfn u64 (a page of zeros: header only)                     | S→D |
+//! | 4   | RoundEnd  | round u32, pages u32                                       | S→D |
+//! | 5   | Vcpu      | the vCPU state (at most 4096 bytes)                        | S→D |
+//! | 6   | Device    | the PV-device state (at most 4096 bytes)                   | S→D |
+//! | 7   | End       | pages u64, checksum u64                                    | S→D |
+//! | 16  | Ready     | empty: the destination holds and has checked everything    | D→S |
+//! | 17  | Reject    | reason code u32, message (at most 200 bytes)               | D→S |
+//! | 18  | Commit    | empty: the source has given the guest up                   | S→D |
+//! | 19  | Abort     | reason code u32, message (at most 200 bytes)               | S→D |
+//!
+//! The sequence (see DESIGN.md, migration semantics):
+//!
+//! ```text
+//!  source                                   destination
+//!    Hello ───────────────────────────────►  validate, allocate memory
+//!    Page/ZeroPage x all, RoundEnd(0) ────►  write pages
+//!    Page/ZeroPage x dirty, RoundEnd(n) ──►  ...
+//!    [guest frozen] last pages, Vcpu,
+//!    Device, End(checksum) ───────────────►  check checksum and state
+//!                       ◄───────────────── Ready   (guest built, NOT running)
+//!    [guest gone] Commit ─────────────────►  resume guest
+//!  any failure before Commit: Reject/Abort or a closed link; destination discards,
+//!  the guest runs on at the source.
+//! ```
+//!
+//! The [`Decoder`] is incremental (TCP delivers arbitrary pieces), bounds every length
+//! before buffering, and never panics; ordering and page numbers are checked by the
+//! receiver, which knows the guest's size.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+/// Page size on the wire.
+pub const PAGE: usize = 4096;
+/// Stream magic.
+pub const MAGIC: [u8; 8] = *b"HVMIGR01";
+/// Stream version; a receiver rejects any other.
+pub const VERSION: u16 = 1;
+/// Header bytes.
+pub const HEADER: usize = 8;
+/// Longest guest image name.
+pub const MAX_NAME: usize = 32;
+/// Longest guest argument string.
+pub const MAX_ARGS: usize = 256;
+/// Longest opaque state blob.
+pub const MAX_STATE: usize = 4096;
+/// Longest reason text.
+pub const MAX_REASON: usize = 200;
+const HELLO_FIXED: usize = 8 + 2 + 2 + 4 + 8 + 8 + 8 + 2 + 2;
+const MAX_PAYLOAD: usize = 8 + PAGE;
+
+/// Message tags.
+#[allow(missing_docs)]
+pub mod tag {
+    pub const HELLO: u8 = 1;
+    pub const PAGE: u8 = 2;
+    pub const ZERO: u8 = 3;
+    pub const ROUND_END: u8 = 4;
+    pub const VCPU: u8 = 5;
+    pub const DEVICE: u8 = 6;
+    pub const END: u8 = 7;
+    pub const READY: u8 = 16;
+    pub const REJECT: u8 = 17;
+    pub const COMMIT: u8 = 18;
+    pub const ABORT: u8 = 19;
+}
+
+/// The guest's configuration, sent first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    /// Guest memory in bytes (a multiple of the page size).
+    pub mem_bytes: u64,
+    /// How many times the guest has migrated before this one.
+    pub migrations: u64,
+    /// The guest's monotonic clock at the start of the migration.
+    pub time_ns: u64,
+    /// Image name.
+    pub name: String,
+    /// Start arguments.
+    pub args: String,
+}
+
+/// A decoded message; page data and blobs borrow the decoder's buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Msg<'a> {
+    /// Stream start.
+    Hello(Hello),
+    /// One page.
+    Page {
+        /// Guest frame number.
+        pfn: u64,
+        /// Its 4096 bytes.
+        data: &'a [u8],
+    },
+    /// A page of zeros.
+    ZeroPage {
+        /// Guest frame number.
+        pfn: u64,
+    },
+    /// End of a pre-copy round.
+    RoundEnd {
+        /// Round number.
+        round: u32,
+        /// Pages (including zero pages) sent in it.
+        pages: u32,
+    },
+    /// vCPU state.
+    Vcpu(&'a [u8]),
+    /// PV-device state.
+    Device(&'a [u8]),
+    /// Stream end.
+    End {
+        /// Page messages in the whole stream.
+        pages: u64,
+        /// [`Checksum`] over the final memory.
+        checksum: u64,
+    },
+    /// Destination is ready.
+    Ready,
+    /// Destination refuses.
+    Reject {
+        /// Reason code.
+        code: u32,
+        /// Reason text.
+        reason: &'a str,
+    },
+    /// Source commits the hand-over.
+    Commit,
+    /// Source aborts.
+    Abort {
+        /// Reason code.
+        code: u32,
+        /// Reason text.
+        reason: &'a str,
+    },
+}
+
+/// A malformed stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WireError {
+    /// Tag 0 or an unknown tag.
+    BadTag(u8),
+    /// Non-zero flags or reserved bits.
+    BadHeader,
+    /// A payload length that does not fit its message.
+    BadLength {
+        /// The tag.
+        tag: u8,
+        /// The length announced.
+        len: u32,
+    },
+    /// Not our magic.
+    BadMagic,
+    /// Another stream version.
+    BadVersion(u16),
+    /// A field out of range (text not UTF-8, memory size not page aligned, ...).
+    BadField(&'static str),
+}
+
+impl core::fmt::Display for WireError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::BadTag(t) => write!(f, "unknown message tag {t}"),
+            Self::BadHeader => f.write_str("non-zero reserved header bits"),
+            Self::BadLength { tag, len } => write!(f, "bad length {len} for message tag {tag}"),
+            Self::BadMagic => f.write_str("bad stream magic"),
+            Self::BadVersion(v) => {
+                write!(f, "stream version {v} not supported (this is {VERSION})")
+            }
+            Self::BadField(what) => write!(f, "bad field: {what}"),
+        }
+    }
+}
+
+fn header(out: &mut Vec<u8>, tag: u8, len: usize) {
+    out.push(tag);
+    out.extend_from_slice(&[0, 0, 0]);
+    out.extend_from_slice(&(len as u32).to_le_bytes());
+}
+
+/// Appends a Hello. Name and args are truncated to their limits.
+pub fn put_hello(out: &mut Vec<u8>, h: &Hello) {
+    let name = &h.name.as_bytes()[..h.name.len().min(MAX_NAME)];
+    let args = &h.args.as_bytes()[..h.args.len().min(MAX_ARGS)];
+    header(out, tag::HELLO, HELLO_FIXED + name.len() + args.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&[0; 6]);
+    out.extend_from_slice(&h.mem_bytes.to_le_bytes());
+    out.extend_from_slice(&h.migrations.to_le_bytes());
+    out.extend_from_slice(&h.time_ns.to_le_bytes());
+    out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+    out.extend_from_slice(&(args.len() as u16).to_le_bytes());
+    out.extend_from_slice(name);
+    out.extend_from_slice(args);
+}
+
+/// Appends a Page.
+pub fn put_page(out: &mut Vec<u8>, pfn: u64, data: &[u8]) {
+    debug_assert_eq!(data.len(), PAGE);
+    header(out, tag::PAGE, 8 + PAGE);
+    out.extend_from_slice(&pfn.to_le_bytes());
+    out.extend_from_slice(data);
+}
+
+/// Appends a ZeroPage.
+pub fn put_zero(out: &mut Vec<u8>, pfn: u64) {
+    header(out, tag::ZERO, 8);
+    out.extend_from_slice(&pfn.to_le_bytes());
+}
+
+/// Appends a RoundEnd.
+pub fn put_round_end(out: &mut Vec<u8>, round: u32, pages: u32) {
+    header(out, tag::ROUND_END, 8);
+    out.extend_from_slice(&round.to_le_bytes());
+    out.extend_from_slice(&pages.to_le_bytes());
+}
+
+/// Appends a state blob (Vcpu or Device); `blob` must be at most [`MAX_STATE`].
+pub fn put_state(out: &mut Vec<u8>, t: u8, blob: &[u8]) {
+    header(out, t, blob.len());
+    out.extend_from_slice(blob);
+}
+
+/// Appends an End.
+pub fn put_end(out: &mut Vec<u8>, pages: u64, checksum: u64) {
+    header(out, tag::END, 16);
+    out.extend_from_slice(&pages.to_le_bytes());
+    out.extend_from_slice(&checksum.to_le_bytes());
+}
+
+/// Appends an empty control message (Ready, Commit).
+pub fn put_control(out: &mut Vec<u8>, t: u8) {
+    header(out, t, 0);
+}
+
+/// Appends a Reject or Abort with a reason.
+pub fn put_reason(out: &mut Vec<u8>, t: u8, code: u32, reason: &str) {
+    let r = &reason.as_bytes()[..reason.len().min(MAX_REASON)];
+    // Cut at a character boundary so the text stays valid UTF-8.
+    let mut n = r.len();
+    while n > 0 && !reason.is_char_boundary(n) {
+        n -= 1;
+    }
+    header(out, t, 4 + n);
+    out.extend_from_slice(&code.to_le_bytes());
+    out.extend_from_slice(&r[..n]);
+}
+
+/// Allowed payload lengths per tag.
+fn length_ok(t: u8, len: usize) -> Result<bool, WireError> {
+    Ok(match t {
+        tag::HELLO => (HELLO_FIXED..=HELLO_FIXED + MAX_NAME + MAX_ARGS).contains(&len),
+        tag::PAGE => len == 8 + PAGE,
+        tag::ZERO | tag::ROUND_END => len == 8,
+        tag::VCPU | tag::DEVICE => len <= MAX_STATE,
+        tag::END => len == 16,
+        tag::READY | tag::COMMIT => len == 0,
+        tag::REJECT | tag::ABORT => (4..=4 + MAX_REASON).contains(&len),
+        other => return Err(WireError::BadTag(other)),
+    })
+}
+
+fn u16_at(b: &[u8], o: usize) -> u16 {
+    u16::from_le_bytes([b[o], b[o + 1]])
+}
+fn u32_at(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+}
+fn u64_at(b: &[u8], o: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[o..o + 8]);
+    u64::from_le_bytes(a)
+}
+
+/// Incremental decoder: [`Decoder::push`] bytes until it says a message is complete,
+/// then [`Decoder::take`] it.
+#[derive(Debug)]
+pub struct Decoder {
+    buf: Vec<u8>,
+    /// Payload length of the current message, once its header is in.
+    payload: Option<usize>,
+    /// `take` handed out the buffered message; the next `push` starts afresh.
+    consumed: bool,
+    failed: Option<WireError>,
+}
+
+impl Default for Decoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Decoder {
+    /// A decoder at a message boundary.
+    pub fn new() -> Self {
+        Self {
+            buf: Vec::with_capacity(HEADER + MAX_PAYLOAD),
+            payload: None,
+            consumed: false,
+            failed: None,
+        }
+    }
+
+    fn complete(&self) -> bool {
+        self.payload.is_some_and(|p| self.buf.len() == HEADER + p)
+    }
+
+    /// Consumes bytes from `input` until a message is complete or the input ends.
+    /// Returns how many bytes were consumed and whether a message is ready. A bad
+    /// header is an error at once, before any of its payload is buffered; after an
+    /// error the decoder stays failed.
+    pub fn push(&mut self, input: &[u8]) -> Result<(usize, bool), WireError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        if self.consumed {
+            self.buf.clear();
+            self.payload = None;
+            self.consumed = false;
+        }
+        let mut used = 0;
+        loop {
+            if self.complete() {
+                return Ok((used, true));
+            }
+            let need = HEADER + self.payload.unwrap_or(0);
+            let n = (need - self.buf.len()).min(input.len() - used);
+            self.buf.extend_from_slice(&input[used..used + n]);
+            used += n;
+            if self.buf.len() < need {
+                return Ok((used, false));
+            }
+            if self.payload.is_none() {
+                let (t, len) = (self.buf[0], u32_at(&self.buf, 4));
+                if self.buf[1..4] != [0, 0, 0] {
+                    return Err(self.fail(WireError::BadHeader));
+                }
+                match length_ok(t, len as usize) {
+                    Err(e) => return Err(self.fail(e)),
+                    Ok(false) => return Err(self.fail(WireError::BadLength { tag: t, len })),
+                    Ok(true) => self.payload = Some(len as usize),
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, e: WireError) -> WireError {
+        self.failed = Some(e.clone());
+        e
+    }
+
+    /// Decodes the complete message (call only after `push` reported one). The next
+    /// `push` reuses the buffer, so the message must be dropped before it.
+    pub fn take(&mut self) -> Result<Msg<'_>, WireError> {
+        if !self.complete() || self.consumed {
+            return Err(WireError::BadField("no complete message"));
+        }
+        self.consumed = true;
+        let r = parse(self.buf[0], &self.buf[HEADER..]);
+        if let Err(e) = &r {
+            self.failed = Some(e.clone());
+        }
+        r
+    }
+}
+
+fn text<'a>(b: &'a [u8], what: &'static str) -> Result<&'a str, WireError> {
+    core::str::from_utf8(b).map_err(|_| WireError::BadField(what))
+}
+
+fn parse(t: u8, p: &[u8]) -> Result<Msg<'_>, WireError> {
+    Ok(match t {
+        tag::HELLO => {
+            if p[0..8] != MAGIC {
+                return Err(WireError::BadMagic);
+            }
+            let version = u16_at(p, 8);
+            if version != VERSION {
+                return Err(WireError::BadVersion(version));
+            }
+            if p[10..16] != [0; 6] {
+                return Err(WireError::BadField("reserved Hello bytes"));
+            }
+            let mem_bytes = u64_at(p, 16);
+            if mem_bytes == 0 || !mem_bytes.is_multiple_of(PAGE as u64) {
+                return Err(WireError::BadField("memory size"));
+            }
+            let (nl, al) = (u16_at(p, 40) as usize, u16_at(p, 42) as usize);
+            if nl > MAX_NAME || al > MAX_ARGS || HELLO_FIXED + nl + al != p.len() {
+                return Err(WireError::BadField("name/args lengths"));
+            }
+            Msg::Hello(Hello {
+                mem_bytes,
+                migrations: u64_at(p, 24),
+                time_ns: u64_at(p, 32),
+                name: String::from(text(&p[HELLO_FIXED..HELLO_FIXED + nl], "name")?),
+                args: String::from(text(&p[HELLO_FIXED + nl..], "args")?),
+            })
+        }
+        tag::PAGE => Msg::Page {
+            pfn: u64_at(p, 0),
+            data: &p[8..],
+        },
+        tag::ZERO => Msg::ZeroPage { pfn: u64_at(p, 0) },
+        tag::ROUND_END => Msg::RoundEnd {
+            round: u32_at(p, 0),
+            pages: u32_at(p, 4),
+        },
+        tag::VCPU => Msg::Vcpu(p),
+        tag::DEVICE => Msg::Device(p),
+        tag::END => Msg::End {
+            pages: u64_at(p, 0),
+            checksum: u64_at(p, 8),
+        },
+        tag::READY => Msg::Ready,
+        tag::COMMIT => Msg::Commit,
+        tag::REJECT => Msg::Reject {
+            code: u32_at(p, 0),
+            reason: text(&p[4..], "reason")?,
+        },
+        tag::ABORT => Msg::Abort {
+            code: u32_at(p, 0),
+            reason: text(&p[4..], "reason")?,
+        },
+        other => return Err(WireError::BadTag(other)),
+    })
+}
+
+/// The end-to-end checksum: a sum over pages of a hash of (pfn, contents), so both
+/// sides can build it incrementally as pages are sent or received, whatever the order,
+/// replacing a page's earlier contribution when it is sent again.
+pub fn page_hash(pfn: u64, data: &[u8]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ pfn.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    for c in data.chunks_exact(8) {
+        let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+        h = (h ^ w).wrapping_mul(0x0000_0100_0000_01B3).rotate_left(5);
+    }
+    h
+}
+
+/// Hash of a zero page (cheap: no data to read).
+pub fn zero_hash(pfn: u64) -> u64 {
+    page_hash(pfn, &[])
+}
+
+/// Per-page hashes whose sum is the stream checksum.
+#[derive(Clone, Debug, Default)]
+pub struct Checksum {
+    hashes: Vec<u64>,
+    sum: u64,
+}
+
+impl Checksum {
+    /// For a guest of `pages` pages, none recorded yet.
+    pub fn new(pages: usize) -> Self {
+        Self {
+            hashes: alloc::vec![0; pages],
+            sum: 0,
+        }
+    }
+
+    /// Records the latest hash of page `pfn` (ignored when out of range).
+    pub fn set(&mut self, pfn: usize, hash: u64) {
+        if let Some(h) = self.hashes.get_mut(pfn) {
+            self.sum = self.sum.wrapping_sub(*h).wrapping_add(hash);
+            *h = hash;
+        }
+    }
+
+    /// The checksum.
+    pub fn value(&self) -> u64 {
+        self.sum
+    }
+}
+
+/// Whether a page is all zeros (word at a time: the emulator is slow per byte).
+pub fn is_zero(data: &[u8]) -> bool {
+    data.chunks_exact(8).all(|c| c == [0u8; 8])
+}
