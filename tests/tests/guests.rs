@@ -66,7 +66,18 @@ fn bochs_guests_run_interleave_misbehave_and_verify() {
 
         let stats = c.command("stats 3", CMD_TIMEOUT)?;
         expect(&stats, "VMCALL (18)")?;
-        expect(&stats, "preemption-timer")?;
+
+        // A CPU hog is time-sliced by the preemption timer: the counter still counts.
+        c.command("start dirtier rate=0 pages=32", CMD_TIMEOUT)?;
+        c.wait_for("[g5] dirtier: wrote", GUEST_TIMEOUT)?;
+        // Two more counter lines after the hog got going.
+        c.wait_for("[g3] counter ", GUEST_TIMEOUT)?;
+        c.wait_for("[g3] counter ", GUEST_TIMEOUT)?;
+        let stats = c.command("stats 5", CMD_TIMEOUT)?;
+        expect(&stats, "preemption-timer (52)")?;
+        expect(&c.command("check 5", CMD_TIMEOUT)?, "verify request posted")?;
+        c.wait_for("[g5] dirtier: verify: PASS", GUEST_TIMEOUT)?;
+        expect(&c.command("kill 5", CMD_TIMEOUT)?, "guest 5 killed")?;
 
         // Kill frees the guests; vms reflects it.
         expect(&c.command("kill 2", CMD_TIMEOUT)?, "guest 2 killed")?;
@@ -78,10 +89,10 @@ fn bochs_guests_run_interleave_misbehave_and_verify() {
 
         // The verify guest passes its own check after running a while.
         c.command("start verify mem=8 rate=2000", CMD_TIMEOUT)?;
-        c.wait_for("[g5] verify: PASS", GUEST_TIMEOUT)?;
-        expect(&c.command("check 5", CMD_TIMEOUT)?, "verify request posted")?;
-        c.wait_for("[g5] verify: PASS", GUEST_TIMEOUT)?;
-        let stats = c.command("stats 5", CMD_TIMEOUT)?;
+        c.wait_for("[g6] verify: PASS", GUEST_TIMEOUT)?;
+        expect(&c.command("check 6", CMD_TIMEOUT)?, "verify request posted")?;
+        c.wait_for("[g6] verify: PASS", GUEST_TIMEOUT)?;
+        let stats = c.command("stats 6", CMD_TIMEOUT)?;
         expect(&stats, "verify: PASS")?;
         Ok(())
     });

@@ -24,6 +24,16 @@ pub fn run(args: &[String]) -> Result<(), String> {
     if !ok {
         return Err("host unit tests failed".into());
     }
+    // The guests' pure logic (the verify invariant, argument parsing) also runs on the host.
+    let ok = cargo()
+        .current_dir(root().join("guests"))
+        .args(["test", "-p", "rt", "--target", "x86_64-unknown-linux-gnu"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        return Err("guest runtime host tests failed".into());
+    }
     if host_only {
         return Ok(());
     }

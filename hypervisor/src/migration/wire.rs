@@ -192,10 +192,10 @@ fn header(out: &mut Vec<u8>, tag: u8, len: usize) {
     out.extend_from_slice(&(len as u32).to_le_bytes());
 }
 
-/// Appends a Hello. Name and args are truncated to their limits.
+/// Appends a Hello. Name and args are truncated to their limits (at a character
+/// boundary, so that the receiver's UTF-8 check accepts them).
 pub fn put_hello(out: &mut Vec<u8>, h: &Hello) {
-    let name = &h.name.as_bytes()[..h.name.len().min(MAX_NAME)];
-    let args = &h.args.as_bytes()[..h.args.len().min(MAX_ARGS)];
+    let (name, args) = (clip(&h.name, MAX_NAME), clip(&h.args, MAX_ARGS));
     header(out, tag::HELLO, HELLO_FIXED + name.len() + args.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
@@ -250,15 +250,20 @@ pub fn put_control(out: &mut Vec<u8>, t: u8) {
 
 /// Appends a Reject or Abort with a reason.
 pub fn put_reason(out: &mut Vec<u8>, t: u8, code: u32, reason: &str) {
-    let r = &reason.as_bytes()[..reason.len().min(MAX_REASON)];
-    // Cut at a character boundary so the text stays valid UTF-8.
-    let mut n = r.len();
-    while n > 0 && !reason.is_char_boundary(n) {
+    let r = clip(reason, MAX_REASON);
+    header(out, t, 4 + r.len());
+    out.extend_from_slice(&code.to_le_bytes());
+    out.extend_from_slice(r);
+}
+
+/// The first at most `max` bytes of `s`, cut at a character boundary so the text stays
+/// valid UTF-8.
+fn clip(s: &str, max: usize) -> &[u8] {
+    let mut n = s.len().min(max);
+    while !s.is_char_boundary(n) {
         n -= 1;
     }
-    header(out, t, 4 + n);
-    out.extend_from_slice(&code.to_le_bytes());
-    out.extend_from_slice(&r[..n]);
+    &s.as_bytes()[..n]
 }
 
 /// Allowed payload lengths per tag.
@@ -491,4 +496,329 @@ impl Checksum {
 /// Whether a page is all zeros (word at a time: the emulator is slow per byte).
 pub fn is_zero(data: &[u8]) -> bool {
     data.chunks_exact(8).all(|c| c == [0u8; 8])
+}
+
+/// Decoder-level checks (the protocol-level ones, with a receiver and a source, are in
+/// `migration::tests`): partial input is never an error, every malformed header or
+/// field gives its own error, and no length field makes the decoder buffer more than
+/// one maximal message.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// xorshift64: deterministic, no extra crates.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+    }
+
+    fn hello() -> Hello {
+        Hello {
+            mem_bytes: 16 * PAGE as u64,
+            migrations: 2,
+            time_ns: 123_456_789,
+            name: "verify".into(),
+            args: "seed=7 pages=16".into(),
+        }
+    }
+
+    /// One of each message and where each one ends.
+    fn sample() -> (Vec<u8>, Vec<usize>) {
+        let mut s = Vec::new();
+        let mut ends = Vec::new();
+        put_hello(&mut s, &hello());
+        ends.push(s.len());
+        let page: Vec<u8> = (0..PAGE).map(|i| (i * 7) as u8).collect();
+        put_page(&mut s, 15, &page);
+        ends.push(s.len());
+        put_zero(&mut s, 0);
+        ends.push(s.len());
+        put_round_end(&mut s, 0, 2);
+        ends.push(s.len());
+        put_state(&mut s, tag::VCPU, &[9; 300]);
+        ends.push(s.len());
+        put_state(&mut s, tag::DEVICE, &[]);
+        ends.push(s.len());
+        put_end(&mut s, 2, 0xDEAD_BEEF);
+        ends.push(s.len());
+        for t in [tag::READY, tag::COMMIT] {
+            put_control(&mut s, t);
+            ends.push(s.len());
+        }
+        put_reason(&mut s, tag::REJECT, 3, "checksum");
+        ends.push(s.len());
+        put_reason(&mut s, tag::ABORT, 1, "operator");
+        ends.push(s.len());
+        (s, ends)
+    }
+
+    /// Feeds all of `s`; returns how many messages decoded, or the first error.
+    fn decode_all(s: &[u8]) -> Result<usize, WireError> {
+        let mut d = Decoder::new();
+        let (mut off, mut n) = (0, 0);
+        while off < s.len() {
+            let (used, ready) = d.push(&s[off..])?;
+            off += used;
+            if ready {
+                d.take()?;
+                n += 1;
+            } else {
+                assert_eq!(off, s.len(), "push stopped early without a message");
+            }
+        }
+        Ok(n)
+    }
+
+    fn first_error(s: &[u8]) -> WireError {
+        decode_all(s).expect_err("stream should be rejected")
+    }
+
+    #[test]
+    fn every_field_round_trips() {
+        let (s, _) = sample();
+        let mut d = Decoder::new();
+        let mut off = 0;
+        let mut next = |d: &mut Decoder| {
+            let (used, ready) = d.push(&s[off..]).unwrap();
+            assert!(ready);
+            off += used;
+        };
+        next(&mut d);
+        assert_eq!(d.take().unwrap(), Msg::Hello(hello()));
+        next(&mut d);
+        match d.take().unwrap() {
+            Msg::Page { pfn, data } => {
+                assert_eq!(pfn, 15);
+                assert!(data.iter().enumerate().all(|(i, b)| *b == (i * 7) as u8));
+            }
+            m => panic!("{m:?}"),
+        }
+        let expect = [
+            Msg::ZeroPage { pfn: 0 },
+            Msg::RoundEnd { round: 0, pages: 2 },
+            Msg::Vcpu(&[9; 300]),
+            Msg::Device(&[]),
+            Msg::End {
+                pages: 2,
+                checksum: 0xDEAD_BEEF,
+            },
+            Msg::Ready,
+            Msg::Commit,
+            Msg::Reject {
+                code: 3,
+                reason: "checksum",
+            },
+            Msg::Abort {
+                code: 1,
+                reason: "operator",
+            },
+        ];
+        for e in expect {
+            next(&mut d);
+            assert_eq!(d.take().unwrap(), e);
+        }
+        assert_eq!(off, s.len());
+        // A second take of the same message is refused, not a panic.
+        assert!(d.take().is_err());
+    }
+
+    #[test]
+    fn truncation_at_every_offset_is_incomplete_not_an_error() {
+        let (s, ends) = sample();
+        for cut in 0..=s.len() {
+            let complete = ends.iter().filter(|e| **e <= cut).count();
+            assert_eq!(decode_all(&s[..cut]), Ok(complete), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn byte_by_byte_and_random_chunks() {
+        let (s, ends) = sample();
+        let mut rng = Rng(0x1234_5678);
+        for round in 0..50 {
+            let mut d = Decoder::new();
+            let (mut off, mut got) = (0, 0);
+            while off < s.len() {
+                let len = if round == 0 {
+                    1
+                } else {
+                    1 + rng.next() as usize % 700
+                };
+                let chunk = &s[off..(off + len).min(s.len())];
+                let mut used = 0;
+                while used < chunk.len() {
+                    let (n, ready) = d.push(&chunk[used..]).unwrap();
+                    used += n;
+                    if ready {
+                        d.take().unwrap();
+                        got += 1;
+                        // A message completes exactly where the encoder ended it.
+                        assert_eq!(off + used, ends[got - 1]);
+                    }
+                }
+                off += chunk.len();
+            }
+            assert_eq!(got, ends.len());
+        }
+    }
+
+    #[test]
+    fn malformed_headers_and_fields() {
+        let mut h = Vec::new();
+        put_hello(&mut h, &hello());
+        // Tag 0 (a zeroed header) and unknown tags.
+        assert_eq!(first_error(&[0; HEADER]), WireError::BadTag(0));
+        assert_eq!(first_error(&[8, 0, 0, 0, 0, 0, 0, 0]), WireError::BadTag(8));
+        assert_eq!(
+            first_error(&[0xFF, 0, 0, 0, 0, 0, 0, 0]),
+            WireError::BadTag(0xFF)
+        );
+        // Reserved header bytes.
+        let mut s = h.clone();
+        s[2] = 1;
+        assert_eq!(first_error(&s), WireError::BadHeader);
+        // Bad magic, bad version, reserved Hello bytes, memory size, name length.
+        let mut s = h.clone();
+        s[HEADER] ^= 0x20;
+        assert_eq!(first_error(&s), WireError::BadMagic);
+        let mut s = h.clone();
+        s[HEADER + 8] = 2;
+        assert_eq!(first_error(&s), WireError::BadVersion(2));
+        let mut s = h.clone();
+        s[HEADER + 12] = 1;
+        assert!(matches!(first_error(&s), WireError::BadField(_)));
+        for mem in [0u64, 4095, 4097] {
+            let mut s = h.clone();
+            s[HEADER + 16..HEADER + 24].copy_from_slice(&mem.to_le_bytes());
+            assert_eq!(first_error(&s), WireError::BadField("memory size"), "{mem}");
+        }
+        let mut s = h.clone();
+        s[HEADER + 40] += 1;
+        assert_eq!(first_error(&s), WireError::BadField("name/args lengths"));
+        // Non-UTF-8 name.
+        let mut s = h.clone();
+        s[HEADER + HELLO_FIXED] = 0xFF;
+        assert_eq!(first_error(&s), WireError::BadField("name"));
+        // Lengths that do not fit their message.
+        for (t, len) in [
+            (tag::PAGE, 8 + PAGE as u32 - 1),
+            (tag::PAGE, 8),
+            (tag::ZERO, 16),
+            (tag::END, 8),
+            (tag::READY, 1),
+            (tag::REJECT, 3),
+            (tag::REJECT, 4 + MAX_REASON as u32 + 1),
+            (tag::VCPU, MAX_STATE as u32 + 1),
+            (tag::DEVICE, u32::MAX),
+            (tag::HELLO, 10),
+        ] {
+            let mut s = alloc::vec![t, 0, 0, 0];
+            s.extend_from_slice(&len.to_le_bytes());
+            assert_eq!(first_error(&s), WireError::BadLength { tag: t, len });
+        }
+        // Non-UTF-8 reason.
+        let mut s = Vec::new();
+        put_reason(&mut s, tag::ABORT, 1, "x");
+        let last = s.len() - 1;
+        s[last] = 0xC0;
+        assert_eq!(first_error(&s), WireError::BadField("reason"));
+    }
+
+    #[test]
+    fn a_huge_length_is_refused_before_buffering_and_the_error_sticks() {
+        let mut d = Decoder::new();
+        let cap = d.buf.capacity();
+        let mut s = alloc::vec![tag::VCPU, 0, 0, 0];
+        s.extend_from_slice(&0x7FFF_FFFFu32.to_le_bytes());
+        s.extend_from_slice(&[0; 64]);
+        let e = d.push(&s).unwrap_err();
+        assert!(matches!(e, WireError::BadLength { .. }));
+        assert_eq!(d.buf.len(), HEADER);
+        assert_eq!(d.buf.capacity(), cap);
+        // Failed for good: even a valid message afterwards is refused.
+        let mut ok = Vec::new();
+        put_control(&mut ok, tag::READY);
+        assert_eq!(d.push(&ok), Err(e));
+    }
+
+    #[test]
+    fn long_text_is_cut_at_a_character_boundary() {
+        let h = Hello {
+            name: "é".repeat(15) + "xé",
+            args: "ü".repeat(200),
+            ..hello()
+        };
+        let mut s = Vec::new();
+        put_hello(&mut s, &h);
+        let mut d = Decoder::new();
+        assert!(d.push(&s).unwrap().1);
+        match d.take().unwrap() {
+            Msg::Hello(got) => {
+                assert_eq!(got.name, "é".repeat(15) + "x");
+                assert_eq!(got.args, "ü".repeat(MAX_ARGS / 2));
+            }
+            m => panic!("{m:?}"),
+        }
+        let mut s = Vec::new();
+        put_reason(&mut s, tag::REJECT, 2, &"€".repeat(100));
+        let mut d = Decoder::new();
+        assert!(d.push(&s).unwrap().1);
+        match d.take().unwrap() {
+            Msg::Reject { reason, .. } => assert_eq!(reason, "€".repeat(MAX_REASON / 3)),
+            m => panic!("{m:?}"),
+        }
+    }
+
+    /// Mutated and random streams, decoded in random chunks: an error or messages, never
+    /// a panic, a stall or a buffer beyond one maximal message.
+    #[test]
+    fn fuzz_decoder_never_panics() {
+        let (base, _) = sample();
+        let mut rng = Rng(0xC0FF_EE00_D00D);
+        for i in 0..3000 {
+            let mut s = if i % 5 == 4 {
+                (0..rng.next() % 600).map(|_| rng.next() as u8).collect()
+            } else {
+                base.clone()
+            };
+            if !s.is_empty() {
+                for _ in 0..1 + rng.next() % 6 {
+                    let at = rng.next() as usize % s.len();
+                    match rng.next() % 3 {
+                        0 => s[at] ^= 1 << (rng.next() % 8),
+                        1 => s[at] = rng.next() as u8,
+                        _ => s.truncate(at),
+                    }
+                    if s.is_empty() {
+                        break;
+                    }
+                }
+            }
+            let mut d = Decoder::new();
+            let mut off = 0;
+            'feed: while off < s.len() {
+                let end = (off + 1 + rng.next() as usize % 2000).min(s.len());
+                let mut used = 0;
+                while off + used < end {
+                    match d.push(&s[off + used..end]) {
+                        Err(_) => break 'feed,
+                        Ok((n, ready)) => {
+                            assert!(n > 0 || ready, "no progress");
+                            used += n;
+                            if ready && d.take().is_err() {
+                                break 'feed;
+                            }
+                        }
+                    }
+                    assert!(d.buf.len() <= HEADER + MAX_PAYLOAD);
+                }
+                off = end;
+            }
+        }
+    }
 }
