@@ -70,6 +70,7 @@ pub struct BxEndpoint {
     sockets: SocketSet<'static>,
     tcp: SocketHandle,
     epoch: StdInstant,
+    next_port: u16,
 }
 
 impl BxEndpoint {
@@ -102,6 +103,7 @@ impl BxEndpoint {
             sockets,
             tcp,
             epoch,
+            next_port: 49152 + (std::process::id() % 10000) as u16,
         })
     }
 
@@ -122,10 +124,16 @@ impl BxEndpoint {
     /// Opens a TCP connection to `ip:port`.
     pub fn connect(&mut self, ip: [u8; 4], port: u16, timeout: Duration) -> Result<(), String> {
         let remote = (Ipv4Address::new(ip[0], ip[1], ip[2], ip[3]), port);
+        // A previous connection on this endpoint: drop it first.
+        if self.socket().state() != tcp::State::Closed {
+            self.socket().abort();
+            self.poll();
+        }
+        self.next_port = self.next_port.wrapping_add(1).max(49152);
         let ctx = self.iface.context();
         self.sockets
             .get_mut::<tcp::Socket>(self.tcp)
-            .connect(ctx, remote, 49152 + (std::process::id() % 10000) as u16)
+            .connect(ctx, remote, self.next_port)
             .map_err(|e| format!("connect: {e}"))?;
         self.wait(timeout, |s| s.may_send(), "TCP connection")
     }

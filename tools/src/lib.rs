@@ -7,3 +7,4 @@
 pub mod bxnet;
 pub mod console;
 pub mod emu;
+pub mod streams;

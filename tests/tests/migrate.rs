@@ -1,0 +1,193 @@
+//! Live-migration scenarios on a Bochs pair (A = 10.0.0.1, B = 10.0.0.2), plus a host
+//! endpoint on the same virtual Ethernet that plays a hostile or vanishing source.
+
+use std::time::Duration;
+
+use hv_tests::{expect, scenario, Emulator, Setup, CMD_TIMEOUT};
+use hv_tools::bxnet::BxEndpoint;
+use hv_tools::console::Console;
+use hv_tools::streams;
+
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(240);
+const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The last `counter N` a console printed for guest `id`.
+fn last_counter(log: &str, id: u32) -> Option<u64> {
+    let prefix = format!("[g{id}] counter ");
+    log.lines()
+        .filter_map(|l| l.strip_prefix(&prefix)?.split(' ').next()?.parse().ok())
+        .last()
+}
+
+/// The first `counter N` printed for guest `id` after `from` in the log.
+fn first_counter_after(log: &str, from: usize, id: u32) -> Option<u64> {
+    let prefix = format!("[g{id}] counter ");
+    log[from..]
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.split(' ').next()?.parse().ok())
+}
+
+/// Migrates guest `id` from `src` to the peer; returns the id it got there.
+fn migrate(
+    src: &mut Console,
+    dst: &mut Console,
+    id: u32,
+    peer: &str,
+    opts: &str,
+) -> Result<u32, String> {
+    let out = src.command(&format!("migrate {id} {peer} {opts}"), CMD_TIMEOUT)?;
+    expect(&out, &format!("migrate: guest {id} ("))?;
+    let (i, text) = src.wait_any(&["migrated to", "migrate: FAILED"], MIGRATE_TIMEOUT)?;
+    if i == 1 {
+        return Err(format!("migration failed:\n{text}"));
+    }
+    src.wait_for("MIGRATION-STATS", CMD_TIMEOUT)?;
+    let line = src.wait_for("\n", CMD_TIMEOUT)?;
+    eprintln!("MIGRATION-STATS{line}");
+    let arrived = dst.wait_for("arrived and resumed", MIGRATE_TIMEOUT)?;
+    let new_id = arrived
+        .rsplit("migrate: guest ")
+        .next()
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("cannot find the new id in {arrived:?}"))?;
+    Ok(new_id)
+}
+
+#[test]
+#[ignore = "boots an emulator pair: run with cargo xtask test"]
+fn bochs_pair_live_migration_round_trip_with_verification() {
+    let setup = Setup {
+        emulator: Emulator::Bochs,
+        pair: true,
+        net: true,
+        extra_hub_ports: 1,
+    };
+    scenario("bochs-migrate", setup, |lab| {
+        let hub_base = lab.hub_base;
+        let (a, b) = lab.instances.split_at_mut(1);
+        let (a, b) = (&mut a[0].console, &mut b[0].console);
+
+        // 1. A counter migrates A -> B (PML) and continues without a gap.
+        a.command("start counter period=100", CMD_TIMEOUT)?;
+        a.wait_for("[g1] counter 5 ", GUEST_TIMEOUT)?;
+        let id_b = migrate(a, b, 1, "10.0.0.2", "")?;
+        let on_a = last_counter(&a.log(), 1).ok_or("no counter output on A")?;
+        b.wait_for(&format!("[g{id_b}] counter"), GUEST_TIMEOUT)?;
+        b.wait_for("\n", CMD_TIMEOUT)?;
+        let first_b = first_counter_after(&b.log(), 0, id_b).ok_or("no counter output on B")?;
+        if first_b != on_a + 1 {
+            return Err(format!(
+                "counter gap: last on A {on_a}, first on B {first_b}"
+            ));
+        }
+        let vms_a = a.command("vms", CMD_TIMEOUT)?;
+        if vms_a.contains("counter") {
+            return Err(format!(
+                "migrated guest still listed on the source:\n{vms_a}"
+            ));
+        }
+        expect(&a.command("migrations", CMD_TIMEOUT)?, " ok")?;
+
+        // 2. The verify guest migrates while rewriting its memory (EPT A/D scanning) and
+        //    passes its own check on the destination.
+        a.command("start verify mem=8 rate=100 check=2", CMD_TIMEOUT)?;
+        a.wait_for("[g2] verify: PASS", GUEST_TIMEOUT)?;
+        let vid_b = migrate(a, b, 2, "10.0.0.2", "dirty=ad")?;
+        b.command(&format!("check {vid_b}"), CMD_TIMEOUT)?;
+        b.wait_for(&format!("[g{vid_b}] verify: PASS"), GUEST_TIMEOUT)?;
+
+        // 3. A hostile source: malformed streams to A are rejected, A keeps serving.
+        let mut ep = BxEndpoint::new(
+            hub_base + 4,
+            [0x52, 0x54, 0, 0x12, 0x34, 0x99],
+            [10, 0, 0, 9],
+        )?;
+        for s in streams::malformed() {
+            ep.connect([10, 0, 0, 1], 7000, Duration::from_secs(60))
+                .map_err(|e| format!("{}: {e}", s.name))?;
+            let _ = ep.send_all(&s.bytes, Duration::from_secs(60));
+            ep.close();
+            a.wait_for(&format!("incoming migration discarded: "), MIGRATE_TIMEOUT)
+                .map_err(|e| format!("{}: {e}", s.name))?;
+            let line = a.wait_for("\n", CMD_TIMEOUT)?;
+            if !line.contains(s.expect) {
+                return Err(format!(
+                    "{}: expected '{}' in the rejection, got '{line}'",
+                    s.name, s.expect
+                ));
+            }
+        }
+        // 4. A complete stream whose source vanishes after READY: never runs on A.
+        ep.connect([10, 0, 0, 1], 7000, Duration::from_secs(60))?;
+        ep.send_all(
+            &streams::complete_without_commit(),
+            Duration::from_secs(120),
+        )?;
+        let reply = ep.recv_until_close(Duration::from_secs(5));
+        ep.abort();
+        drop(ep);
+        if reply.first() != Some(&16) {
+            return Err(format!("expected READY from A, got {reply:?}"));
+        }
+        a.wait_for("never sent COMMIT", MIGRATE_TIMEOUT)?;
+        let vms_a = a.command("vms", CMD_TIMEOUT)?;
+        let forged = vms_a
+            .lines()
+            .find(|l| l.contains("forged"))
+            .ok_or(format!("forged guest not listed:\n{vms_a}"))?;
+        if !forged.contains("paused") {
+            return Err(format!("a guest without COMMIT must stay paused: {forged}"));
+        }
+
+        // 5. Back B -> A with write-protection tracking: the counter keeps counting.
+        let before = a.log().len();
+        let id_a = migrate(b, a, id_b, "10.0.0.1", "dirty=wp")?;
+        a.wait_for(
+            &format!("[g{id_a}] counter: migrated (now 2 migrations)"),
+            GUEST_TIMEOUT,
+        )?;
+        let on_b = last_counter(&b.log(), id_b).ok_or("no counter on B")?;
+        let first_a = first_counter_after(&a.log(), before, id_a).ok_or("no counter back on A")?;
+        if first_a != on_b + 1 {
+            return Err(format!(
+                "counter gap on the way back: last on B {on_b}, first on A {first_a}"
+            ));
+        }
+        Ok(())
+    });
+}
+
+#[test]
+#[ignore = "boots an emulator pair: run with cargo xtask test"]
+fn bochs_pair_peer_killed_mid_migration_keeps_guest_on_source() {
+    scenario("bochs-migrate-kill", Setup::bochs_pair(), |lab| {
+        let c = &mut lab.instances[0].console;
+        c.command("start verify mem=16 rate=500 check=2", CMD_TIMEOUT)?;
+        c.wait_for("[g1] verify: PASS", GUEST_TIMEOUT)?;
+        // Stop-and-copy mode freezes first; killing the peer must thaw the guest again.
+        expect(
+            &c.command("migrate 1 10.0.0.2 mode=stop", CMD_TIMEOUT)?,
+            "migrate: guest 1",
+        )?;
+        std::thread::sleep(Duration::from_secs(3));
+        lab.instances[1].kill();
+        let c = &mut lab.instances[0].console;
+        let text = c.wait_for("migrate: FAILED", MIGRATE_TIMEOUT)?;
+        let _ = text;
+        c.wait_for("keeps running here", CMD_TIMEOUT)?;
+        let vms = c.command("vms", CMD_TIMEOUT)?;
+        let line = vms
+            .lines()
+            .find(|l| l.contains(" verify ") && l.contains("Mi "))
+            .ok_or(format!("verify guest gone:\n{vms}"))?;
+        if line.contains("frozen") || line.contains("stopped") {
+            return Err(format!(
+                "guest not running after a failed migration: {line}"
+            ));
+        }
+        c.command("check 1", CMD_TIMEOUT)?;
+        c.wait_for("[g1] verify: PASS", GUEST_TIMEOUT)?;
+        Ok(())
+    });
+}
