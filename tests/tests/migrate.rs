@@ -15,8 +15,8 @@ const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
 fn last_counter(log: &str, id: u32) -> Option<u64> {
     let prefix = format!("[g{id}] counter ");
     log.lines()
-        .filter_map(|l| l.strip_prefix(&prefix)?.split(' ').next()?.parse().ok())
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix(&prefix)?.split(' ').next()?.parse().ok())
 }
 
 /// The first `counter N` printed for guest `id` after `from` in the log.
