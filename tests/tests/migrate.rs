@@ -108,7 +108,7 @@ fn bochs_pair_live_migration_round_trip_with_verification() {
                 .map_err(|e| format!("{}: {e}", s.name))?;
             let _ = ep.send_all(&s.bytes, Duration::from_secs(60));
             ep.close();
-            a.wait_for(&format!("incoming migration discarded: "), MIGRATE_TIMEOUT)
+            a.wait_for("incoming migration discarded: ", MIGRATE_TIMEOUT)
                 .map_err(|e| format!("{}: {e}", s.name))?;
             let line = a.wait_for("\n", CMD_TIMEOUT)?;
             if !line.contains(s.expect) {
