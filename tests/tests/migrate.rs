@@ -6,7 +6,7 @@ use std::time::Duration;
 use hv_tests::{expect, scenario, Emulator, Setup, CMD_TIMEOUT};
 use hv_tools::bxnet::BxEndpoint;
 use hv_tools::console::Console;
-use hv_tools::streams;
+use hv_tools::{session, streams};
 
 const MIGRATE_TIMEOUT: Duration = Duration::from_secs(240);
 const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
@@ -14,17 +14,25 @@ const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// The last `counter N` a console printed for guest `id`.
 fn last_counter(log: &str, id: u32) -> Option<u64> {
     let prefix = format!("[g{id}] counter ");
-    log.lines()
-        .rev()
-        .find_map(|l| l.strip_prefix(&prefix)?.split(' ').next()?.parse().ok())
+    log.lines().rev().find_map(|l| {
+        l.get(l.find(&prefix)? + prefix.len()..)?
+            .split(' ')
+            .next()?
+            .parse()
+            .ok()
+    })
 }
 
 /// The first `counter N` printed for guest `id` after `from` in the log.
 fn first_counter_after(log: &str, from: usize, id: u32) -> Option<u64> {
     let prefix = format!("[g{id}] counter ");
-    log[from..]
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix)?.split(' ').next()?.parse().ok())
+    log[from..].lines().find_map(|l| {
+        l.get(l.find(&prefix)? + prefix.len()..)?
+            .split(' ')
+            .next()?
+            .parse()
+            .ok()
+    })
 }
 
 /// Migrates guest `id` from `src` to the peer; returns the id it got there.
@@ -35,23 +43,9 @@ fn migrate(
     peer: &str,
     opts: &str,
 ) -> Result<u32, String> {
-    let out = src.command(&format!("migrate {id} {peer} {opts}"), CMD_TIMEOUT)?;
-    expect(&out, &format!("migrate: guest {id} ("))?;
-    let (i, text) = src.wait_any(&["migrated to", "migrate: FAILED"], MIGRATE_TIMEOUT)?;
-    if i == 1 {
-        return Err(format!("migration failed:\n{text}"));
-    }
-    src.wait_for("MIGRATION-STATS", CMD_TIMEOUT)?;
-    let line = src.wait_for("\n", CMD_TIMEOUT)?;
-    eprintln!("MIGRATION-STATS{line}");
-    let arrived = dst.wait_for("arrived and resumed", MIGRATE_TIMEOUT)?;
-    let new_id = arrived
-        .rsplit("migrate: guest ")
-        .next()
-        .and_then(|s| s.split(' ').next())
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("cannot find the new id in {arrived:?}"))?;
-    Ok(new_id)
+    let m = session::migrate(src, dst, id, peer, opts, MIGRATE_TIMEOUT)?;
+    eprintln!("migrated guest {id} to {peer} {opts}: {:?}", m.stats);
+    Ok(m.new_id)
 }
 
 #[test]

@@ -203,7 +203,7 @@ impl InstanceConfig {
                     .to_string(),
                 "-rc".into(),
                 self.work_dir
-                    .join("bochs-continue.rc")
+                    .join(format!("bochs-continue-{}.rc", self.name))
                     .display()
                     .to_string(),
             ],
@@ -271,8 +271,13 @@ impl Instance {
                 config.bochsrc(),
             )
             .map_err(|e| e.to_string())?;
-            fs::write(config.work_dir.join("bochs-continue.rc"), "c\n")
-                .map_err(|e| e.to_string())?;
+            fs::write(
+                config
+                    .work_dir
+                    .join(format!("bochs-continue-{}.rc", config.name)),
+                "c\n",
+            )
+            .map_err(|e| e.to_string())?;
         }
         let argv = config.command_line();
         let out = fs::File::create(

@@ -7,4 +7,5 @@
 pub mod bxnet;
 pub mod console;
 pub mod emu;
+pub mod session;
 pub mod streams;

@@ -2,9 +2,12 @@
 //! emulator, and runs the tests, the demo and the benchmarks. One module per subcommand;
 //! every external tool is checked for (and installed when possible) before it is used.
 
+mod bench;
 mod build;
+mod demo;
 mod deps;
 mod run;
+mod svg;
 mod test;
 
 use std::path::PathBuf;
@@ -19,7 +22,13 @@ commands:
   build                      build the hypervisor, the guests and the GRUB ISO (out/hvmig.iso)
   run [--pair] [--emulator bochs|qemu-kvm|qemu-tcg] [--ips N] [--mem MiB]
                              boot one instance (or a linked pair) with the console on this terminal
-  test [--host-only]         host unit tests, then the end-to-end scenarios in the emulators
+  demo [--emulator ...] [--ips N]
+                             boot a linked pair, migrate a running counter guest from A to B,
+                             show it continuing there and print the migration's figures
+  test [--host-only] [filter]
+                             host unit tests, then the end-to-end scenarios in the emulators
+  bench [--quick] [--repeats N] [--emulator ...] [--ips N]
+                             migration benchmark matrix; table on stdout, out/bench/*.json|csv|svg
   help                       this text
 ";
 
@@ -37,7 +46,8 @@ pub struct BootOpts {
 }
 
 impl BootOpts {
-    fn parse(args: &[String]) -> Result<Self, String> {
+    /// Parses the boot options.
+    pub fn parse(args: &[String]) -> Result<Self, String> {
         let mut o = Self {
             emulator: default_emulator(),
             pair: false,
@@ -82,6 +92,8 @@ fn main() -> ExitCode {
         "build" => build::run_cmd(rest).map(|_| ()),
         "run" => BootOpts::parse(rest).and_then(|o| run::run(&o)),
         "test" => test::run(rest),
+        "demo" => BootOpts::parse(rest).and_then(|o| demo::run(&o)),
+        "bench" => bench::run(rest),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(())

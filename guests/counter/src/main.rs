@@ -1,6 +1,12 @@
-//! `counter`: prints an increasing sequence number with its timestamp every `period`
-//! milliseconds (default 300), forever. After a live migration the sequence continues
-//! without a gap, which is what the migration tests and the demo look for.
+//! `counter`: prints `counter <seq> t=<ms>ms` every `period=<ms>` milliseconds (default
+//! 300), forever, with `seq` counting 0, 1, 2, ... and reports it as Progress.
+//!
+//! It is the live-migration demo: `seq` and the deadline live on the stack / in
+//! registers, which migrate with the guest, so on the destination the sequence goes on
+//! without a gap or a repeat, and the clock (which the hypervisor carries over) without
+//! a jump. After each line it asks for its migration count and says when it changed.
+//!
+//! `no_std`/`no_main`: a bare-metal PV guest on the `rt` runtime.
 #![no_std]
 #![no_main]
 
@@ -9,8 +15,8 @@ use rt::println;
 
 rt::entry!(main);
 
-fn main(env: &rt::Env) -> i32 {
-    let period = env.args.u64("period", 300).max(1) * 1_000_000;
+fn main(args: &rt::Args) -> i32 {
+    let period = args.u64_or("period", 300).max(1) * 1_000_000;
     let mut migrations = rt::info().migrations;
     let mut deadline = rt::time_ns();
     let mut seq: u64 = 0;
@@ -24,7 +30,9 @@ fn main(env: &rt::Env) -> i32 {
             migrations = m;
             println!("counter: migrated (now {m} migrations)");
         }
-        deadline += period;
+        // Absolute deadlines, so the period does not drift; after a stall (paused,
+        // migrating, starved) resume from now instead of printing a burst.
+        deadline = (deadline + period).max(rt::time_ns());
         rt::sleep_until(deadline);
     }
 }

@@ -1,67 +1,104 @@
-//! `dirtier`: writes pages of a working set of `pages` pages (default 256) at `rate`
-//! pages per second (default 1000; 0 = as fast as it can), round robin, and reports
-//! how many it wrote. Word 0 of each page counts the writes to it, so the sum over the
-//! working set must equal the total: asked to verify, it checks exactly that.
+//! `dirtier`: dirties memory at a known rate, to load live migration's pre-copy.
+//!
+//! Arguments: `pages=W` (working set, default 256 pages of its free memory) and `rate=R`
+//! (page writes per second, default 1000; `0` = as fast as it can, a CPU hog that only
+//! the hypervisor's preemption timer takes the CPU from). Write `k` stores the counter
+//! `k + 1` into word 0 of page `k % W` (round robin), paced on absolute time in batches
+//! every 10 ms. Every second it prints `dirtier: wrote <total> pages (<W> working set)`
+//! and reports Dirtied. Asked to verify (`check <id>`), it checks that every page holds
+//! its last write (`rt::pattern::dirtier_check`) and reports the result.
+//!
+//! `no_std`/`no_main`: a bare-metal PV guest on the `rt` runtime.
 #![no_std]
 #![no_main]
 
 use rt::guest_abi::{ReportKind, Request};
-use rt::println;
+use rt::mem::WORDS_PER_PAGE;
+use rt::pace::Pacer;
+use rt::{pattern, println};
 
 rt::entry!(main);
 
-const WORDS: usize = 512;
+/// Page writes between clock and request checks when unpaced.
+const UNPACED_BATCH: u64 = 1024;
+const SECOND: u64 = 1_000_000_000;
 
-fn main(env: &rt::Env) -> i32 {
-    let Some(mem) = rt::free_memory(env) else {
+fn main(args: &rt::Args) -> i32 {
+    let want = args.u64_or("pages", 256);
+    let rate = args.u64_or("rate", 1000);
+    let Some(region) = rt::mem::free_region() else {
+        println!("dirtier: no free memory region");
         return 1;
     };
-    let avail = mem.len() / WORDS;
-    let ws = (env.args.u64("pages", 256) as usize).clamp(1, avail.max(1));
-    if avail == 0 {
-        println!("dirtier: no free memory");
+    let avail = region.len() / WORDS_PER_PAGE;
+    if want == 0 || avail == 0 {
+        println!("dirtier: nothing to dirty ({want} pages asked, {avail} free)");
         return 1;
     }
-    let rate = env.args.u64("rate", 1000);
-    println!("dirtier: working set {ws} pages, rate {rate} pages/s");
-    let mut total: u64 = 0;
+    let w = (want as usize).min(avail);
+    if w < want as usize {
+        println!("dirtier: only {avail} pages free, working set {w}");
+    }
+    let ws = &mut region[..w * WORDS_PER_PAGE];
+    for p in 0..w {
+        ws[p * WORDS_PER_PAGE] = 0;
+    }
+    println!(
+        "dirtier: working set {w} pages at {:#x}, rate {}",
+        rt::mem::free_base(),
+        Rate(rate)
+    );
+
+    let mut total: u64 = 0; // writes so far; write `total` goes to page `next`
     let mut next = 0usize;
     let start = rt::time_ns();
-    let mut last_print = start;
-    const BATCH_NS: u64 = 10_000_000;
-    let mut batch_deadline = start;
+    let mut pacer = Pacer::new(rate, start, UNPACED_BATCH);
+    let mut next_print = start + SECOND;
     loop {
-        let batch = if rate == 0 {
-            64
-        } else {
-            (rate * BATCH_NS / 1_000_000_000).max(1)
-        };
-        for _ in 0..batch {
-            let page = &mut mem[next * WORDS..(next + 1) * WORDS];
-            page[0] += 1;
-            page[1 + (total as usize % (WORDS - 1))] = total;
-            total += 1;
-            next = (next + 1) % ws;
-        }
         let now = rt::time_ns();
-        if now - last_print >= 1_000_000_000 {
-            last_print = now;
-            println!("dirtier: wrote {total} pages ({ws} working set)");
-            rt::report(ReportKind::Dirtied, total, ws as u64);
+        for _ in 0..pacer.take(now) {
+            total += 1;
+            ws[next * WORDS_PER_PAGE] = total;
+            next += 1;
+            if next == w {
+                next = 0;
+            }
+        }
+        if now >= next_print {
+            println!("dirtier: wrote {total} pages ({w} working set)");
+            rt::report(ReportKind::Dirtied, total, w as u64);
+            next_print = (next_print + SECOND).max(now + SECOND / 2);
         }
         if rt::take_request() == Request::Verify {
-            let sum: u64 = (0..ws).map(|p| mem[p * WORDS]).sum();
-            let ok = sum == total;
-            println!(
-                "dirtier: verify: {} (sum {sum}, wrote {total})",
-                if ok { "PASS" } else { "FAIL" }
-            );
-            rt::report(ReportKind::Verify, u64::from(ok), ws as u64);
+            // Read what memory holds now, not what the compiler remembers writing.
+            let ws = core::hint::black_box(&mut *ws);
+            match pattern::dirtier_check(ws, total) {
+                Ok(n) => {
+                    println!(
+                        "dirtier: verify: PASS {n} pages hold their last write ({total} writes)"
+                    );
+                    rt::report(ReportKind::Verify, 1, n as u64);
+                }
+                Err((p, found, wrote)) => {
+                    println!("dirtier: verify: FAIL page {p} holds write {found}, its last write was {wrote}");
+                    rt::report(ReportKind::Verify, 0, w as u64);
+                }
+            }
         }
-        // rate=0 is a CPU hog on purpose: only the preemption timer takes the CPU away.
-        if rate != 0 {
-            batch_deadline += BATCH_NS * batch / (rate * BATCH_NS / 1_000_000_000).max(1);
-            rt::sleep_until(batch_deadline);
+        if let Some(t) = pacer.next_wake(now) {
+            rt::sleep_until(t);
+        }
+    }
+}
+
+/// Displays a rate argument.
+struct Rate(u64);
+
+impl core::fmt::Display for Rate {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            0 => f.write_str("unpaced"),
+            r => write!(f, "{r} pages/s"),
         }
     }
 }

@@ -1,279 +1,187 @@
-//! The runtime every PV guest links: the `_start` entry (the hypervisor starts guests in
-//! long mode with RSP at the top of memory and RDI = the boot-info page, see
-//! `guest-abi`), a panic handler that reports and exits, safe hypercall wrappers, a
-//! line-buffered console (`println!`), `key=value` arguments, and safe access to the
-//! guest's free memory. The only `unsafe` is the entry stub, reading the boot info and
-//! taking the free-memory region once.
+//! The tiny runtime every PV guest links.
+//!
+//! A PV guest has no firmware, no interrupts and no OS: the hypervisor drops it into
+//! 64-bit long mode at its ELF entry with `RSP` at the top of its memory and `RDI`
+//! pointing at the [`BootInfo`] page (see `guest-abi`). Everything it can do besides
+//! computing is a hypercall. This crate turns that into an ordinary (if small) Rust
+//! environment:
+//!
+//! * `_start` aligns the stack and calls `rt_main`, which [`entry!`] defines in the guest
+//!   binary; it checks the boot info, parses the arguments ([`Args`]) and runs the guest's
+//!   `fn main(args: &rt::Args) -> i32`, whose result becomes the exit code;
+//! * a panic handler that prints the message on the console and exits with code 255;
+//! * safe hypercall wrappers ([`time_ns`], [`sleep_until`], [`exit`], [`info`],
+//!   [`report`], [`take_request`], ...) and a console ([`print!`], [`println!`]);
+//! * one safe handle on the guest's free memory ([`mem::free_region`]);
+//! * pure, host-tested logic the guests share: [`pattern`] (memory invariants) and
+//!   [`pace`] (rate pacing).
+//!
+//! The only `unsafe` is the hypercall trap (in `guest_abi::hypercall`), the entry stub
+//! and [`mem::free_region`], which turns raw guest-physical addresses into a slice.
+//! The crate also builds on the host (without the entry and the panic handler), so
+//! `cargo test --manifest-path guests/rt/Cargo.toml --target x86_64-unknown-linux-gnu`
+//! runs the unit tests of the pure modules.
 #![cfg_attr(not(test), no_std)]
 
+pub mod args;
+pub mod console;
+pub mod mem;
+pub mod pace;
 pub mod pattern;
 
-use core::fmt;
 use core::sync::atomic::{AtomicBool, Ordering};
 
+pub use args::Args;
 pub use guest_abi;
 use guest_abi::{
-    hypercall, BootInfo, ErrorCode, GuestInfo, Hypercall, ReportKind, Request, BOOT_INFO_MAGIC,
+    hypercall, BootInfo, ErrorCode, GuestInfo, Hypercall, ReportKind, Request, ABI_VERSION,
+    BOOT_INFO_MAGIC,
 };
 
-/// Bytes kept free for the stack at the top of guest memory (see the loader).
-pub const STACK_RESERVE: u64 = 64 * 1024;
-
+// The entry point. The hypervisor starts the guest here with RSP = top of guest memory
+// (16-byte aligned, but re-aligned anyway) and RDI = the BootInfo page. The SysV ABI wants
+// RSP + 8 aligned to 16 at a function's entry, which the `call` provides. `rt_main` is
+// defined by `entry!` in the guest binary and never returns; `ud2` stops the guest should
+// it ever do so. Its only argument, RDI, is passed through untouched: the guest-abi
+// contract guarantees a valid, mapped BootInfo there (`rt_main` treats it as `&BootInfo`
+// and checks its magic first).
 #[cfg(target_os = "none")]
 core::arch::global_asm!(
-    r#"
-.section .text.entry, "ax"
-.global _start
-_start:
-    andq $-16, %rsp
-    call rt_user_main
-1:  hlt
-    jmp 1b
-"#,
-    options(att_syntax)
+    ".section .text.entry, \"ax\"",
+    ".global _start",
+    ".type _start, @function",
+    "_start:",
+    "    and rsp, -16",
+    "    xor ebp, ebp",
+    "    call rt_main",
+    "    ud2",
+    ".size _start, . - _start",
 );
 
-/// Defines the guest's entry: `rt::entry!(main)` with `fn main(env: &rt::Env) -> i32`.
+/// Defines the guest's entry: `rt::entry!(main);` with `fn main(args: &rt::Args) -> i32`.
+///
+/// It expands to the `rt_main` function `_start` calls; the value `main` returns is the
+/// guest's exit code.
 #[macro_export]
 macro_rules! entry {
     ($main:path) => {
-        /// Called by `_start` with the boot-info address.
+        /// Called by the runtime's `_start` with the boot-info page (guest-abi contract).
         #[no_mangle]
-        pub extern "C" fn rt_user_main(boot_info: u64) -> ! {
-            $crate::start(boot_info, $main)
+        pub extern "C" fn rt_main(boot_info: &'static $crate::guest_abi::BootInfo) -> ! {
+            const MAIN: fn(&$crate::Args) -> i32 = $main;
+            $crate::run(boot_info, MAIN)
         }
     };
 }
 
-/// What a guest knows about itself at start.
-pub struct Env {
-    /// The boot information from the hypervisor.
-    pub boot: BootInfo,
-    /// Parsed arguments.
-    pub args: Args,
-}
+static STARTED: AtomicBool = AtomicBool::new(false);
 
-/// Runs `main` and exits with its result.
-pub fn start(boot_info: u64, main: fn(&Env) -> i32) -> ! {
-    // SAFETY: the hypervisor passes the address of a BootInfo page inside guest memory
-    // (guest-abi contract); it is identity-mapped and read once, by value.
-    let boot = unsafe { core::ptr::read_volatile(boot_info as *const BootInfo) };
+/// Starts the guest: checks the boot info, records the free memory, parses the
+/// arguments, runs `main` and exits with its result. Called once, by [`entry!`]'s
+/// `rt_main`; any later call panics (it must not redefine the free memory).
+pub fn run(boot: &BootInfo, main: fn(&Args) -> i32) -> ! {
+    if STARTED.swap(true, Ordering::SeqCst) {
+        panic!("rt::run called twice");
+    }
     if boot.magic != BOOT_INFO_MAGIC {
+        println!("rt: bad boot info magic {:#x}", boot.magic);
         exit(254);
     }
+    if boot.abi_version != ABI_VERSION {
+        println!(
+            "rt: hypervisor speaks ABI v{}, this guest was built for v{ABI_VERSION}",
+            boot.abi_version
+        );
+        exit(253);
+    }
+    mem::init(boot.image_end, boot.mem_bytes);
     let len = (boot.args_len as usize).min(boot.args.len());
     let args = Args::new(&boot.args[..len]);
-    let env = Env { boot, args };
-    exit(main(&env))
+    exit(main(&args))
 }
 
-/// `key=value` arguments (at most 16).
-pub struct Args {
-    raw: [u8; guest_abi::MAX_ARGS],
-    len: usize,
+/// Issues `call` and decodes the result.
+fn call(call: Hypercall, a0: u64, a1: u64, a2: u64) -> Result<u64, ErrorCode> {
+    ErrorCode::decode(hypercall(call, a0, a1, a2, 0))
 }
 
-impl Args {
-    /// Copies the argument string.
-    pub fn new(s: &[u8]) -> Self {
-        let mut raw = [0u8; guest_abi::MAX_ARGS];
-        let len = s.len().min(raw.len());
-        raw[..len].copy_from_slice(&s[..len]);
-        Self { raw, len }
-    }
-
-    /// The value of `key`, if given.
-    pub fn get(&self, key: &str) -> Option<&str> {
-        let s = core::str::from_utf8(&self.raw[..self.len]).ok()?;
-        s.split_ascii_whitespace()
-            .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-    }
-
-    /// The value of `key` as a number, or `default` (also when it does not parse).
-    pub fn u64(&self, key: &str, default: u64) -> u64 {
-        self.get(key)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    }
-}
-
-/// Writes bytes to the hypervisor console.
-pub fn write(bytes: &[u8]) -> Result<u64, ErrorCode> {
-    ErrorCode::decode(hypercall(
+/// Writes raw bytes to the console (at most [`guest_abi::MAX_CONSOLE_WRITE`] per call);
+/// returns the bytes written. Prefer [`print!`]/[`println!`].
+pub fn console_write(bytes: &[u8]) -> Result<u64, ErrorCode> {
+    call(
         Hypercall::ConsoleWrite,
         bytes.as_ptr() as u64,
         bytes.len() as u64,
         0,
-        0,
-    ))
+    )
 }
 
-/// Monotonic time in nanoseconds (continues across migrations).
+/// Monotonic time in nanoseconds since the guest was first started (it keeps counting
+/// across migrations).
 pub fn time_ns() -> u64 {
-    hypercall(Hypercall::Time, 0, 0, 0, 0)
+    call(Hypercall::Time, 0, 0, 0).unwrap_or(0)
 }
 
-/// Sleeps until the monotonic clock reads `ns`.
+/// Sleeps until the monotonic clock reads `ns` (returns at once if it already does).
 pub fn sleep_until(ns: u64) {
-    hypercall(Hypercall::HaltUntil, ns, 0, 0, 0);
+    let _ = call(Hypercall::HaltUntil, ns, 0, 0);
 }
 
 /// Sleeps `ms` milliseconds.
 pub fn sleep_ms(ms: u64) {
-    sleep_until(time_ns() + ms * 1_000_000);
+    sleep_until(time_ns().saturating_add(ms.saturating_mul(1_000_000)));
 }
 
-/// Gives the CPU to other guests.
+/// Gives up the rest of this time slice.
 pub fn yield_now() {
-    hypercall(Hypercall::Yield, 0, 0, 0, 0);
+    let _ = call(Hypercall::Yield, 0, 0, 0);
 }
 
-/// Ends the guest.
+/// Ends the guest with `code` (passed sign-extended in RDI). Never returns.
 pub fn exit(code: i32) -> ! {
-    Console::flush_now();
     loop {
-        hypercall(Hypercall::Exit, code as i64 as u64, 0, 0, 0);
+        // Exit does not return; should a hypervisor ever resume us, ask again.
+        let _ = call(Hypercall::Exit, code as i64 as u64, 0, 0);
     }
 }
 
-/// The guest's current id and migration count.
+/// The guest's current id, ABI version, migration count and memory size.
 pub fn info() -> GuestInfo {
     let mut gi = GuestInfo::default();
-    hypercall(Hypercall::Info, &mut gi as *mut GuestInfo as u64, 0, 0, 0);
+    // The hypervisor fills `gi` through its address; the VMCALL asm may write memory
+    // (it is not `nomem`), so the compiler re-reads `gi` afterwards.
+    let _ = call(Hypercall::Info, core::ptr::addr_of_mut!(gi) as u64, 0, 0);
     gi
 }
 
-/// Reports a result to the hypervisor.
+/// Reports a result to the hypervisor (shown by its `vms` and `stats` commands).
 pub fn report(kind: ReportKind, value: u64, detail: u64) {
-    hypercall(Hypercall::Report, kind as u64, value, detail, 0);
+    let _ = call(Hypercall::Report, kind as u64, value, detail);
 }
 
-/// Takes the operator's pending request.
+/// Fetches and clears the operator's pending request.
 pub fn take_request() -> Request {
-    match hypercall(Hypercall::TakeRequest, 0, 0, 0, 0) {
-        1 => Request::Verify,
+    match call(Hypercall::TakeRequest, 0, 0, 0) {
+        Ok(1) => Request::Verify,
         _ => Request::None,
-    }
-}
-
-/// Issues a raw hypercall (for the misbehaving test guest).
-pub fn raw_hypercall(number: u64, a0: u64, a1: u64) -> u64 {
-    let rax: u64;
-    // SAFETY: as guest_abi::hypercall, with an arbitrary number: the hypervisor answers
-    // unknown numbers with an error and writes only RAX.
-    unsafe {
-        core::arch::asm!("vmcall", inout("rax") number => rax, in("rdi") a0, in("rsi") a1, in("rdx") 0u64, in("r10") 0u64, options(nostack));
-    }
-    rax
-}
-
-/// Line-buffered console writer: a line goes out in one hypercall.
-pub struct Console {
-    buf: [u8; 200],
-    len: usize,
-}
-
-static mut LINE: Console = Console {
-    buf: [0; 200],
-    len: 0,
-};
-
-impl Console {
-    fn push(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.buf[self.len] = b;
-            self.len += 1;
-            if b == b'\n' || self.len == self.buf.len() {
-                let _ = write(&self.buf[..self.len]);
-                self.len = 0;
-            }
-        }
-    }
-
-    /// Runs `f` with the console (guests are single-threaded and non-reentrant: no
-    /// interrupts, and the panic handler only runs after `f` is gone).
-    pub fn with<R>(f: impl FnOnce(&mut Console) -> R) -> R {
-        // SAFETY: one vCPU, no interrupts, and nothing inside `f` calls `with` again
-        // (formatting does not print), so this is the only live reference.
-        f(unsafe { &mut *core::ptr::addr_of_mut!(LINE) })
-    }
-
-    /// Writes out a partial line.
-    pub fn flush_now() {
-        Self::with(|c| {
-            if c.len > 0 {
-                let _ = write(&c.buf[..c.len]);
-                c.len = 0;
-            }
-        });
-    }
-}
-
-impl fmt::Write for Console {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        self.push(s.as_bytes());
-        Ok(())
-    }
-}
-
-/// Prints a line on the hypervisor console.
-#[macro_export]
-macro_rules! println {
-    ($($arg:tt)*) => {{
-        $crate::Console::with(|c| {
-            use core::fmt::Write as _;
-            let _ = writeln!(c, $($arg)*);
-        });
-    }};
-}
-
-static REGION_TAKEN: AtomicBool = AtomicBool::new(false);
-
-/// The guest's free memory between its image and the stack, as words. Available once.
-pub fn free_memory(env: &Env) -> Option<&'static mut [u64]> {
-    if REGION_TAKEN.swap(true, Ordering::SeqCst) {
-        return None;
-    }
-    let start = env.boot.image_end.div_ceil(4096) * 4096;
-    let end = env.boot.mem_bytes.saturating_sub(STACK_RESERVE) & !4095;
-    if end <= start {
-        return Some(&mut []);
-    }
-    // SAFETY: [image_end, mem - 64 KiB) is guest memory that nothing else uses (the
-    // image ends before it, the stack lives above it), identity-mapped by the
-    // hypervisor's page tables, and the flag above hands it out only once.
-    Some(unsafe {
-        core::slice::from_raw_parts_mut(start as *mut u64, ((end - start) / 8) as usize)
-    })
-}
-
-/// Reads the TSC (guests may: RDTSC does not exit).
-pub fn rdtsc() -> u64 {
-    // SAFETY: RDTSC has no side effects.
-    #[allow(unused_unsafe)]
-    unsafe {
-        core::arch::x86_64::_rdtsc()
     }
 }
 
 #[cfg(all(target_os = "none", not(test)))]
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
-    Console::flush_now();
-    println!("guest panic: {info}");
-    exit(255)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn args_parse() {
-        let a = Args::new(b"pages=64 rate=100 mode=ud");
-        assert_eq!(a.get("mode"), Some("ud"));
-        assert_eq!(a.u64("pages", 1), 64);
-        assert_eq!(a.u64("missing", 7), 7);
-        assert_eq!(a.get("rat"), None);
+    static PANICKING: AtomicBool = AtomicBool::new(false);
+    // A panic while printing the first one: just stop.
+    if !PANICKING.swap(true, Ordering::SeqCst) {
+        match info.location() {
+            Some(l) => println!(
+                "guest panic at {}:{}: {}",
+                l.file(),
+                l.line(),
+                info.message()
+            ),
+            None => println!("guest panic: {}", info.message()),
+        }
     }
+    exit(255)
 }

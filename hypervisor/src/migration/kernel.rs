@@ -235,6 +235,9 @@ impl Migrations {
 
     fn listen(&mut self, net: &mut NetStack) {
         let h = net.add_tcp_socket(TCP_BUF, 16 * 1024);
+        // Acknowledge at once: the stop-and-copy hand-over is a few round trips, and a
+        // delayed ACK would add its delay to the guest's downtime.
+        net.tcp(h).set_ack_delay(None);
         match net.listen(h, PORT) {
             Ok(()) => self.listener = Some(h),
             Err(e) => {
@@ -458,6 +461,7 @@ impl Migrations {
             ..Default::default()
         };
         let sock = net.add_tcp_socket(16 * 1024, TCP_BUF);
+        net.tcp(sock).set_ack_delay(None);
         if let Err(e) = net.connect(sock, Ipv4Address::new(ip[0], ip[1], ip[2], ip[3]), port) {
             net.remove_socket(sock);
             return Err(cmd_err!("cannot connect to {}: {e}", stats.peer));

@@ -1,0 +1,109 @@
+//! Console conversations shared by xtask (demo, bench) and the end-to-end tests: run a
+//! migration and collect its figures, measure the link with netbench.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::console::Console;
+
+/// A finished migration as the consoles reported it.
+#[derive(Clone, Debug)]
+pub struct Migrated {
+    /// The guest's id on the destination.
+    pub new_id: u32,
+    /// The `MIGRATION-STATS` key/values from the source.
+    pub stats: BTreeMap<String, String>,
+    /// The human summary the source printed.
+    pub summary: String,
+}
+
+/// Parses `KEY k=v k=v ...` into a map (the first word is skipped).
+pub fn parse_kv(line: &str) -> BTreeMap<String, String> {
+    line.split_whitespace()
+        .skip(1)
+        .filter_map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+/// Runs `migrate <id> <peer> <opts>` on `src` and waits for the guest to resume on `dst`.
+pub fn migrate(
+    src: &mut Console,
+    dst: &mut Console,
+    id: u32,
+    peer: &str,
+    opts: &str,
+    timeout: Duration,
+) -> Result<Migrated, String> {
+    let cmd = format!("migrate {id} {peer} {opts}");
+    let out = src.command(cmd.trim(), Duration::from_secs(60))?;
+    if !out.contains(&format!("migrate: guest {id} (")) {
+        return Err(format!("migrate did not start:\n{out}"));
+    }
+    let (i, text) = src.wait_any(&["migrated to", "migrate: FAILED"], timeout)?;
+    if i == 1 {
+        let why = src
+            .wait_for("\n", Duration::from_secs(10))
+            .unwrap_or_default();
+        return Err(format!(
+            "migration failed: {}{why}",
+            text.lines().last().unwrap_or("")
+        ));
+    }
+    let summary = src.wait_for("MIGRATION-STATS", Duration::from_secs(30))?;
+    let line = src.wait_for("\n", Duration::from_secs(10))?;
+    let stats = parse_kv(&format!("MIGRATION-STATS{line}"));
+    let arrived = dst.wait_for("arrived and resumed", timeout)?;
+    let new_id = arrived
+        .rsplit("migrate: guest ")
+        .next()
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("cannot find the new id in {arrived:?}"))?;
+    Ok(Migrated {
+        new_id,
+        stats,
+        summary: summary.trim_end_matches("MIGRATION-STATS").to_string(),
+    })
+}
+
+/// Runs `netbench <ip> <mib>` and returns the NETBENCH figures.
+pub fn netbench(c: &mut Console, ip: &str, mib: u32) -> Result<BTreeMap<String, String>, String> {
+    c.send_line(&format!("netbench {ip} {mib}"))?;
+    let (i, text) = c.wait_any(&["NETBENCH ", "error:"], Duration::from_secs(300))?;
+    let rest = c.wait_for("\n", Duration::from_secs(10))?;
+    if i == 1 {
+        return Err(format!("netbench failed: {text}{rest}"));
+    }
+    let kv = parse_kv(&format!("NETBENCH {rest}"));
+    if kv.get("verified").map(String::as_str) != Some("yes") {
+        return Err(format!("netbench did not verify: {rest}"));
+    }
+    c.wait_for(crate::console::PROMPT, Duration::from_secs(30))?;
+    Ok(kv)
+}
+
+/// Starts a guest; returns its id.
+pub fn start(c: &mut Console, args: &str) -> Result<u32, String> {
+    let out = c.command(&format!("start {args}"), Duration::from_secs(60))?;
+    out.split("started guest ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("start {args} failed:\n{out}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_key_values() {
+        let kv = parse_kv("MIGRATION-STATS guest=3 total_us=100 per_round=1:2:3,4:5:6");
+        assert_eq!(kv["guest"], "3");
+        assert_eq!(kv["per_round"], "1:2:3,4:5:6");
+        assert_eq!(kv.len(), 3);
+    }
+}
