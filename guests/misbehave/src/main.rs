@@ -16,7 +16,8 @@
 //! * `ud`: executes `ud2` (an invalid-opcode exception, same outcome);
 //! * `panic`: panics (the runtime prints the message and exits with code 255).
 //!
-//! The guest never gets past the fault; if it does, it says so and exits with code 3.
+//! In `outside` and `ud` the guest never gets past the fault; if it does, it says so and
+//! exits with code 3.
 //!
 //! `no_std`/`no_main`: a bare-metal PV guest on the `rt` runtime. Unlike the other
 //! guests it issues one raw VMCALL itself, since `guest_abi::hypercall` (rightly) only

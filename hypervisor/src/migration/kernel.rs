@@ -54,8 +54,8 @@ impl Link for TcpLink<'_> {
         s.send_slice(data).unwrap_or(0)
     }
 
-    fn flushed(&mut self) -> bool {
-        self.net.tcp(self.h).send_queue() == 0
+    fn queued(&mut self) -> usize {
+        self.net.tcp(self.h).send_queue()
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> usize {

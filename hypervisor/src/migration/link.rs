@@ -18,8 +18,8 @@ pub trait Link {
     fn state(&mut self) -> LinkState;
     /// Queues up to `data.len()` bytes; returns how many were taken (0 when full).
     fn send(&mut self, data: &[u8]) -> usize;
-    /// Whether everything queued has been sent and acknowledged.
-    fn flushed(&mut self) -> bool;
+    /// Bytes queued but not yet acknowledged by the peer (0: all delivered).
+    fn queued(&mut self) -> usize;
     /// Reads available bytes into `buf`; 0 when nothing is waiting.
     fn recv(&mut self, buf: &mut [u8]) -> usize;
     /// Closes gracefully after queued data.

@@ -79,6 +79,9 @@ pub enum Phase {
     Connecting,
     /// Streaming rounds while the guest runs.
     Precopy,
+    /// Pre-copy is over: waiting, guest still running, until the peer has acknowledged
+    /// everything sent, so the downtime does not include draining the socket buffers.
+    Draining,
     /// Guest frozen: sending the last dirty pages.
     StopCopy,
     /// Everything queued; waiting for READY.
@@ -123,6 +126,7 @@ pub struct Source {
     page_msgs: u64,
     frozen_at_us: u64,
     last_progress_us: u64,
+    last_queued: usize,
     reply: wire::Decoder,
     hello: Hello,
     /// The figures, complete when the migration finishes.
@@ -164,6 +168,7 @@ impl Source {
             page_msgs: 0,
             frozen_at_us: 0,
             last_progress_us: now_us,
+            last_queued: 0,
             reply: wire::Decoder::new(),
             hello,
             stats,
@@ -267,6 +272,21 @@ impl Source {
         if self.out.len() - self.out_off >= OUT_HIGH {
             return Ok(());
         }
+        if self.phase == Phase::Draining && self.out.is_empty() && link.queued() == 0 {
+            // Everything sent has arrived: freeze, and add what the guest dirtied while
+            // the link drained to the pages of the stop-and-copy phase.
+            g.freeze();
+            self.frozen_at_us = now_us;
+            self.round_started_us = now_us;
+            let sending = &mut self.sending;
+            g.collect_dirty(&mut |pfn| {
+                if let Some(w) = sending.get_mut(pfn / 64) {
+                    *w |= 1 << (pfn % 64);
+                }
+            });
+            self.cursor = 0;
+            self.phase = Phase::StopCopy;
+        }
         match self.phase {
             Phase::Precopy | Phase::StopCopy => {
                 self.send_pages(g);
@@ -291,12 +311,13 @@ impl Source {
                 self.out.clear();
                 self.out_off = 0;
             }
-        } else if self.phase == Phase::AwaitReady {
-            // Waiting on the peer is progress as long as it keeps acknowledging.
-            if !link.flushed() {
-                self.last_progress_us = now_us;
-            }
         }
+        // Acknowledged bytes are progress too (the peer is alive and reading).
+        let queued = link.queued();
+        if queued < self.last_queued {
+            self.last_progress_us = now_us;
+        }
+        self.last_queued = queued;
     }
 
     /// Encodes up to PAGES_PER_POLL pages of the current set.
@@ -366,15 +387,7 @@ impl Source {
                 self.round_started_us = now_us;
                 if let Some(reason) = decision {
                     self.stats.stop_reason = Some(reason);
-                    g.freeze();
-                    self.frozen_at_us = now_us;
-                    let next = &mut self.next;
-                    g.collect_dirty(&mut |pfn| {
-                        if let Some(w) = next.get_mut(pfn / 64) {
-                            *w |= 1 << (pfn % 64);
-                        }
-                    });
-                    self.phase = Phase::StopCopy;
+                    self.phase = Phase::Draining;
                 } else {
                     self.round += 1;
                 }

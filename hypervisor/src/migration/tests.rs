@@ -88,12 +88,12 @@ impl Link for End {
         }
         n
     }
-    fn flushed(&mut self) -> bool {
+    fn queued(&mut self) -> usize {
         let w = self.w.borrow();
         if self.is_a {
-            w.a_to_b.is_empty()
+            w.a_to_b.len()
         } else {
-            w.b_to_a.is_empty()
+            w.b_to_a.len()
         }
     }
     fn recv(&mut self, buf: &mut [u8]) -> usize {
@@ -625,4 +625,33 @@ fn zero_detection_and_checksum() {
     c.set(9, 100);
     assert_eq!(c.value(), 25);
     assert_ne!(wire::page_hash(1, &p), wire::page_hash(2, &p));
+}
+
+/// A peer that accepts the connection and then never reads (a hung hypervisor): the
+/// source must give up after its timeout and keep the guest.
+#[test]
+fn silent_peer_times_out_and_guest_stays() {
+    for stop_and_copy in [false, true] {
+        let mut g = FakeGuest::new(256, 2, 64);
+        let (mut a, _b) = pipe(32 * 1024);
+        let params = Params {
+            timeout_us: 1_000_000,
+            stop_and_copy,
+            ..Default::default()
+        };
+        let mut src = Source::new(params, hello(256), MigrationStats::default(), 0);
+        let mut now = 0;
+        while src.poll(&mut g, &mut a, now) == Status::Running {
+            now += 1000;
+            g.run();
+            assert!(now < 60_000_000, "source never gave up");
+        }
+        assert_eq!(src.phase(), Phase::Failed);
+        assert!(
+            src.stats.outcome.contains("stopped reading"),
+            "{}",
+            src.stats.outcome
+        );
+        assert!(!g.frozen && !g.gone && !g.tracking);
+    }
 }
