@@ -1,9 +1,11 @@
 //! `cargo xtask bench`: a matrix of live migrations on a linked pair, with every figure
 //! also stated against the link's own throughput measured by netbench in the same run.
 //!
-//! The guest is the `dirtier` (working set `ws` pages written at `rate` pages/s). Dirty
-//! rates are fractions of the measured link throughput, so a configuration means the
-//! same thing whatever the emulator's speed. Each configuration runs `repeats` times;
+//! The guest is `verify`: it fills all of its memory, rewrites pages at `rate` pages/s
+//! over all of it, and after every migration checks on the destination that no page was
+//! lost (a failed check fails the benchmark). Dirty rates are fractions of the measured
+//! link throughput, so a configuration means the same thing whatever the emulator's
+//! speed. Each configuration runs `repeats` times;
 //! the table shows medians with min-max, the JSON/CSV files hold every run, and SVG
 //! plots show downtime and total time against dirty rate per method, and the pages sent
 //! per round of the highest-rate pre-copy run.
@@ -140,7 +142,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let (a, b) = (&mut a[0].console, &mut b[0].console);
 
     eprintln!("bench: measuring the link A -> B with netbench");
-    let nb = session::netbench(a, "10.0.0.2", if quick { 1 } else { 4 })?;
+    let nb = session::netbench(a, "10.0.0.2", if quick { 2 } else { 4 })?;
     let link_bps = num(&nb, "mbps") * 1e6;
     if link_bps <= 0.0 {
         return Err(format!("netbench gave no throughput: {nb:?}"));
@@ -157,7 +159,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     for cfg in &cfgs {
         for rep in 0..repeats {
             n += 1;
-            let ws_pages = (cfg.mem_mib * 256 / 4).max(16);
+            let ws_pages = cfg.mem_mib * 256;
             let rate_pps = if cfg.level.1 == 0.0 {
                 1
             } else {
@@ -176,19 +178,29 @@ pub fn run(args: &[String]) -> Result<(), String> {
             );
             let id = session::start(
                 a,
-                &format!(
-                    "dirtier mem={} pages={ws_pages} rate={rate_pps}",
-                    cfg.mem_mib
-                ),
+                &format!("verify mem={} rate={rate_pps} check=0", cfg.mem_mib),
             )?;
-            // Let the working set fill and the rate settle.
-            a.wait_for(&format!("[g{id}] dirtier: wrote"), Duration::from_secs(120))?;
+            // Memory filled, rewriting under way.
+            a.wait_for(&format!("[g{id}] verify: "), Duration::from_secs(120))?;
+            std::thread::sleep(Duration::from_millis(500));
             let opts = if cfg.mode == "stop" {
                 "mode=stop".to_string()
             } else {
                 format!("dirty={}", cfg.method)
             };
             let m = session::migrate(a, b, id, "10.0.0.2", &opts, Duration::from_secs(900))?;
+            // No page lost: the guest checks its whole memory on the destination.
+            b.command(&format!("check {}", m.new_id), Duration::from_secs(60))?;
+            let (i, text) = b.wait_any(
+                &[
+                    &format!("[g{}] verify: PASS", m.new_id),
+                    &format!("[g{}] verify: FAIL", m.new_id),
+                ],
+                Duration::from_secs(300),
+            )?;
+            if i == 1 {
+                return Err(format!("guest memory check FAILED after migration: {text}"));
+            }
             b.command(&format!("kill {}", m.new_id), Duration::from_secs(60))?;
             runs.push(Run {
                 cfg: cfg.clone(),
