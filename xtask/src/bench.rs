@@ -266,7 +266,7 @@ fn write_outputs(
             g("final_dirty"),
             g("final_bytes"),
             g("stop"),
-            g("per_round")
+            g("per_round").replace(',', ";")
         );
     }
     json.push_str("  ]\n}\n");

@@ -180,6 +180,11 @@ impl Source {
         self.phase
     }
 
+    /// Bytes encoded but not yet taken by the link.
+    pub fn buffered(&self) -> usize {
+        self.out.capacity()
+    }
+
     /// Current pre-copy round.
     pub fn round(&self) -> u32 {
         self.round
@@ -272,6 +277,12 @@ impl Source {
         if self.out.len() - self.out_off >= OUT_HIGH {
             return Ok(());
         }
+        // Drop what the link already took, so the buffer stays bounded by OUT_HIGH plus
+        // one page however the link accepts data.
+        if self.out_off > 0 {
+            self.out.drain(..self.out_off);
+            self.out_off = 0;
+        }
         if self.phase == Phase::Draining && self.out.is_empty() && link.queued() == 0 {
             // Everything sent has arrived: freeze, and add what the guest dirtied while
             // the link drained to the pages of the stop-and-copy phase.
@@ -323,7 +334,7 @@ impl Source {
     /// Encodes up to PAGES_PER_POLL pages of the current set.
     fn send_pages(&mut self, g: &mut dyn SourceGuest) {
         let mut budget = PAGES_PER_POLL;
-        while budget > 0 && self.cursor < self.pages {
+        while budget > 0 && self.cursor < self.pages && self.out.len() < OUT_HIGH {
             let (w, b) = (self.cursor / 64, self.cursor % 64);
             let word = self.sending[w] >> b;
             if word == 0 {

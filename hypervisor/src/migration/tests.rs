@@ -321,11 +321,13 @@ fn precopy_converges_and_copies_every_page() {
     let st = &src.stats;
     assert!(!st.rounds.is_empty());
     assert_eq!(st.rounds[0].pages, 512);
-    assert_eq!(
-        st.rounds[0].zero_pages, 256,
-        "half the pages are zero at the start"
+    // Half the pages start zero; the guest may write some of its 64-page working set
+    // before round 0 reaches them.
+    assert!(
+        (256 - 32..=256).contains(&st.rounds[0].zero_pages),
+        "{}",
+        st.rounds[0].zero_pages
     );
-    assert!(st.zero_pages() >= 256);
     assert!(st.downtime_us < st.total_us);
     let (_, hello, vcpu) = h.installed.unwrap();
     assert_eq!(hello.name, "fake");
@@ -654,4 +656,29 @@ fn silent_peer_times_out_and_guest_stays() {
         );
         assert!(!g.frozen && !g.gone && !g.tracking);
     }
+}
+
+/// A link that takes a few bytes at a time: the source's own buffer must stay bounded.
+#[test]
+fn partial_sends_keep_the_buffer_bounded() {
+    let mut g = FakeGuest::new(512, 1, 32);
+    let (mut a, mut b) = pipe(3000);
+    let mut h = host();
+    let mut src = Source::new(Params::default(), hello(512), MigrationStats::default(), 0);
+    let mut rcv: Receiver<Vec<u8>> = Receiver::new(0, 5_000_000);
+    let mut now = 0;
+    for _ in 0..2_000_000 {
+        now += 10;
+        g.run();
+        if src.poll(&mut g, &mut a, now) == Status::Finished {
+            break;
+        }
+        assert!(
+            src.buffered() < 200 * 1024,
+            "source buffer grew to {}",
+            src.buffered()
+        );
+        rcv.poll(&mut b, &mut h, now);
+    }
+    assert_eq!(src.phase(), Phase::Done, "{}", src.stats.outcome);
 }
