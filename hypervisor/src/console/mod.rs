@@ -1,4 +1,4 @@
-//! The serial console: line editing ([`line`]), argument parsing ([`args`]) and the
+//! The serial console: line editing ([`line`](mod@line)), argument parsing ([`args`](mod@args)) and the
 //! command table ([`COMMANDS`]) from which `help` is generated. The commands themselves
 //! run in [`crate::kernel`], which owns the state they act on.
 

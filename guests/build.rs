@@ -9,5 +9,5 @@ fn main() {
         println!("cargo:rustc-link-arg-bins=-znorelro");
     }
     println!("cargo:rerun-if-changed={dir}/../link.ld");
-    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed={dir}/../build.rs");
 }
