@@ -260,7 +260,7 @@ impl Vmm {
                 Ok(())
             }
             VmState::Frozen => Err(cmd_err!(
-                "guest {id} is frozen by a migration; it resumes when the migration ends (or use 'resume-frozen {id}' only if its source is known dead)"
+                "guest {id} is frozen by a migration in progress; it runs again when the migration ends"
             )),
             ref s => Err(cmd_err!("guest {id} is {}, not paused", s.name())),
         }
