@@ -105,9 +105,17 @@ impl SourceGuest for VmGuest<'_> {
         }
     }
 
-    fn freeze(&mut self) {
+    fn freeze(&mut self) -> Result<(), String> {
         self.vm.flush_output();
+        if !self.vm.state.alive() {
+            return Err(format!(
+                "guest {} ended during the migration ({})",
+                self.vm.id,
+                self.vm.state.name()
+            ));
+        }
         self.vm.freeze();
+        Ok(())
     }
 
     fn thaw(&mut self) {

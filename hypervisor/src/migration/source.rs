@@ -30,8 +30,9 @@ pub trait SourceGuest {
     fn start_tracking(&mut self) -> Result<(), String>;
     /// Reports pages written since the previous call (or since tracking started).
     fn collect_dirty(&mut self, sink: &mut dyn FnMut(usize));
-    /// Stops the guest for stop-and-copy (it must not run until thawed or gone).
-    fn freeze(&mut self);
+    /// Stops the guest for stop-and-copy (it must not run until thawed or gone). Fails
+    /// if the guest is no longer alive (it exited or was stopped meanwhile).
+    fn freeze(&mut self) -> Result<(), String>;
     /// Stops tracking and lets the guest run again (migration failed).
     fn thaw(&mut self);
     /// The encoded vCPU state (guest frozen).
@@ -239,7 +240,7 @@ impl Source {
                     self.round_started_us = now_us;
                     self.last_progress_us = now_us;
                     if self.params.stop_and_copy {
-                        g.freeze();
+                        g.freeze()?;
                         self.frozen_at_us = now_us;
                         self.stats.stop_reason = Some(StopReason::Baseline);
                         self.phase = Phase::StopCopy;
@@ -286,7 +287,7 @@ impl Source {
         if self.phase == Phase::Draining && self.out.is_empty() && link.queued() == 0 {
             // Everything sent has arrived: freeze, and add what the guest dirtied while
             // the link drained to the pages of the stop-and-copy phase.
-            g.freeze();
+            g.freeze()?;
             self.frozen_at_us = now_us;
             self.round_started_us = now_us;
             let sending = &mut self.sending;

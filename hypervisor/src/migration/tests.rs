@@ -183,8 +183,9 @@ impl SourceGuest for FakeGuest {
             sink(p);
         }
     }
-    fn freeze(&mut self) {
+    fn freeze(&mut self) -> Result<(), String> {
         self.frozen = true;
+        Ok(())
     }
     fn thaw(&mut self) {
         assert!(!self.gone, "thawed a guest after handing it over");
