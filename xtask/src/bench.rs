@@ -380,7 +380,7 @@ fn write_outputs(
     let xl = "guest dirty rate (MB/s)";
     fs::write(
         dir.join("downtime.svg"),
-        svg::lines(
+        svg::lines_log(
             &format!("Downtime vs dirty rate ({mem0} MiB guest)"),
             xl,
             "downtime (ms)",

@@ -14,7 +14,7 @@ const COLORS: [&str; 6] = [
     "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b",
 ];
 
-fn frame(s: &mut String, title: &str, xl: &str, yl: &str, xmax: f64, ymax: f64) {
+fn frame(s: &mut String, title: &str, xl: &str, yl: &str, xmax: f64, ymax: f64, log: bool) {
     let _ = write!(
         s,
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">
@@ -50,7 +50,11 @@ fn frame(s: &mut String, title: &str, xl: &str, yl: &str, xmax: f64, ymax: f64) 
             r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#,
             L - 6.0,
             y + 4.0,
-            fmt_num(f * ymax)
+            if log {
+                fmt_num(10f64.powf(f * ymax - 1.0))
+            } else {
+                fmt_num(f * ymax)
+            }
         );
         let _ = writeln!(
             s,
@@ -70,20 +74,50 @@ fn fmt_num(v: f64) -> String {
 
 /// A line chart of `(name, points)` series.
 pub fn lines(title: &str, xl: &str, yl: &str, series: &[(String, Vec<(f64, f64)>)]) -> String {
+    chart(title, xl, yl, series, false)
+}
+
+/// A line chart with a logarithmic y axis (values below 0.1 are drawn at 0.1): for
+/// downtimes, where stop-and-copy is orders of magnitude above pre-copy.
+pub fn lines_log(title: &str, xl: &str, yl: &str, series: &[(String, Vec<(f64, f64)>)]) -> String {
+    let logged: Vec<(String, Vec<(f64, f64)>)> = series
+        .iter()
+        .map(|(n, pts)| {
+            (
+                n.clone(),
+                pts.iter()
+                    .map(|&(x, y)| (x, y.max(0.1).log10() + 1.0))
+                    .collect(),
+            )
+        })
+        .collect();
+    chart(title, xl, &format!("{yl}, log scale"), &logged, true)
+}
+
+fn chart(
+    title: &str,
+    xl: &str,
+    yl: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+    log: bool,
+) -> String {
     let xmax = series
         .iter()
         .flat_map(|s| s.1.iter().map(|p| p.0))
         .fold(0.0, f64::max)
         .max(1e-9)
         * 1.05;
-    let ymax = series
+    let mut ymax = series
         .iter()
         .flat_map(|s| s.1.iter().map(|p| p.1))
         .fold(0.0, f64::max)
         .max(1e-9)
         * 1.1;
+    if log {
+        ymax = ymax.ceil().max(1.0);
+    }
     let mut s = String::new();
-    frame(&mut s, title, xl, yl, xmax, ymax);
+    frame(&mut s, title, xl, yl, xmax, ymax, log);
     for (i, (name, pts)) in series.iter().enumerate() {
         let c = COLORS[i % COLORS.len()];
         let path: Vec<String> = pts
@@ -128,7 +162,7 @@ pub fn bars(title: &str, xl: &str, yl: &str, values: &[f64]) -> String {
     let ymax = values.iter().copied().fold(0.0, f64::max).max(1e-9) * 1.1;
     let n = values.len().max(1) as f64;
     let mut s = String::new();
-    frame(&mut s, title, xl, yl, n, ymax);
+    frame(&mut s, title, xl, yl, n, ymax, false);
     let bw = (W - R - L) / n;
     for (i, v) in values.iter().enumerate() {
         let h = v / ymax * (H - B - T);
