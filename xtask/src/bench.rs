@@ -28,6 +28,9 @@ struct Config {
     /// "pml", "ad", "wp", or "none" for the stop-and-copy baseline.
     method: &'static str,
     mode: &'static str,
+    /// Working set in pages: `None` runs `verify` (rewrites all of memory), `Some(w)`
+    /// runs `dirtier` over `w` pages (the rest of memory stays zero).
+    ws: Option<u64>,
 }
 
 /// One migration's result.
@@ -60,6 +63,7 @@ fn matrix(quick: bool) -> Vec<Config> {
                     level,
                     method,
                     mode: "precopy",
+                    ws: None,
                 });
             }
             v.push(Config {
@@ -67,8 +71,21 @@ fn matrix(quick: bool) -> Vec<Config> {
                 level,
                 method: "none",
                 mode: "stop",
+                ws: None,
             });
         }
+    }
+    // The working-set dimension: the same dirty rate concentrated on fewer pages.
+    let mem_mib = if quick { 16 } else { 32 };
+    let sets: &[u64] = if quick { &[256] } else { &[256, 1024, 4096] };
+    for &w in sets {
+        v.push(Config {
+            mem_mib,
+            level: LEVELS[2],
+            method: "pml",
+            mode: "precopy",
+            ws: Some(w),
+        });
     }
     v
 }
@@ -159,7 +176,13 @@ pub fn run(args: &[String]) -> Result<(), String> {
     for cfg in &cfgs {
         for rep in 0..repeats {
             n += 1;
-            let ws_pages = cfg.mem_mib * 256;
+            let ws_pages = cfg.ws.unwrap_or(cfg.mem_mib * 256);
+            // What the guest prints when it has checked its memory on request.
+            let check = if cfg.ws.is_some() {
+                "dirtier: verify"
+            } else {
+                "verify"
+            };
             let rate_pps = if cfg.level.1 == 0.0 {
                 1
             } else {
@@ -176,12 +199,18 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 rep + 1,
                 started.elapsed().as_secs_f64()
             );
-            let id = session::start(
-                a,
-                &format!("verify mem={} rate={rate_pps} check=0", cfg.mem_mib),
-            )?;
-            // Memory filled, rewriting under way.
-            a.wait_for(&format!("[g{id}] verify: "), Duration::from_secs(120))?;
+            let args = match cfg.ws {
+                None => format!("verify mem={} rate={rate_pps} check=0", cfg.mem_mib),
+                Some(w) => format!("dirtier mem={} pages={w} rate={rate_pps}", cfg.mem_mib),
+            };
+            let id = session::start(a, &args)?;
+            // Memory filled (verify) or first writes reported (dirtier): running.
+            let ready = if cfg.ws.is_some() {
+                "dirtier: wrote"
+            } else {
+                "verify: "
+            };
+            a.wait_for(&format!("[g{id}] {ready}"), Duration::from_secs(120))?;
             std::thread::sleep(Duration::from_millis(500));
             let opts = if cfg.mode == "stop" {
                 "mode=stop".to_string()
@@ -193,8 +222,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
             b.command(&format!("check {}", m.new_id), Duration::from_secs(60))?;
             let (i, text) = b.wait_any(
                 &[
-                    &format!("[g{}] verify: PASS", m.new_id),
-                    &format!("[g{}] verify: FAIL", m.new_id),
+                    &format!("[g{}] {check}: PASS", m.new_id),
+                    &format!("[g{}] {check}: FAIL", m.new_id),
                 ],
                 Duration::from_secs(300),
             )?;
@@ -280,10 +309,11 @@ fn write_outputs(
     );
     let _ = writeln!(
         table,
-        "{:>4} {:<8} {:>6} {:<8} {:>16} {:>18} {:>4} {:>9} {:>7} {:>7} {:>6}",
+        "{:>4} {:<8} {:>6} {:>6} {:<8} {:>16} {:>18} {:>4} {:>9} {:>7} {:>7} {:>6}",
         "MiB",
         "dirty",
         "pg/s",
+        "ws pg",
         "method",
         "total ms",
         "downtime ms",
@@ -293,9 +323,15 @@ fn write_outputs(
         "dt/fin",
         "wire"
     );
-    let mut keys: Vec<(u64, &str, &str, &str)> = Vec::new();
+    let mut keys: Vec<(u64, &str, &str, &str, u64)> = Vec::new();
     for r in runs {
-        let k = (r.cfg.mem_mib, r.cfg.level.0, r.cfg.method, r.cfg.mode);
+        let k = (
+            r.cfg.mem_mib,
+            r.cfg.level.0,
+            r.cfg.method,
+            r.cfg.mode,
+            r.ws_pages,
+        );
         if !keys.contains(&k) {
             keys.push(k);
         }
@@ -303,7 +339,15 @@ fn write_outputs(
     for k in &keys {
         let rs: Vec<&Run> = runs
             .iter()
-            .filter(|r| (r.cfg.mem_mib, r.cfg.level.0, r.cfg.method, r.cfg.mode) == *k)
+            .filter(|r| {
+                (
+                    r.cfg.mem_mib,
+                    r.cfg.level.0,
+                    r.cfg.method,
+                    r.cfg.mode,
+                    r.ws_pages,
+                ) == *k
+            })
             .collect();
         let col = |f: &dyn Fn(&Run) -> f64| {
             let mut v: Vec<f64> = rs.iter().map(|r| f(r)).collect();
@@ -323,10 +367,11 @@ fn write_outputs(
         let method = if k.3 == "stop" { "stop" } else { k.2 };
         let _ = writeln!(
             table,
-            "{:>4} {:<8} {:>6} {:<8} {:>16} {:>18} {:>4.0} {:>9.2} {:>7.2} {:>7.2} {:>6.2}",
+            "{:>4} {:<8} {:>6} {:>6} {:<8} {:>16} {:>18} {:>4.0} {:>9.2} {:>7.2} {:>7.2} {:>6.2}",
             k.0,
             k.1,
             rs[0].rate_pps,
+            k.4,
             method,
             format!("{t:.0} ({tl:.0}-{th:.0})"),
             format!("{d:.1} ({dl:.1}-{dh:.1})"),
@@ -351,7 +396,10 @@ fn write_outputs(
                 let mut v: Vec<f64> = runs
                     .iter()
                     .filter(|r| {
-                        r.cfg.method == method && r.cfg.level.0 == name && r.cfg.mem_mib == mem0
+                        r.cfg.ws.is_none()
+                            && r.cfg.method == method
+                            && r.cfg.level.0 == name
+                            && r.cfg.mem_mib == mem0
                     })
                     .map(|r| num(&r.stats, metric) / 1000.0)
                     .collect();
