@@ -220,26 +220,12 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
                 )))
             }
             (Phase::Stream, Msg::Page { pfn, data }) => {
-                let mem = self.mem.as_mut().ok_or_else(|| bad("no memory".into()))?;
-                let range = page_range(pfn, self.pages).ok_or_else(|| {
-                    bad(alloc::format!(
-                        "page {pfn} outside the guest's {} pages",
-                        self.pages
-                    ))
-                })?;
-                mem.as_mut()[range].copy_from_slice(data);
+                page_of(&mut self.mem, pfn, self.pages)?.copy_from_slice(data);
                 self.checksum.set(pfn as usize, wire::page_hash(pfn, data));
                 self.page_msgs += 1;
             }
             (Phase::Stream, Msg::ZeroPage { pfn }) => {
-                let mem = self.mem.as_mut().ok_or_else(|| bad("no memory".into()))?;
-                let range = page_range(pfn, self.pages).ok_or_else(|| {
-                    bad(alloc::format!(
-                        "page {pfn} outside the guest's {} pages",
-                        self.pages
-                    ))
-                })?;
-                mem.as_mut()[range].fill(0);
+                page_of(&mut self.mem, pfn, self.pages)?.fill(0);
                 self.checksum.set(pfn as usize, wire::zero_hash(pfn));
                 self.page_msgs += 1;
             }
@@ -300,8 +286,23 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
     }
 }
 
-fn page_range(pfn: u64, pages: u64) -> Option<core::ops::Range<usize>> {
-    (pfn < pages).then(|| pfn as usize * wire::PAGE..(pfn as usize + 1) * wire::PAGE)
+/// The bytes of page `pfn` in the memory under construction, or why there are none.
+fn page_of<M: AsMut<[u8]>>(
+    mem: &mut Option<M>,
+    pfn: u64,
+    pages: u64,
+) -> Result<&mut [u8], (u32, String)> {
+    let mem = mem
+        .as_mut()
+        .ok_or((reject::MALFORMED, String::from("no memory")))?;
+    if pfn >= pages {
+        return Err((
+            reject::MALFORMED,
+            alloc::format!("page {pfn} outside the guest's {pages} pages"),
+        ));
+    }
+    let start = pfn as usize * wire::PAGE;
+    Ok(&mut mem.as_mut()[start..start + wire::PAGE])
 }
 
 fn name(m: &Msg<'_>) -> &'static str {
