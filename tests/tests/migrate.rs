@@ -11,30 +11,6 @@ use hv_tools::{session, streams};
 const MIGRATE_TIMEOUT: Duration = Duration::from_secs(240);
 const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// The last `counter N` a console printed for guest `id`.
-fn last_counter(log: &str, id: u32) -> Option<u64> {
-    let prefix = format!("[g{id}] counter ");
-    log.lines().rev().find_map(|l| {
-        l.get(l.find(&prefix)? + prefix.len()..)?
-            .split(' ')
-            .next()?
-            .parse()
-            .ok()
-    })
-}
-
-/// The first `counter N` printed for guest `id` after `from` in the log.
-fn first_counter_after(log: &str, from: usize, id: u32) -> Option<u64> {
-    let prefix = format!("[g{id}] counter ");
-    log[from..].lines().find_map(|l| {
-        l.get(l.find(&prefix)? + prefix.len()..)?
-            .split(' ')
-            .next()?
-            .parse()
-            .ok()
-    })
-}
-
 /// Migrates guest `id` from `src` to the peer; returns the id it got there.
 fn migrate(
     src: &mut Console,
@@ -66,10 +42,16 @@ fn bochs_pair_live_migration_round_trip_with_verification() {
         a.command("start counter period=100", CMD_TIMEOUT)?;
         a.wait_for("[g1] counter 5 ", GUEST_TIMEOUT)?;
         let id_b = migrate(a, b, 1, "10.0.0.2", "")?;
-        let on_a = last_counter(&a.log(), 1).ok_or("no counter output on A")?;
+        let on_a = session::counter_values(&a.log(), 1)
+            .last()
+            .copied()
+            .ok_or("no counter output on A")?;
         b.wait_for(&format!("[g{id_b}] counter"), GUEST_TIMEOUT)?;
         b.wait_for("\n", CMD_TIMEOUT)?;
-        let first_b = first_counter_after(&b.log(), 0, id_b).ok_or("no counter output on B")?;
+        let first_b = session::counter_values(&b.log(), id_b)
+            .first()
+            .copied()
+            .ok_or("no counter output on B")?;
         if first_b != on_a + 1 {
             return Err(format!(
                 "counter gap: last on A {on_a}, first on B {first_b}"
@@ -141,8 +123,14 @@ fn bochs_pair_live_migration_round_trip_with_verification() {
             &format!("[g{id_a}] counter: migrated (now 2 migrations)"),
             GUEST_TIMEOUT,
         )?;
-        let on_b = last_counter(&b.log(), id_b).ok_or("no counter on B")?;
-        let first_a = first_counter_after(&a.log(), before, id_a).ok_or("no counter back on A")?;
+        let on_b = session::counter_values(&b.log(), id_b)
+            .last()
+            .copied()
+            .ok_or("no counter on B")?;
+        let first_a = session::counter_values(&a.log()[before..], id_a)
+            .first()
+            .copied()
+            .ok_or("no counter back on A")?;
         if first_a != on_b + 1 {
             return Err(format!(
                 "counter gap on the way back: last on B {on_b}, first on A {first_a}"

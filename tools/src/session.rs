@@ -95,6 +95,22 @@ pub fn start(c: &mut Console, args: &str) -> Result<u32, String> {
         .ok_or_else(|| format!("start {args} failed:\n{out}"))
 }
 
+/// The sequence numbers the `counter` guest `id` printed (`[g<id>] counter <n> ...`),
+/// in order. A line may follow a prompt on the same row, so the tag is searched, not
+/// anchored.
+pub fn counter_values(log: &str, id: u32) -> Vec<u64> {
+    let tag = format!("[g{id}] counter ");
+    log.lines()
+        .filter_map(|l| {
+            l.get(l.find(&tag)? + tag.len()..)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,5 +121,13 @@ mod tests {
         assert_eq!(kv["guest"], "3");
         assert_eq!(kv["per_round"], "1:2:3,4:5:6");
         assert_eq!(kv.len(), 3);
+    }
+
+    #[test]
+    fn finds_counter_lines() {
+        let log = "[g1] counter 4 t=1ms\nhv> [g1] counter 5 t=2ms\n[g2] counter 9 t=3ms\n[g1] counter: migrated (now 1 migrations)\n";
+        assert_eq!(counter_values(log, 1), vec![4, 5]);
+        assert_eq!(counter_values(log, 2), vec![9]);
+        assert!(counter_values(log, 3).is_empty());
     }
 }

@@ -9,19 +9,6 @@ use hv_tools::session;
 
 use crate::{run, BootOpts};
 
-fn counters(log: &str, id: u32) -> Vec<u64> {
-    let prefix = format!("[g{id}] counter ");
-    log.lines()
-        .filter_map(|l| {
-            l.get(l.find(&prefix)? + prefix.len()..)?
-                .split(' ')
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect()
-}
-
 fn show(name: &str, c: &Console, from: usize) -> usize {
     let log = c.log();
     for line in log[from.min(log.len())..].lines() {
@@ -64,8 +51,8 @@ pub fn run(opts: &BootOpts) -> Result<(), String> {
     seen_b = show("B", b, seen_b);
     let _ = (seen_a, seen_b);
 
-    let on_a = counters(&a.log(), id);
-    let on_b = counters(&b.log(), m.new_id);
+    let on_a = session::counter_values(&a.log(), id);
+    let on_b = session::counter_values(&b.log(), m.new_id);
     let (Some(&last_a), Some(&first_b)) = (on_a.last(), on_b.first()) else {
         return Err("no counter output to compare".into());
     };

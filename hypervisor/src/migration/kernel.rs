@@ -134,10 +134,6 @@ impl SourceGuest for VmGuest<'_> {
         self.vm.device_state()
     }
 
-    fn time_ns(&self) -> u64 {
-        self.vm.guest_time_ns()
-    }
-
     fn hand_over(&mut self) {
         self.vm.state = VmState::Stopped(String::from("migrated away"));
     }

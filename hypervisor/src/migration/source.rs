@@ -39,8 +39,6 @@ pub trait SourceGuest {
     fn vcpu_state(&mut self) -> Vec<u8>;
     /// The encoded PV-device state (guest frozen).
     fn device_state(&mut self) -> Vec<u8>;
-    /// The guest's monotonic clock now, in ns.
-    fn time_ns(&self) -> u64;
     /// Marks the guest as gone: it will never run here again.
     fn hand_over(&mut self);
 }
@@ -142,6 +140,15 @@ fn bitmap_all(pages: usize) -> Vec<u64> {
         }
     }
     v
+}
+
+/// Adds the pages the guest dirtied since the last collection to `bits`.
+fn collect_into(g: &mut dyn SourceGuest, bits: &mut [u64]) {
+    g.collect_dirty(&mut |pfn| {
+        if let Some(w) = bits.get_mut(pfn / 64) {
+            *w |= 1 << (pfn % 64);
+        }
+    });
 }
 
 fn count(bits: &[u64]) -> u64 {
@@ -290,12 +297,7 @@ impl Source {
             g.freeze()?;
             self.frozen_at_us = now_us;
             self.round_started_us = now_us;
-            let sending = &mut self.sending;
-            g.collect_dirty(&mut |pfn| {
-                if let Some(w) = sending.get_mut(pfn / 64) {
-                    *w |= 1 << (pfn % 64);
-                }
-            });
+            collect_into(g, &mut self.sending);
             self.cursor = 0;
             self.phase = Phase::StopCopy;
         }
@@ -370,12 +372,7 @@ impl Source {
                 let before = self.out.len();
                 wire::put_round_end(&mut self.out, self.round, self.cur.pages as u32);
                 self.cur.bytes += (self.out.len() - before) as u64;
-                let next = &mut self.next;
-                g.collect_dirty(&mut |pfn| {
-                    if let Some(w) = next.get_mut(pfn / 64) {
-                        *w |= 1 << (pfn % 64);
-                    }
-                });
+                collect_into(g, &mut self.next);
                 let dirty = count(&self.next);
                 self.cur.round = self.round;
                 self.cur.us = now_us - self.round_started_us;

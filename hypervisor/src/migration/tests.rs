@@ -198,9 +198,6 @@ impl SourceGuest for FakeGuest {
     fn device_state(&mut self) -> Vec<u8> {
         vec![9; 16]
     }
-    fn time_ns(&self) -> u64 {
-        42
-    }
     fn hand_over(&mut self) {
         self.gone = true;
     }
