@@ -40,9 +40,13 @@ pub fn kmain(magic: u32, info_addr: u64) -> ! {
     crate::arch::port::outb(0x21, 0xFF);
     crate::arch::port::outb(0xA1, 0xFF);
     serial::init();
+    let caches_were_off = cpu::enable_caches();
     crate::logger::init(log::LevelFilter::Info);
     println!();
     println!("hvmig {VERSION}: x86-64 VMX microhypervisor with live migration");
+    if caches_were_off {
+        println!("cpu: caches were disabled at boot (CR0.CD/NW); enabled");
+    }
 
     let header = phys::boot_bytes(info_addr, 8);
     let size = multiboot::total_size(header).unwrap_or(0);
@@ -152,6 +156,7 @@ impl Kernel {
     /// The main loop: never returns.
     fn run(&mut self) -> ! {
         loop {
+            serial::pump();
             self.poll_console();
             if let Some(n) = &mut self.net {
                 n.poll();
@@ -278,6 +283,11 @@ impl Kernel {
             None => println!("  cpus        unknown (no MADT)"),
         }
         println!("  tsc         {} kHz", time::tsc_hz() / 1000);
+        println!(
+            "  caches      {} (CR0={:#x}); guests cannot change CD/NW",
+            if cpu::caches_enabled() { "on" } else { "OFF" },
+            cpu::read_cr0()
+        );
         println!(
             "  uptime      {} ms",
             (time::now_us() - self.boot_us) / 1000

@@ -132,6 +132,7 @@ pub fn cpu_vendor() -> [u8; 12] {
 /// Powers off: Bochs' shutdown port, then QEMU's isa-debug-exit (exit status 33 = 0x10
 /// shifted and or-ed with 1, the "clean shutdown" value xtask expects), then halt.
 pub fn shutdown() -> ! {
+    crate::arch::serial::flush_blocking();
     for &b in b"Shutdown" {
         port::outb(0x8900, b);
     }

@@ -37,6 +37,11 @@ pub fn now() -> u64 {
     rdtsc()
 }
 
+/// Now, in nanoseconds since boot.
+pub fn now_ns() -> u64 {
+    ticks_to_ns(rdtsc())
+}
+
 /// Now, in microseconds since boot.
 pub fn now_us() -> u64 {
     ticks_to_us(rdtsc())

@@ -85,10 +85,9 @@ impl Vmm {
     /// Runs one time slice of the next runnable guest. Returns whether a guest ran.
     pub fn schedule(&mut self) -> bool {
         let Some(vmx) = &self.vmx else { return false };
-        let now = time::now();
         for vm in self.vms.iter_mut() {
             if let VmState::Halted(until) = vm.state {
-                if now >= until {
+                if vm.guest_time_ns() >= until {
                     vm.state = VmState::Running;
                 }
             }
@@ -277,8 +276,7 @@ impl Vmm {
                 "guest {id} is being migrated; wait for the migration to end"
             ));
         }
-        let mut vm = self.vms.remove(idx);
-        vm.release();
+        let vm = self.vms.remove(idx);
         let mem = vm.mem_bytes >> 20;
         drop(vm);
         println!("guest {id} killed, {mem} MiB freed");

@@ -47,6 +47,35 @@ pub fn write_cr0(value: u64) {
     unsafe { x86_64::registers::control::Cr0::write_raw(value) }
 }
 
+/// CR0.NW and CR0.CD: caching off when set (the reset state, SDM 11.5.3).
+const CR0_CACHE_OFF: u64 = (1 << 29) | (1 << 30);
+/// IA32_PAT and its power-on value (WB, WT, UC-, UC in both halves, SDM 11.12.4).
+const IA32_PAT: u32 = 0x277;
+const PAT_DEFAULT: u64 = 0x0007_0406_0007_0406;
+
+/// Turns the caches on (CR0.CD = NW = 0) with the architectural PAT, as firmware and
+/// boot loaders may leave them off. MTRRs stay as the firmware set them (write-back
+/// RAM, uncached MMIO). Returns whether caching had been off.
+pub fn enable_caches() -> bool {
+    let cr0 = read_cr0();
+    wrmsr(IA32_PAT, PAT_DEFAULT);
+    if cr0 & CR0_CACHE_OFF == 0 {
+        return false;
+    }
+    // SAFETY: clearing CD/NW changes only the cache mode, not addressing; WBINVD first
+    // writes back anything cached under the old mode (SDM 11.5.3, "enabling the cache").
+    unsafe {
+        core::arch::asm!("wbinvd", options(nostack));
+        x86_64::registers::control::Cr0::write_raw(cr0 & !CR0_CACHE_OFF);
+    }
+    true
+}
+
+/// Whether caching is on (CR0.CD and NW clear), for `info`.
+pub fn caches_enabled() -> bool {
+    read_cr0() & CR0_CACHE_OFF == 0
+}
+
 /// Current CR3 (physical address of the PML4 plus flags).
 pub fn read_cr3() -> u64 {
     let (frame, flags) = x86_64::registers::control::Cr3::read_raw();

@@ -4,6 +4,7 @@
 
 pub mod args;
 pub mod line;
+pub mod out;
 
 /// The prompt printed after every command.
 pub const PROMPT: &str = "hv> ";

@@ -352,8 +352,8 @@ impl Migrations {
             if ok {
                 // Free the guest: it now belongs to the destination.
                 if let Some(i) = vmm.vms.iter().position(|v| v.id == id) {
-                    let mut vm = vmm.vms.remove(i);
-                    vm.release();
+                    // Dropping it VMCLEARs its VMCS and frees its frames.
+                    drop(vmm.vms.remove(i));
                 }
                 println!("migrate: guest {id} migrated to {}: done", stats.peer);
             } else {

@@ -4,6 +4,7 @@
 //! The boot stage identity-maps the first 4 GiB, so a physical address below 4 GiB is
 //! also a valid pointer. Only [`phys`] turns addresses into references.
 
+pub mod bitmap;
 pub mod frames;
 pub mod heap;
 pub mod phys;

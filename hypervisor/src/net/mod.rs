@@ -244,6 +244,9 @@ impl NetStack {
     /// what they queued, and services the netbench sink. Returns whether anything
     /// happened that a waiting loop may care about.
     pub fn poll(&mut self) -> bool {
+        // The blocking console commands (ping, netbench) loop on this: drain the
+        // console's output queue here too.
+        crate::arch::serial::pump();
         let mut active = false;
         // A few rounds so that replies to frames received in this call go out now.
         for _ in 0..4 {

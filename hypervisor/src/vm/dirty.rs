@@ -18,6 +18,7 @@ use alloc::string::String;
 
 use super::{Tracking, Vm};
 use crate::arch::vmx as hw;
+use crate::mm::bitmap::PageBitmap;
 use crate::mm::phys::PhysPages;
 use crate::vmx::caps::{self, VmxCaps};
 use crate::vmx::ept;
@@ -82,6 +83,8 @@ impl Vm {
             return Err("EPT A/D flags are off for this guest".into());
         }
         let pages = self.pages();
+        let bitmap =
+            PageBitmap::new(pages).map_err(|_| String::from("no heap for the dirty bitmap"))?;
         let leaves = ept::leaves_mut(self.ept.as_u64_mut(), pages);
         match method {
             Tracking::WriteProtect => ept::write_protect_all(leaves),
@@ -98,8 +101,7 @@ impl Vm {
             }
         }
         self.invept();
-        self.hv_dirty.clear();
-        self.dirty_log.clear();
+        self.dirty = Some(bitmap);
         self.tracking = Some(method);
         Ok(())
     }
@@ -109,40 +111,31 @@ impl Vm {
     pub fn collect_dirty(&mut self, mut sink: impl FnMut(usize)) {
         let Some(method) = self.tracking else { return };
         let pages = self.pages();
-        match method {
-            Tracking::AccessedDirty => {
-                let leaves = ept::leaves_mut(self.ept.as_u64_mut(), pages);
-                ept::take_dirty_flags(leaves, &mut sink);
-            }
-            Tracking::Pml => {
-                self.drain_pml();
-                let log = core::mem::take(&mut self.dirty_log);
-                let leaves = ept::leaves_mut(self.ept.as_u64_mut(), pages);
-                for &pfn in &log {
-                    ept::clear_dirty(leaves, pfn);
-                    sink(pfn);
-                }
-                self.dirty_log = log;
-                self.dirty_log.clear();
-            }
-            Tracking::WriteProtect => {
-                let log = core::mem::take(&mut self.dirty_log);
-                let leaves = ept::leaves_mut(self.ept.as_u64_mut(), pages);
-                for &pfn in &log {
+        if method == Tracking::Pml {
+            self.drain_pml();
+        }
+        let Some(mut dirty) = self.dirty.take() else {
+            return;
+        };
+        let leaves = ept::leaves_mut(self.ept.as_u64_mut(), pages);
+        if method == Tracking::AccessedDirty {
+            ept::take_dirty_flags(leaves, &mut sink);
+        }
+        // The bitmap holds what write protection and PML found, and the pages the
+        // hypervisor wrote itself; re-arm tracking for each as it is reported.
+        dirty.drain(|pfn| {
+            match method {
+                Tracking::Pml => ept::clear_dirty(leaves, pfn),
+                Tracking::WriteProtect => {
                     if let Some(e) = leaves.get_mut(pfn) {
                         *e &= !ept::W;
                     }
-                    sink(pfn);
                 }
-                self.dirty_log = log;
-                self.dirty_log.clear();
+                Tracking::AccessedDirty => {}
             }
-        }
-        for pfn in self.hv_dirty.drain(..) {
-            if pfn < pages {
-                sink(pfn);
-            }
-        }
+            sink(pfn);
+        });
+        self.dirty = Some(dirty);
         self.invept();
     }
 
@@ -163,8 +156,7 @@ impl Vm {
                 self.pml = None;
             }
         }
-        self.dirty_log.clear();
-        self.hv_dirty.clear();
+        self.dirty = None;
         self.invept();
     }
 }

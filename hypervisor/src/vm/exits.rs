@@ -12,10 +12,20 @@ pub enum ExitReason {
     TripleFault,
     /// 10: CPUID.
     Cpuid,
+    /// 11: GETSEC.
+    Getsec,
+    /// 13: INVD.
+    Invd,
+    /// 15: RDPMC.
+    Rdpmc,
     /// 12: HLT.
     Hlt,
     /// 18: VMCALL, the hypercall.
     Vmcall,
+    /// 19-27, 50, 53, 59: a VMX instruction other than VMCALL (VMCLEAR, VMLAUNCH,
+    /// VMPTRLD, VMPTRST, VMREAD, VMRESUME, VMWRITE, VMXOFF, VMXON, INVEPT, INVVPID,
+    /// VMFUNC).
+    VmxInstruction,
     /// 28: control-register access.
     CrAccess,
     /// 30: I/O instruction.
@@ -26,12 +36,22 @@ pub enum ExitReason {
     Wrmsr,
     /// 33: VM entry failed on invalid guest state.
     InvalidGuestState,
+    /// 36: MWAIT.
+    Mwait,
+    /// 39: MONITOR.
+    Monitor,
+    /// 46, 47: a descriptor-table instruction (GDTR/IDTR, LDTR/TR access).
+    DescriptorTable,
     /// 48: EPT violation.
     EptViolation,
     /// 49: EPT misconfiguration.
     EptMisconfig,
     /// 52: the VMX-preemption timer expired.
     PreemptionTimer,
+    /// 54: WBINVD.
+    Wbinvd,
+    /// 55: XSETBV.
+    Xsetbv,
     /// 62: the page-modification log is full.
     PmlFull,
     /// Anything else (the basic reason).
@@ -46,16 +66,25 @@ impl ExitReason {
             1 => Self::ExternalInterrupt,
             2 => Self::TripleFault,
             10 => Self::Cpuid,
+            11 => Self::Getsec,
             12 => Self::Hlt,
+            13 => Self::Invd,
+            15 => Self::Rdpmc,
             18 => Self::Vmcall,
+            19..=27 | 50 | 53 | 59 => Self::VmxInstruction,
             28 => Self::CrAccess,
             30 => Self::Io,
             31 => Self::Rdmsr,
             32 => Self::Wrmsr,
             33 => Self::InvalidGuestState,
+            36 => Self::Mwait,
+            39 => Self::Monitor,
+            46 | 47 => Self::DescriptorTable,
             48 => Self::EptViolation,
             49 => Self::EptMisconfig,
             52 => Self::PreemptionTimer,
+            54 => Self::Wbinvd,
+            55 => Self::Xsetbv,
             62 => Self::PmlFull,
             n => Self::Other(n),
         }
@@ -71,7 +100,10 @@ pub fn name(reason: usize) -> &'static str {
         7 => "interrupt-window",
         9 => "task-switch",
         10 => "CPUID",
+        11 => "GETSEC",
         12 => "HLT",
+        13 => "INVD",
+        15 => "RDPMC",
         14 => "INVLPG",
         16 => "RDTSC",
         18 => "VMCALL",
@@ -86,6 +118,8 @@ pub fn name(reason: usize) -> &'static str {
         36 => "MWAIT",
         39 => "MONITOR",
         40 => "PAUSE",
+        46 => "GDTR/IDTR-access",
+        47 => "LDTR/TR-access",
         48 => "EPT-violation",
         49 => "EPT-misconfig",
         50 => "INVEPT",
@@ -135,6 +169,15 @@ mod tests {
         );
         assert_eq!(ExitReason::from_raw(52), ExitReason::PreemptionTimer);
         assert_eq!(ExitReason::from_raw(99), ExitReason::Other(99));
+        assert_eq!(ExitReason::from_raw(36), ExitReason::Mwait);
+        assert_eq!(ExitReason::from_raw(39), ExitReason::Monitor);
+        assert_eq!(ExitReason::from_raw(54), ExitReason::Wbinvd);
+        assert_eq!(ExitReason::from_raw(13), ExitReason::Invd);
+        assert_eq!(ExitReason::from_raw(15), ExitReason::Rdpmc);
+        assert_eq!(ExitReason::from_raw(55), ExitReason::Xsetbv);
+        assert_eq!(ExitReason::from_raw(24), ExitReason::VmxInstruction);
+        assert_eq!(ExitReason::from_raw(50), ExitReason::VmxInstruction);
+        assert_eq!(ExitReason::from_raw(46), ExitReason::DescriptorTable);
         assert_eq!(name(18), "VMCALL");
         assert_eq!(exception_name(14), "page fault");
     }

@@ -7,6 +7,7 @@
 //! I/O port, an MSR) is stopped with a one-line report; the hypervisor and the other
 //! guests go on.
 
+pub mod clock;
 mod dirty;
 pub mod exits;
 pub mod loader;
@@ -24,11 +25,13 @@ use guest_abi::{
 use crate::arch::cpu;
 use crate::arch::gdt::HostSegments;
 use crate::arch::vmx::{self as hw, GuestRegs};
+use crate::mm::bitmap::PageBitmap;
 use crate::mm::phys::PhysPages;
 use crate::time;
 use crate::vmx::caps::{self, VmxCaps};
 use crate::vmx::ept;
 use crate::vmx::vmcs::{self, ro, w16, w32, w64, wn};
+use clock::GuestClock;
 use exits::ExitReason;
 
 /// Smallest and largest guest memory in MiB.
@@ -41,7 +44,8 @@ pub const MAX_MEM_MIB: u64 = 512;
 pub enum VmState {
     /// Runnable.
     Running,
-    /// Waiting for its monotonic clock to reach a deadline (TSC ticks).
+    /// Waiting for its monotonic clock to reach a deadline (guest nanoseconds, so the
+    /// deadline keeps its meaning across a migration).
     Halted(u64),
     /// Paused by the operator.
     Paused,
@@ -165,23 +169,27 @@ pub struct Vm {
     pub stats: VmStats,
     /// TSC ticks spent in the guest (entry to exit, including exit handling).
     pub runtime_ticks: u64,
-    /// TSC value at which the guest's monotonic clock reads 0.
-    time_origin: u64,
+    /// The guest's monotonic clock.
+    pub clock: GuestClock,
+    /// The guest's time when it was frozen (what the migration stream carries).
+    frozen_at_ns: Option<u64>,
     /// Times the guest arrived by migration.
     pub migrations: u64,
     /// Operator request waiting for `TakeRequest`.
     pub request: u64,
     out: Vec<u8>,
-    /// Pages the hypervisor itself wrote into (hypercall results): EPT does not see those
-    /// writes, so dirty tracking must add them.
-    pub hv_dirty: Vec<usize>,
     /// State to return to when a migration that froze the guest fails.
     pre_freeze: Option<VmState>,
     /// Dirty tracking in force, if any (set by the migration engine).
     pub tracking: Option<Tracking>,
-    /// Pages found dirty by the write-protection method or drained from the PML log,
-    /// waiting for the migration engine.
-    pub dirty_log: Vec<usize>,
+    /// While tracking: pages found dirty by write protection, drained from the PML log,
+    /// or written by the hypervisor itself (hypercall results, which EPT never sees),
+    /// waiting for the migration engine. One bit per page, so its size is fixed by the
+    /// guest's memory however often pages are reported; `None` when not tracking.
+    pub dirty: Option<PageBitmap>,
+    /// The VMCS has been VMCLEARed and loaded at least once: it must be VMCLEARed
+    /// again before its frame is freed.
+    vmcs_active: bool,
 }
 
 /// Dirty-tracking method in force on a guest.
@@ -337,14 +345,15 @@ impl Vm {
             state: VmState::Running,
             stats: VmStats::default(),
             runtime_ticks: 0,
-            time_origin: time::now(),
+            clock: GuestClock::starting_at(time::now_ns()),
+            frozen_at_ns: None,
             migrations: 0,
             request: 0,
             out: Vec::new(),
-            hv_dirty: Vec::new(),
             pre_freeze: None,
             tracking: None,
-            dirty_log: Vec::new(),
+            dirty: None,
+            vmcs_active: false,
         })
     }
 
@@ -363,14 +372,26 @@ impl Vm {
         (self.mem_bytes / 4096) as usize
     }
 
-    /// The guest's monotonic clock in nanoseconds.
+    /// The guest's monotonic clock in nanoseconds, as the guest would read it now.
     pub fn guest_time_ns(&self) -> u64 {
-        time::ticks_to_ns(time::now().saturating_sub(self.time_origin))
+        self.clock.peek(time::now_ns())
     }
 
-    /// Sets the guest clock to continue from `ns` now (after migration).
+    /// Sets the guest clock to continue from `ns` now (on the destination of a
+    /// migration); it never goes below what the guest has seen.
     pub fn set_guest_time_ns(&mut self, ns: u64) {
-        self.time_origin = time::now().saturating_sub(time::ns_to_ticks(ns));
+        self.clock.continue_from(ns, time::now_ns());
+    }
+
+    /// Bytes the hypervisor holds on this guest's behalf: memory, EPT, VMCS, PML buffer
+    /// (frames), and heap for the dirty bitmap and the output line.
+    pub fn held(&self) -> (usize, usize) {
+        let frames = self.mem.count()
+            + self.ept.count()
+            + self.vmcs.count()
+            + self.pml.as_ref().map_or(0, |p| p.count());
+        let heap = self.dirty.as_ref().map_or(0, |d| d.bytes()) + self.out.capacity();
+        (frames, heap)
     }
 
     pub(crate) fn eptp(&self) -> u64 {
@@ -384,26 +405,33 @@ impl Vm {
     /// Freezes the guest for stop-and-copy (or on arrival, until COMMIT).
     pub fn freeze(&mut self) {
         if self.state.alive() && self.state != VmState::Frozen {
+            // The guest cannot read its clock while frozen: this is the highest value
+            // it can have seen, and what the destination continues from.
+            self.frozen_at_ns = Some(self.clock.read(time::now_ns()));
             self.pre_freeze = Some(core::mem::replace(&mut self.state, VmState::Frozen));
         }
     }
 
-    /// Returns a frozen guest to the state it had before it was frozen.
+    /// Returns a frozen guest to the state it had before it was frozen. On the source
+    /// after a failed migration the clock simply runs on (it did during the freeze).
     pub fn thaw(&mut self) {
         if self.state == VmState::Frozen {
             self.state = self.pre_freeze.take().unwrap_or(VmState::Running);
+            self.frozen_at_ns = None;
         }
+    }
+
+    /// The guest's clock at its freeze, if frozen.
+    pub fn frozen_at_ns(&self) -> Option<u64> {
+        self.frozen_at_ns
     }
 
     /// The PV-device state for migration: the guest clock, a pending sleep, the
     /// operator's pending request and whether it was paused (guest frozen).
     pub fn device_state(&self) -> Vec<u8> {
-        let now = self.guest_time_ns();
+        let now = self.frozen_at_ns.unwrap_or_else(|| self.guest_time_ns());
         let (sleep_until, paused) = match self.pre_freeze.as_ref().unwrap_or(&self.state) {
-            VmState::Halted(until) => (
-                time::ticks_to_ns(until.saturating_sub(self.time_origin)).max(1),
-                0u64,
-            ),
+            VmState::Halted(until) => ((*until).max(1), 0u64),
             VmState::Paused => (0, 1),
             _ => (0, 0),
         };
@@ -421,15 +449,31 @@ impl Vm {
         }
         let w = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
         self.set_guest_time_ns(w(0));
+        self.frozen_at_ns = Some(w(0));
         self.request = w(2);
         self.state = if w(3) == 1 {
             VmState::Paused
         } else if w(1) != 0 {
-            VmState::Halted(self.time_origin.saturating_add(time::ns_to_ticks(w(1))))
+            VmState::Halted(w(1))
         } else {
             VmState::Running
         };
         Ok(())
+    }
+}
+
+impl Drop for Vm {
+    /// Gives the CPU-side state back before the frames are freed (fields drop after
+    /// this): VMCLEAR, so the CPU writes no cached VMCS data into a frame that may
+    /// become another guest's memory (SDM 24.11.1), and INVEPT, so no translation
+    /// through this EPT survives into the frames' next use (SDM 28.4.3). Every path
+    /// that drops a `Vm` (kill, migrated away, a failed install) goes through here.
+    fn drop(&mut self) {
+        if self.vmcs_active {
+            let _ = hw::vmclear(self.vmcs.base());
+            let _ = hw::invept(Some(self.eptp())).or_else(|_| hw::invept(None));
+            self.vmcs_active = false;
+        }
     }
 }
 

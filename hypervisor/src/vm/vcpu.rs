@@ -10,6 +10,39 @@ use crate::println;
 /// Length of VMCALL (0F 01 C1): RIP advances by it after a hypercall.
 const VMCALL_LEN: u64 = 3;
 
+const CR0_PE: u64 = 1 << 0;
+const CR0_MP: u64 = 1 << 1;
+const CR0_EM: u64 = 1 << 2;
+const CR0_TS: u64 = 1 << 3;
+const CR0_ET: u64 = 1 << 4;
+const CR0_NE: u64 = 1 << 5;
+const CR0_NW: u64 = 1 << 29;
+const CR0_CD: u64 = 1 << 30;
+const CR0_PG: u64 = 1 << 31;
+/// CR0 bits owned by the host (see `setup_vmcs`).
+const CR0_HOST_OWNED: u64 =
+    CR0_PE | CR0_MP | CR0_EM | CR0_TS | CR0_ET | CR0_NE | CR0_NW | CR0_CD | CR0_PG;
+const CR4_OSFXSR: u64 = 1 << 9;
+const CR4_OSXMMEXCPT: u64 = 1 << 10;
+const CR4_VMXE: u64 = 1 << 13;
+const CR4_OSXSAVE: u64 = 1 << 18;
+/// CR4 bits that would enable SSE/AVX state.
+const CR4_FP_BITS: u64 = CR4_OSFXSR | CR4_OSXMMEXCPT | CR4_OSXSAVE;
+/// CR4 bits owned by the host.
+const CR4_HOST_OWNED: u64 = CR4_VMXE | CR4_FP_BITS;
+
+/// The CR0 a PV guest sees: protected, paged long mode with caches on and no FPU.
+fn guest_cr0_shadow(cr0: u64) -> u64 {
+    (cr0 | CR0_PE | CR0_PG | CR0_NE | CR0_ET) & !(CR0_CD | CR0_NW | CR0_EM | CR0_TS | CR0_MP)
+}
+
+/// The CR0 the CPU runs the guest with: caches on whatever the host had (VM exits do
+/// not reload CD/NW, SDM 27.5.1), and EM set so that x87 instructions fault (#NM) and
+/// stop the guest rather than touch FPU state another guest may own.
+fn guest_cr0(cr0: u64, c: &VmxCaps) -> u64 {
+    ((guest_cr0_shadow(cr0) | CR0_EM) | c.cr0_fixed0) & c.cr0_fixed1 & !(CR0_CD | CR0_NW)
+}
+
 impl Vm {
     /// Makes this guest's VMCS current (needed before any VMREAD/VMWRITE on it).
     pub fn load_vmcs(&self) -> Result<(), String> {
@@ -24,6 +57,9 @@ impl Vm {
         self.vmcs.as_bytes_mut()[0..4].copy_from_slice(&rev.to_le_bytes());
         hw::vmclear(self.vmcs.base()).map_err(|e| format!("VMCLEAR: {e}"))?;
         self.launched = false;
+        // From here on the CPU may cache this VMCS: `Drop` must VMCLEAR it, whatever
+        // fails below.
+        self.vmcs_active = true;
         self.load_vmcs()?;
         self.ad_enabled = c.ept_ad();
         let e = |e: vmcs::VmcsError| format!("{e}");
@@ -34,14 +70,18 @@ impl Vm {
             "processor-based",
             c.procbased,
             caps::proc::HLT_EXITING | caps::proc::UNCOND_IO_EXITING | caps::proc::SECONDARY,
-            0,
+            // A guest must not stall the CPU (MWAIT with a deep C-state hint can stop the
+            // preemption timer, SDM 26.5.1) or read the host's performance counters.
+            // Wanted, not required: a CPU without them cannot run those instructions
+            // in VMX non-root without exiting anyway (they #UD or exit unconditionally).
+            caps::proc::MWAIT_EXITING | caps::proc::MONITOR_EXITING | caps::proc::RDPMC_EXITING,
         )
         .map_err(|e| format!("{e}"))?;
         let proc2 = caps::adjust(
             "secondary",
             c.procbased2,
             caps::proc2::EPT,
-            caps::proc2::VPID,
+            caps::proc2::VPID | caps::proc2::WBINVD_EXITING | caps::proc2::DESC_TABLE_EXITING,
         )
         .map_err(|e| format!("{e}"))?;
         let exit = caps::adjust(
@@ -77,11 +117,16 @@ impl Vm {
         }
         vmcs::write(w64::EPT_POINTER, self.eptp()).map_err(e)?;
         vmcs::write(w64::VMCS_LINK_POINTER, u64::MAX).map_err(e)?;
-        // CR4.VMXE must stay set in VMX operation; hide it from the guest.
-        vmcs::write(wn::CR0_GUEST_HOST_MASK, 0).map_err(e)?;
-        vmcs::write(wn::CR4_GUEST_HOST_MASK, 1 << 13).map_err(e)?;
-        vmcs::write(wn::CR4_READ_SHADOW, s.cr4 & !(1 << 13)).map_err(e)?;
-        vmcs::write(wn::CR0_READ_SHADOW, s.cr0).map_err(e)?;
+        // Control-register bits the host owns (guest/host masks, SDM 25.6.6): a guest
+        // write that would change one exits and stops the guest (see `on_cr_access`).
+        // CR0: caching (CD, NW: a guest must not turn caches off for the machine),
+        // the FPU bits (EM, MP, TS: PV guests have no FP/SIMD, so no such state is
+        // ever shared between guests or migrated), and the mode bits (PE, PG, NE, ET).
+        // CR4: VMXE (must stay set), and OSFXSR, OSXMMEXCPT, OSXSAVE (SSE/AVX stay off).
+        vmcs::write(wn::CR0_GUEST_HOST_MASK, CR0_HOST_OWNED).map_err(e)?;
+        vmcs::write(wn::CR4_GUEST_HOST_MASK, CR4_HOST_OWNED).map_err(e)?;
+        vmcs::write(wn::CR4_READ_SHADOW, s.cr4 & !CR4_VMXE).map_err(e)?;
+        vmcs::write(wn::CR0_READ_SHADOW, guest_cr0_shadow(s.cr0)).map_err(e)?;
 
         // Host state (SDM §27.5): what the CPU loads on every VM exit.
         let h = &ctx.host;
@@ -209,11 +254,11 @@ impl Vm {
         vmcs::write(wn::GUEST_RIP, s.rip)?;
         vmcs::write(wn::GUEST_RSP, s.rsp)?;
         vmcs::write(wn::GUEST_RFLAGS, s.rflags | 0x2)?;
-        vmcs::write(wn::GUEST_CR0, (s.cr0 | c.cr0_fixed0) & c.cr0_fixed1)?;
+        vmcs::write(wn::GUEST_CR0, guest_cr0(s.cr0, c))?;
         vmcs::write(wn::GUEST_CR3, s.cr3)?;
         vmcs::write(
             wn::GUEST_CR4,
-            (s.cr4 | c.cr4_fixed0 | (1 << 13)) & c.cr4_fixed1,
+            ((s.cr4 & !CR4_FP_BITS) | c.cr4_fixed0 | CR4_VMXE) & c.cr4_fixed1,
         )?;
         vmcs::write(w64::GUEST_IA32_EFER, s.efer)?;
         vmcs::write(wn::GUEST_FS_BASE, s.fs_base)?;
@@ -228,9 +273,10 @@ impl Vm {
             rip: vmcs::read(wn::GUEST_RIP),
             rsp: vmcs::read(wn::GUEST_RSP),
             rflags: vmcs::read(wn::GUEST_RFLAGS),
-            cr0: vmcs::read(wn::GUEST_CR0),
+            // What the guest believes (the shadow for host-owned bits).
+            cr0: guest_cr0_shadow(vmcs::read(wn::CR0_READ_SHADOW)),
             cr3: vmcs::read(wn::GUEST_CR3),
-            cr4: vmcs::read(wn::GUEST_CR4) & !(1 << 13),
+            cr4: vmcs::read(wn::GUEST_CR4) & !CR4_VMXE,
             efer: vmcs::read(w64::GUEST_IA32_EFER),
             fs_base: vmcs::read(wn::GUEST_FS_BASE),
             gs_base: vmcs::read(wn::GUEST_GS_BASE),
@@ -238,11 +284,6 @@ impl Vm {
         }
     }
 
-    /// Releases the VMCS from the CPU (before the guest is freed).
-    pub fn release(&mut self) {
-        let _ = hw::vmclear(self.vmcs.base());
-        self.launched = false;
-    }
 
     /// Stops the guest with a report.
     pub fn stop(&mut self, why: String) {
@@ -257,6 +298,9 @@ impl Vm {
     pub fn run_slice(&mut self, caps: &VmxCaps, deadline: u64) -> SliceEnd {
         let shift = caps.preemption_timer_rate();
         loop {
+            // Console output drains between exits too, so a busy guest does not hold
+            // the UART back for a whole slice.
+            crate::arch::serial::pump();
             let now = time::now();
             let left = deadline.saturating_sub(now) >> shift;
             if vmcs::write(
@@ -312,7 +356,39 @@ impl Vm {
                     let msr = self.regs.rcx;
                     self.fail(&format!("MSR access to {msr:#x} is not allowed"))
                 }
-                ExitReason::CrAccess => self.fail("control register access to a host-owned bit"),
+                ExitReason::CrAccess => self.on_cr_access(),
+                ExitReason::Monitor => {
+                    // Harmless as a no-op: the address monitor is only a hint.
+                    self.advance_rip();
+                    None
+                }
+                ExitReason::Mwait => {
+                    // Never let the guest wait in a C-state: treat it as a yield.
+                    self.advance_rip();
+                    Some(SliceEnd::Preempted)
+                }
+                ExitReason::Wbinvd => {
+                    // A PV guest has no device and no DMA: there is nothing for it to
+                    // write back. A no-op, so it cannot stall the machine either.
+                    self.advance_rip();
+                    None
+                }
+                ExitReason::Invd => {
+                    self.fail("INVD (would discard the machine's cached writes) is not allowed")
+                }
+                ExitReason::Rdpmc => {
+                    self.fail("RDPMC (the host's performance counters) is not allowed")
+                }
+                ExitReason::Xsetbv => {
+                    self.fail("XSETBV: PV guests have no FP/SIMD/XSAVE state")
+                }
+                ExitReason::Getsec => self.fail("GETSEC is not allowed"),
+                ExitReason::VmxInstruction => {
+                    self.fail("VMX instruction: nested virtualization is not offered")
+                }
+                ExitReason::DescriptorTable => self.fail(
+                    "descriptor-table instruction (LGDT/LIDT/LLDT/LTR/SGDT/SIDT/SLDT/STR): PV guests run on the hypervisor's flat segments",
+                ),
                 ExitReason::ExternalInterrupt => None,
                 ExitReason::InvalidGuestState => self.fail("invalid guest state"),
                 ExitReason::EptMisconfig => self.fail("EPT misconfiguration (hypervisor bug)"),
@@ -327,6 +403,69 @@ impl Vm {
             if time::now() >= deadline {
                 return SliceEnd::Preempted;
             }
+        }
+    }
+
+    /// A guest tried to change a host-owned CR0/CR4 bit (or any other CR access that
+    /// exits): decode it and stop the guest with what it tried (SDM Table 28-3).
+    fn on_cr_access(&mut self) -> Option<SliceEnd> {
+        let q = vmcs::read(ro::EXIT_QUALIFICATION);
+        let cr = q & 0xF;
+        let kind = (q >> 4) & 3;
+        let what = match (cr, kind) {
+            (0, 0) | (4, 0) => {
+                let reg = ((q >> 8) & 0xF) as usize;
+                let v = self.reg_value(reg);
+                let (mask, name) = if cr == 0 {
+                    (CR0_HOST_OWNED, "CR0")
+                } else {
+                    (CR4_HOST_OWNED, "CR4")
+                };
+                let shadow = vmcs::read(if cr == 0 {
+                    wn::CR0_READ_SHADOW
+                } else {
+                    wn::CR4_READ_SHADOW
+                });
+                let changed = (v ^ shadow) & mask;
+                let why = if cr == 0 && changed & (CR0_CD | CR0_NW) != 0 {
+                    " (caching is the host's: CD/NW)"
+                } else if (cr == 0 && changed & (CR0_EM | CR0_TS | CR0_MP) != 0)
+                    || (cr == 4 && changed & CR4_FP_BITS != 0)
+                {
+                    " (PV guests have no FP/SIMD state)"
+                } else {
+                    ""
+                };
+                format!("write of {v:#x} to {name} changes host-owned bits {changed:#x}{why}")
+            }
+            (_, 2) => String::from("CLTS (PV guests have no FP/SIMD state)"),
+            (_, 3) => String::from("LMSW changes host-owned CR0 bits"),
+            _ => format!("access to CR{cr} (qualification {q:#x})"),
+        };
+        self.fail(&format!("control register: {what}"))
+    }
+
+    /// General-purpose register `n` in the exit-qualification numbering (0 = RAX ...
+    /// 4 = RSP, 15 = R15).
+    fn reg_value(&self, n: usize) -> u64 {
+        let r = &self.regs;
+        match n {
+            0 => r.rax,
+            1 => r.rcx,
+            2 => r.rdx,
+            3 => r.rbx,
+            4 => vmcs::read(wn::GUEST_RSP),
+            5 => r.rbp,
+            6 => r.rsi,
+            7 => r.rdi,
+            8 => r.r8,
+            9 => r.r9,
+            10 => r.r10,
+            11 => r.r11,
+            12 => r.r12,
+            13 => r.r13,
+            14 => r.r14,
+            _ => r.r15,
         }
     }
 
@@ -385,7 +524,9 @@ impl Vm {
         if write && self.tracking == Some(Tracking::WriteProtect) && gpa < self.mem_bytes {
             let pages = self.pages();
             if ept::unprotect(ept::leaves_mut(self.ept.as_u64_mut(), pages), pfn) {
-                self.dirty_log.push(pfn);
+                if let Some(d) = &mut self.dirty {
+                    d.set(pfn);
+                }
                 return None;
             }
         }
@@ -402,7 +543,7 @@ impl Vm {
         ))
     }
 
-    /// Copies logged GPAs from the PML buffer into `dirty_log` and resets the index.
+    /// Copies logged GPAs from the PML buffer into the dirty bitmap and resets the index.
     pub fn drain_pml(&mut self) {
         let Some(pml) = &self.pml else { return };
         let index = vmcs::read(w16::GUEST_PML_INDEX) as usize;
@@ -413,7 +554,9 @@ impl Vm {
             let pfn = (gpa / 4096) as usize;
             // Bochs may log a stray address: keep only pages of this guest.
             if pfn < pages {
-                self.dirty_log.push(pfn);
+                if let Some(d) = &mut self.dirty {
+                    d.set(pfn);
+                }
             }
         }
         let _ = vmcs::write(w16::GUEST_PML_INDEX, 511);
@@ -429,15 +572,14 @@ impl Vm {
                 self.stats.hypercalls[(call as usize).min(8)] += 1;
                 match hc {
                     Hypercall::ConsoleWrite => self.hc_console_write(a0, a1),
-                    Hypercall::Time => Ok(self.guest_time_ns()),
+                    Hypercall::Time => Ok(self.clock.read(time::now_ns())),
                     Hypercall::Yield => {
                         end = Some(SliceEnd::Preempted);
                         Ok(0)
                     }
                     Hypercall::HaltUntil => {
-                        let until = self.time_origin.saturating_add(time::ns_to_ticks(a0));
-                        if until > time::now() {
-                            self.state = VmState::Halted(until);
+                        if a0 > self.guest_time_ns() {
+                            self.state = VmState::Halted(a0);
                             end = Some(SliceEnd::Blocked);
                         }
                         Ok(0)
@@ -507,8 +649,12 @@ impl Vm {
     /// Prints the buffered guest output line with its id prefix.
     pub fn flush_output(&mut self) {
         if !self.out.is_empty() {
-            let line = String::from_utf8_lossy(&self.out);
-            println!("[g{}] {}", self.id, line);
+            // Only printable ASCII was buffered (hc_console_write), and the line carries
+            // the guest's prefix: a guest cannot forge a hypervisor line.
+            let mut line = format!("[g{}] ", self.id);
+            line.push_str(&String::from_utf8_lossy(&self.out));
+            line.push('\n');
+            crate::arch::serial::write_guest(line.as_bytes());
             self.out.clear();
         }
     }
@@ -524,8 +670,13 @@ impl Vm {
         let first = range.start / 4096;
         let last = (range.end - 1) / 4096;
         self.mem.as_bytes_mut()[range].copy_from_slice(&b);
-        // The hypervisor's own writes bypass EPT dirty tracking.
-        self.hv_dirty.extend(first..=last);
+        // The hypervisor's own writes bypass EPT dirty tracking: mark them while a
+        // migration tracks (a bit per page, however often this is called).
+        if let Some(d) = &mut self.dirty {
+            for pfn in first..=last {
+                d.set(pfn);
+            }
+        }
         Ok(0)
     }
 }

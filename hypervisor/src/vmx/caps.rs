@@ -106,6 +106,12 @@ pub struct VmxCaps {
 pub mod proc {
     /// HLT exiting.
     pub const HLT_EXITING: u32 = 1 << 7;
+    /// MWAIT exiting.
+    pub const MWAIT_EXITING: u32 = 1 << 10;
+    /// RDPMC exiting.
+    pub const RDPMC_EXITING: u32 = 1 << 11;
+    /// MONITOR exiting.
+    pub const MONITOR_EXITING: u32 = 1 << 29;
     /// Use I/O bitmaps (off: unconditional I/O exiting instead).
     pub const UNCOND_IO_EXITING: u32 = 1 << 24;
     /// Use MSR bitmaps.
@@ -118,6 +124,10 @@ pub mod proc {
 pub mod proc2 {
     /// Enable EPT.
     pub const EPT: u32 = 1 << 1;
+    /// Descriptor-table exiting (LGDT, LIDT, LLDT, LTR, SGDT, SIDT, SLDT, STR).
+    pub const DESC_TABLE_EXITING: u32 = 1 << 2;
+    /// WBINVD exiting.
+    pub const WBINVD_EXITING: u32 = 1 << 6;
     /// Enable RDTSCP.
     pub const RDTSCP: u32 = 1 << 3;
     /// Enable VPID.
