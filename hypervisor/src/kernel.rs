@@ -160,7 +160,11 @@ impl Kernel {
             self.poll_console();
             if let Some(n) = &mut self.net {
                 n.poll();
-                self.migrations.poll(n, &mut self.vmm);
+                if self.migrations.poll(n, &mut self.vmm) {
+                    // Send what the migration just queued (COMMIT above all) now,
+                    // not after the next guest slice.
+                    n.poll();
+                }
             }
             if !self.vmm.schedule() {
                 cpu::pause();
@@ -235,7 +239,19 @@ impl Kernel {
                 println!("log level: {l}");
                 Ok(())
             }
-            "images" | "start" | "vms" | "pause" | "resume" | "kill" | "stats" | "check" => {
+            "pause" | "resume" | "kill" => {
+                // A guest in a migration changes state only through the migration.
+                if let [id] = rest {
+                    let id = args::parse_u32("guest id", id)?;
+                    if let Some(why) = self.migrations.guest_busy(id) {
+                        return Err(cmd_err!(
+                            "guest {id} is {why}; 'migrate cancel' first, or wait for it to end"
+                        ));
+                    }
+                }
+                self.vmm.command(name, rest, cmd.usage)
+            }
+            "images" | "start" | "vms" | "stats" | "check" => {
                 self.vmm.command(name, rest, cmd.usage)
             }
             "pci" | "net" | "ip" | "ping" | "netbench" => {
@@ -316,19 +332,46 @@ impl Kernel {
         }
     }
 
+    /// `mem`: what the hypervisor holds, and on whose behalf. The figures the tests
+    /// sample for leaks come first, as one machine-readable line.
     fn cmd_mem(&self) {
         let (free, total) = phys::with_frames(|f| (f.free_frames(), f.total_frames()));
         let (used, hfree) = heap::usage();
+        let (high, failed) = heap::high_water();
+        let sockets = self.net.as_ref().map_or(0, |n| n.socket_count());
+        let (inflight, lingering, history) = self.migrations.held();
+        let out = serial::out_stats();
         println!(
-            "  frames      {} total, {} free ({} KiB free)",
-            total,
-            free,
-            free * 4
+            "MEM heap_used={used} heap_free={hfree} heap_high={high} heap_failed={failed} frames_free={free} frames_total={total} sockets={sockets} migrations={inflight} lingering={lingering} guests={}",
+            self.vmm.vms.len()
         );
+        println!("  frames      {total} total, {free} free ({} KiB free)", free * 4);
         println!(
-            "  heap        {} KiB used, {} KiB free",
+            "  heap        {} KiB used, {} KiB free, high-water {} KiB, {failed} failed allocations",
             used / 1024,
-            hfree / 1024
+            hfree / 1024,
+            high / 1024
         );
+        println!(
+            "  network     {sockets} sockets open (netbench sink and migration listener included)"
+        );
+        println!(
+            "  migrations  {inflight} in flight, {lingering} sockets lingering, {history}/{} history entries",
+            crate::migration::kernel::HISTORY
+        );
+        println!(
+            "  console     {} bytes queued (high-water {}), dropped: {} hypervisor, {} guest bytes",
+            out.queued, out.high_water, out.dropped_hv, out.dropped_guest
+        );
+        for vm in &self.vmm.vms {
+            let (frames, heap) = vm.held();
+            println!(
+                "  guest {:<4} {} frames ({} KiB: memory, EPT, VMCS, PML), {} bytes of heap",
+                vm.id,
+                frames,
+                frames * 4,
+                heap
+            );
+        }
     }
 }

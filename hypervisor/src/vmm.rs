@@ -24,6 +24,27 @@ pub struct Image {
     pub len: usize,
 }
 
+/// Frames the hypervisor keeps for itself when admitting a guest (8 MiB): its heap is
+/// fixed, but network rings, PML buffers and VMCSs come from frames.
+pub const RESERVE_FRAMES: usize = 2048;
+
+/// Admission: a guest of `mem_bytes` may be created (started or received) only if its
+/// memory and tables fit in the free frames with [`RESERVE_FRAMES`] left over.
+pub fn admit(mem_bytes: u64) -> Result<(), String> {
+    let pages = (mem_bytes / 4096) as usize;
+    let need = pages + crate::vmx::ept::table_pages(pages) + 2;
+    let free = phys::with_frames(|f| f.free_frames());
+    if free < need + RESERVE_FRAMES {
+        return Err(format!(
+            "{} MiB guest does not fit: {} MiB free, {} MiB kept in reserve",
+            mem_bytes >> 20,
+            free / 256,
+            RESERVE_FRAMES / 256
+        ));
+    }
+    Ok(())
+}
+
 /// Default guest memory.
 pub const DEFAULT_MEM_MIB: u64 = 16;
 /// Length of a time slice.
@@ -189,6 +210,7 @@ impl Vmm {
                 self.vmx_error.as_deref().unwrap_or("VMX unavailable")
             ));
         }
+        admit(mem << 20).map_err(|e| cmd_err!("cannot start '{image}': {e}"))?;
         let id = self.next_id;
         let elf = phys::boot_bytes(img.start, img.len);
         let ctx = self

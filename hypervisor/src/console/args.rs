@@ -48,6 +48,23 @@ pub fn parse_u64(what: &str, s: &str) -> Result<u64, CmdError> {
     r.map_err(|_| CmdError(alloc::format!("bad {what} '{s}': expected a number")))
 }
 
+/// Parses a number named `what` that must lie in `min..=max` (a console number never
+/// wraps or truncates: `4294967297` is not guest 1).
+pub fn parse_in_range(what: &str, s: &str, min: u64, max: u64) -> Result<u64, CmdError> {
+    let v = parse_u64(what, s)?;
+    if !(min..=max).contains(&v) {
+        return Err(CmdError(alloc::format!(
+            "bad {what} '{s}': must be {min}..{max}"
+        )));
+    }
+    Ok(v)
+}
+
+/// Parses a 32-bit number (a guest id) without truncation.
+pub fn parse_u32(what: &str, s: &str) -> Result<u32, CmdError> {
+    Ok(parse_in_range(what, s, 0, u64::from(u32::MAX))? as u32)
+}
+
 /// Splits `key=value` options from positional words.
 pub fn split_options<'a>(args: &[&'a str]) -> (Vec<&'a str>, Vec<(&'a str, &'a str)>) {
     let mut pos = Vec::new();
@@ -112,6 +129,15 @@ mod tests {
         assert_eq!(parse_u64("id", "42"), Ok(42));
         assert_eq!(parse_u64("id", "0x10"), Ok(16));
         assert!(parse_u64("id", "x").unwrap_err().0.contains("bad id 'x'"));
+        assert!(parse_u64("id", "18446744073709551616").is_err());
+        assert_eq!(parse_u32("guest id", "7"), Ok(7));
+        assert!(parse_u32("guest id", "4294967297")
+            .unwrap_err()
+            .0
+            .contains("must be 0..4294967295"));
+        assert!(parse_in_range("downtime (ms)", "0", 1, 60_000).is_err());
+        assert!(parse_in_range("downtime (ms)", "18446744073709551615", 1, 60_000).is_err());
+        assert_eq!(parse_in_range("max-rounds", "100", 1, 100), Ok(100));
         let w = words("start counter mem=4 period=100  extra");
         let (pos, opts) = split_options(&w[1..]);
         assert_eq!(pos, vec!["counter", "extra"]);

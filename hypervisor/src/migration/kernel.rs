@@ -3,9 +3,21 @@
 //! and the console commands `migrate` and `migrations`.
 //!
 //! One outgoing and one incoming migration at a time. The destination always listens
-//! on [`PORT`]; a second source that connects while a stream is being received finds no
-//! listener and is refused.
+//! on [`PORT`]: a second source that connects while a stream is being received is
+//! answered with a REJECT ("busy"), not left hanging.
+//!
+//! Resources: every socket is a [`TcpSocket`] owned by the migration (or the listener)
+//! that uses it, so it is released whatever way that ends. A migration that ends with
+//! something still to say (a REJECT, an ABORT) hands its socket to a short, bounded
+//! linger list so the message goes out before the socket is dropped. What a finished
+//! migration keeps is its figures, in a fixed-length history.
+//!
+//! Every wait is bounded: the listener's handshake (a SYN never completed, a port scan
+//! that leaves it half-closed) is reset after [`HANDSHAKE_TIMEOUT_US`]; an incoming
+//! stream has an idle timeout and an overall deadline sized by the guest's memory; after
+//! READY the source has [`receiver::COMMIT_TIMEOUT_US`] to COMMIT.
 
+use alloc::collections::VecDeque;
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
@@ -15,13 +27,13 @@ use smoltcp::socket::tcp::State;
 use smoltcp::wire::Ipv4Address;
 
 use super::link::{Link, LinkState};
-use super::receiver::{Installer, Outcome, Receiver};
+use super::receiver::{self, Installer, Outcome, Receiver};
 use super::source::{Params, Phase, Source, SourceGuest, Status};
 use super::stats::MigrationStats;
-use super::wire::Hello;
+use super::wire::{self, Hello};
 use super::PORT;
 use crate::console::args::{self, CmdError};
-use crate::net::{NetStack, TCP_BUF};
+use crate::net::{NetStack, TcpSocket, TCP_BUF};
 use crate::vm::{Tracking, VcpuState, Vm, VmParts, VmState};
 use crate::vmm::Vmm;
 use crate::vmx::caps::VmxCaps;
@@ -54,6 +66,7 @@ impl Link for TcpLink<'_> {
     }
 
     fn send(&mut self, data: &[u8]) -> usize {
+        // A socket that never connected (or was reset) takes nothing.
         let s = self.net.tcp(self.h);
         if !s.can_send() {
             return 0;
@@ -163,6 +176,7 @@ impl Installer for VmmInstaller<'_> {
         if self.vmm.vmx.is_none() {
             return Err("destination has no VMX".into());
         }
+        crate::vmm::admit(hello.mem_bytes).map_err(|e| format!("destination cannot host the guest: {e}"))?;
         VmParts::alloc(hello.mem_bytes)
             .map_err(|e| format!("destination cannot host the guest: {e}"))
     }
@@ -187,9 +201,15 @@ impl Installer for VmmInstaller<'_> {
         Ok(id)
     }
 
-    fn commit(&mut self, id: u32) {
+    fn commit(&mut self, id: u32, pause_us: u64) {
         if let Some(vm) = self.vmm.get_mut(id) {
+            // The guest's clock ran on through the pause, as a real clock would.
+            if let Some(frozen) = vm.frozen_at_ns() {
+                vm.set_guest_time_ns(frozen.saturating_add(pause_us.saturating_mul(1000)));
+            }
             vm.thaw();
+            vm.first_run_us = None;
+            vm.watch_first_run = true;
         }
     }
 
@@ -204,27 +224,68 @@ impl Installer for VmmInstaller<'_> {
     }
 }
 
+/// How long the listener may sit in a half-open handshake before it is reset.
+pub const HANDSHAKE_TIMEOUT_US: u64 = 5_000_000;
+/// How long a finished migration's socket may linger to deliver its last message.
+const LINGER_US: u64 = 2_000_000;
+/// Sockets lingering at once (the oldest is dropped beyond this).
+const MAX_LINGER: usize = 4;
+/// Past migrations kept for `migrations`.
+pub const HISTORY: usize = 32;
+/// How long the destination waits for the arrived guest's first instruction.
+const RESUME_WAIT_US: u64 = 2_000_000;
+
 struct Outgoing {
     vm_id: u32,
-    sock: SocketHandle,
+    sock: TcpSocket,
     source: Source,
     method: Tracking,
     printed_round: usize,
 }
 
+enum IncomingPhase {
+    /// Receiving the stream (or waiting for COMMIT).
+    Receiving,
+    /// COMMIT came and the guest was thawed: waiting for its first instruction to
+    /// report the pause (bounded by `until_us`).
+    Resuming {
+        id: u32,
+        handover: receiver::Handover,
+        until_us: u64,
+    },
+}
+
 struct Incoming {
-    sock: SocketHandle,
+    sock: TcpSocket,
     receiver: Receiver<VmParts>,
     started_us: u64,
+    peer: String,
+    phase: IncomingPhase,
+}
+
+struct Listener {
+    sock: TcpSocket,
+    /// When it left LISTEN for a handshake that has not completed yet.
+    half_open_since: Option<u64>,
+}
+
+struct Lingering {
+    sock: TcpSocket,
+    until_us: u64,
 }
 
 /// Migration state of this hypervisor.
 pub struct Migrations {
-    listener: Option<SocketHandle>,
+    listener: Option<Listener>,
     outgoing: Option<Outgoing>,
     incoming: Option<Incoming>,
-    /// Figures of past outgoing migrations.
-    pub history: Vec<MigrationStats>,
+    lingering: VecDeque<Lingering>,
+    /// Figures of past migrations, both directions, newest last, at most [`HISTORY`].
+    pub history: VecDeque<MigrationStats>,
+    /// Incoming connections refused because one was already being received.
+    pub refused_busy: u64,
+    /// Half-open or dead listener states reset.
+    pub listener_resets: u64,
 }
 
 impl Default for Migrations {
@@ -240,71 +301,259 @@ impl Migrations {
             listener: None,
             outgoing: None,
             incoming: None,
-            history: Vec::new(),
+            lingering: VecDeque::new(),
+            history: VecDeque::new(),
+            refused_busy: 0,
+            listener_resets: 0,
         }
     }
 
-    fn listen(&mut self, net: &mut NetStack) {
-        let h = net.add_tcp_socket(RX_WINDOW, 16 * 1024);
+    /// Whether guest `id` takes part in a migration now (then pause, resume and kill
+    /// must go through `migrate cancel` first). Returns a description if so.
+    pub fn guest_busy(&self, id: u32) -> Option<&'static str> {
+        if self.outgoing.as_ref().is_some_and(|o| o.vm_id == id) {
+            return Some("being migrated away");
+        }
+        if let Some(inc) = &self.incoming {
+            let arriving = match inc.phase {
+                IncomingPhase::Resuming { id: i, .. } => i == id,
+                IncomingPhase::Receiving => inc.receiver.installed() == Some(id),
+            };
+            if arriving {
+                return Some("arriving by migration");
+            }
+        }
+        None
+    }
+
+    /// Sockets and records held now (for `mem`): (migrations in flight, lingering
+    /// sockets, history entries).
+    pub fn held(&self) -> (usize, usize, usize) {
+        (
+            usize::from(self.outgoing.is_some()) + usize::from(self.incoming.is_some()),
+            self.lingering.len(),
+            self.history.len(),
+        )
+    }
+
+    fn record(&mut self, stats: MigrationStats) {
+        if self.history.len() == HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(stats);
+    }
+
+    fn linger(&mut self, net: &mut NetStack, sock: TcpSocket) {
+        net.tcp(sock.h()).close();
+        if self.lingering.len() == MAX_LINGER {
+            self.lingering.pop_front();
+        }
+        self.lingering.push_back(Lingering {
+            sock,
+            until_us: time::now_us() + LINGER_US,
+        });
+    }
+
+    fn new_listener(&mut self, net: &mut NetStack) {
+        let sock = match net.open_tcp(RX_WINDOW, 16 * 1024) {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("migrate: cannot open the listener: {e}");
+                return;
+            }
+        };
         // Acknowledge at once: the stop-and-copy hand-over is a few round trips, and a
         // delayed ACK would add its delay to the guest's downtime.
-        net.tcp(h).set_ack_delay(None);
-        match net.listen(h, PORT) {
-            Ok(()) => self.listener = Some(h),
-            Err(e) => {
-                net.remove_socket(h);
-                log::warn!("migrate: cannot listen on port {PORT}: {e}");
+        net.tcp(sock.h()).set_ack_delay(None);
+        match net.listen(sock.h(), PORT) {
+            Ok(()) => {
+                self.listener = Some(Listener {
+                    sock,
+                    half_open_since: None,
+                })
+            }
+            Err(e) => log::warn!("migrate: cannot listen on port {PORT}: {e}"),
+        }
+    }
+
+    /// Keeps exactly one socket listening on [`PORT`], resets it when a handshake
+    /// stalls or a scan leaves it half-closed, and turns an established connection
+    /// into the incoming migration (or refuses it if one is under way).
+    fn service_listener(&mut self, net: &mut NetStack) {
+        if net.ready().is_err() {
+            return;
+        }
+        let Some(l) = &mut self.listener else {
+            self.new_listener(net);
+            return;
+        };
+        let now = time::now_us();
+        match net.tcp(l.sock.h()).state() {
+            State::Listen => l.half_open_since = None,
+            State::SynReceived => {
+                let since = *l.half_open_since.get_or_insert(now);
+                if now - since > HANDSHAKE_TIMEOUT_US {
+                    self.listener = None; // dropped: released
+                    self.listener_resets += 1;
+                    self.new_listener(net);
+                }
+            }
+            State::Established => {
+                let Some(l) = self.listener.take() else {
+                    return;
+                };
+                self.new_listener(net);
+                let peer = net
+                    .tcp(l.sock.h())
+                    .remote_endpoint()
+                    .map_or("?".to_string(), |e| e.to_string());
+                if self.incoming.is_some() {
+                    self.refused_busy += 1;
+                    println!("migrate: refused a second incoming migration from {peer}: busy");
+                    let mut m = Vec::new();
+                    wire::put_reason(
+                        &mut m,
+                        wire::tag::REJECT,
+                        receiver::reject::BUSY,
+                        "busy: another migration is being received",
+                    );
+                    let _ = net.tcp(l.sock.h()).send_slice(&m);
+                    self.linger(net, l.sock);
+                    return;
+                }
+                println!("migrate: incoming migration from {peer}");
+                self.incoming = Some(Incoming {
+                    sock: l.sock,
+                    receiver: Receiver::new(now, 30_000_000),
+                    started_us: now,
+                    peer,
+                    phase: IncomingPhase::Receiving,
+                });
+            }
+            _ => {
+                // Closed, reset, or half-closed by a scan: listen afresh.
+                self.listener = None;
+                self.listener_resets += 1;
+                self.new_listener(net);
             }
         }
     }
 
     /// Advances every migration; call from the main loop after polling the network.
-    pub fn poll(&mut self, net: &mut NetStack, vmm: &mut Vmm) {
-        if self.listener.is_none() && self.incoming.is_none() && net.ready().is_ok() {
-            self.listen(net);
+    /// Returns whether a migration is in flight (the caller polls the network again at
+    /// once, so that what was just queued, COMMIT above all, leaves now).
+    pub fn poll(&mut self, net: &mut NetStack, vmm: &mut Vmm) -> bool {
+        let now = time::now_us();
+        while self.lingering.front().is_some_and(|l| {
+            now > l.until_us || matches!(net.tcp(l.sock.h()).state(), State::Closed | State::TimeWait)
+        }) {
+            self.lingering.pop_front();
         }
-        // A connection on the listener becomes the incoming migration.
-        if let Some(h) = self.listener {
-            if net.tcp(h).state() == State::Established {
-                self.listener = None;
-                println!(
-                    "migrate: incoming migration from {}",
-                    net.tcp(h)
-                        .remote_endpoint()
-                        .map_or("?".to_string(), |e| e.to_string())
-                );
-                let now = time::now_us();
-                self.incoming = Some(Incoming {
-                    sock: h,
-                    receiver: Receiver::new(now, 30_000_000),
-                    started_us: now,
-                });
-            }
-        }
-        if let Some(inc) = &mut self.incoming {
-            let now = time::now_us();
-            let mut link = TcpLink { net, h: inc.sock };
-            let mut inst = VmmInstaller { vmm };
-            if inc.receiver.poll(&mut link, &mut inst, now) {
-                let ms = (now - inc.started_us) / 1000;
-                match &inc.receiver.outcome {
-                    Some(Outcome::Committed(id)) => println!(
-                        "migrate: guest {id} ({}) arrived and resumed ({} bytes in {ms} ms)",
-                        inc.receiver.hello().map_or("?", |h| h.name.as_str()),
-                        inc.receiver.bytes
-                    ),
-                    Some(Outcome::Discarded(why)) => {
-                        println!("migrate: incoming migration discarded: {why}")
-                    }
-                    Some(Outcome::CommitLost(_)) | None => {}
-                }
-                let h = inc.sock;
-                self.incoming = None;
-                net.tcp(h).abort();
-                net.remove_socket(h);
-            }
-        }
+        self.service_listener(net);
+        self.poll_incoming(net, vmm);
         self.poll_outgoing(net, vmm);
+        self.outgoing.is_some() || self.incoming.is_some()
+    }
+
+    fn poll_incoming(&mut self, net: &mut NetStack, vmm: &mut Vmm) {
+        let Some(inc) = &mut self.incoming else {
+            return;
+        };
+        let now = time::now_us();
+        match inc.phase {
+            IncomingPhase::Receiving => {
+                let mut link = TcpLink { net, h: inc.sock.h() };
+                let mut inst = VmmInstaller { vmm };
+                if !inc.receiver.poll(&mut link, &mut inst, now) {
+                    return;
+                }
+                match (&inc.receiver.outcome, inc.receiver.handover) {
+                    (Some(Outcome::Committed(id)), Some(handover)) => {
+                        inc.phase = IncomingPhase::Resuming {
+                            id: *id,
+                            handover,
+                            until_us: now + RESUME_WAIT_US,
+                        };
+                        return;
+                    }
+                    (Some(Outcome::Discarded(why)), _) => {
+                        println!(
+                            "migrate: incoming migration from {} discarded: {}",
+                            inc.peer,
+                            wire::printable(why, 200)
+                        );
+                    }
+                    _ => {}
+                }
+                let Some(inc) = self.incoming.take() else {
+                    return;
+                };
+                self.linger(net, inc.sock);
+            }
+            IncomingPhase::Resuming {
+                id,
+                handover,
+                until_us,
+            } => {
+                let vm = vmm.get_mut(id);
+                // A guest that sleeps or was paused on the source "resumes" in that
+                // state at COMMIT; a running one when its vCPU first runs.
+                let resumed_at = match vm {
+                    Some(vm) if vm.state == VmState::Running && now < until_us => {
+                        match vm.first_run_us {
+                            Some(t) => t,
+                            None => return,
+                        }
+                    }
+                    Some(vm) => {
+                        vm.watch_first_run = false;
+                        vm.first_run_us.unwrap_or(handover.commit_at_us)
+                    }
+                    None => handover.commit_at_us,
+                };
+                let commit_to_resume_us = resumed_at.saturating_sub(handover.commit_at_us);
+                let times = wire::ResumedTimes {
+                    commit_wire_us: handover.commit_wire_us,
+                    commit_to_resume_us,
+                    downtime_us: handover.pause_to_commit_us + commit_to_resume_us,
+                };
+                let mut m = Vec::new();
+                wire::put_resumed(&mut m, &times);
+                let _ = net.tcp(inc.sock.h()).send_slice(&m);
+                let hello = inc.receiver.hello().cloned();
+                let stats = MigrationStats {
+                    role: "dest",
+                    guest: id,
+                    image: hello.as_ref().map_or(String::from("?"), |h| h.name.clone()),
+                    mem_bytes: hello.as_ref().map_or(0, |h| h.mem_bytes),
+                    peer: inc.peer.clone(),
+                    method: "-",
+                    mode: "in",
+                    total_us: now - inc.started_us,
+                    downtime_us: times.downtime_us,
+                    dt_freeze_sent_us: handover.source.freeze_to_sent_us,
+                    dt_sent_ready_us: handover.source.sent_to_ready_us,
+                    dt_commit_wire_us: times.commit_wire_us,
+                    dt_resume_us: commit_to_resume_us,
+                    downtime_joined: true,
+                    received_bytes: inc.receiver.bytes,
+                    outcome: String::from("ok"),
+                    ..Default::default()
+                };
+                println!(
+                    "migrate: guest {id} ({}) arrived and resumed ({} bytes in {} ms, downtime {} us)",
+                    stats.image,
+                    inc.receiver.bytes,
+                    stats.total_us / 1000,
+                    stats.downtime_us
+                );
+                println!("{}", stats.line());
+                if let Some(inc) = self.incoming.take() {
+                    self.linger(net, inc.sock);
+                }
+                self.record(stats);
+            }
+        }
     }
 
     fn poll_outgoing(&mut self, net: &mut NetStack, vmm: &mut Vmm) {
@@ -316,10 +565,13 @@ impl Migrations {
             return;
         };
         let status = {
+            // Kill is refused while a guest migrates, so it is always there; if not,
+            // that is a bug, and the migration fails cleanly rather than panics.
             let Some(vm) = vmm.vms.iter_mut().find(|v| v.id == out.vm_id) else {
                 println!("migrate: guest {} vanished during migration", out.vm_id);
-                net.remove_socket(out.sock);
-                self.outgoing = None;
+                if let Some(o) = self.outgoing.take() {
+                    self.linger(net, o.sock);
+                }
                 return;
             };
             let mut g = VmGuest {
@@ -327,7 +579,7 @@ impl Migrations {
                 caps: &caps,
                 method: out.method,
             };
-            let mut link = TcpLink { net, h: out.sock };
+            let mut link = TcpLink { net, h: out.sock.h() };
             out.source.poll(&mut g, &mut link, now)
         };
         let rounds = &out.source.stats.rounds;
@@ -344,36 +596,86 @@ impl Migrations {
             );
             out.printed_round += 1;
         }
-        if status == Status::Finished {
-            let stats = out.source.stats.clone();
-            let ok = out.source.phase() == Phase::Done;
-            let (id, sock) = (out.vm_id, out.sock);
-            self.outgoing = None;
-            if ok {
-                // Free the guest: it now belongs to the destination.
-                if let Some(i) = vmm.vms.iter().position(|v| v.id == id) {
-                    // Dropping it VMCLEARs its VMCS and frees its frames.
-                    drop(vmm.vms.remove(i));
-                }
-                println!("migrate: guest {id} migrated to {}: done", stats.peer);
-            } else {
-                println!(
-                    "migrate: FAILED: {}; guest {id} keeps running here",
-                    stats.outcome
-                );
-                net.tcp(sock).abort();
+        if status != Status::Finished {
+            return;
+        }
+        let Some(out) = self.outgoing.take() else {
+            return;
+        };
+        let stats = out.source.stats.clone();
+        let id = out.vm_id;
+        if out.source.phase() == Phase::Done {
+            // Free the guest: it now belongs to the destination. Dropping it VMCLEARs
+            // its VMCS, invalidates its EPT and frees its frames.
+            if let Some(i) = vmm.vms.iter().position(|v| v.id == id) {
+                drop(vmm.vms.remove(i));
             }
-            println!("{stats}");
-            println!("{}", stats.line());
-            self.history.push(stats);
-            // Leave a closing socket to finish its FIN; reap it on the next migration.
-            if !ok {
-                net.remove_socket(sock);
+            println!("migrate: guest {id} migrated to {}: done", stats.peer);
+            drop(out.sock);
+        } else {
+            println!(
+                "migrate: FAILED: {}; guest {id} keeps running here",
+                wire::printable(&stats.outcome, 300)
+            );
+            // Let the ABORT reach the peer before the socket goes.
+            self.linger(net, out.sock);
+        }
+        println!("{stats}");
+        println!("{}", stats.line());
+        self.record(stats);
+    }
+
+    /// `migrate cancel`: aborts the outgoing migration (unless the guest has already
+    /// been handed over) and the incoming one (before READY it is discarded; after
+    /// READY the guest stays paused, as for a lost COMMIT).
+    fn cancel(&mut self, net: &mut NetStack, vmm: &mut Vmm) -> Result<(), CmdError> {
+        let mut done = false;
+        if let Some(out) = &mut self.outgoing {
+            let caps = vmm.vmx.as_ref().map(|v| v.caps).ok_or_else(|| cmd_err!("no VMX"))?;
+            let Some(vm) = vmm.vms.iter_mut().find(|v| v.id == out.vm_id) else {
+                return Err(cmd_err!("guest {} is gone", out.vm_id));
+            };
+            let mut g = VmGuest {
+                vm,
+                caps: &caps,
+                method: out.method,
+            };
+            let mut link = TcpLink { net, h: out.sock.h() };
+            if !out
+                .source
+                .cancel(&mut g, &mut link, time::now_us(), "cancelled by the operator")
+            {
+                return Err(cmd_err!(
+                    "too late to cancel: guest {} has been handed over to {}",
+                    out.vm_id,
+                    out.source.stats.peer
+                ));
             }
+            println!("migrate: outgoing migration of guest {} cancelled", out.vm_id);
+            done = true;
+            self.poll_outgoing(net, vmm);
+        }
+        if let Some(inc) = &mut self.incoming {
+            if let IncomingPhase::Resuming { id, .. } = inc.phase {
+                return Err(cmd_err!("too late to cancel: guest {id} already runs here"));
+            }
+            let mut link = TcpLink { net, h: inc.sock.h() };
+            let mut inst = VmmInstaller { vmm };
+            inc.receiver.cancel(&mut link, &mut inst);
+            println!("migrate: incoming migration from {} cancelled", inc.peer);
+            if let Some(inc) = self.incoming.take() {
+                self.linger(net, inc.sock);
+            }
+            done = true;
+        }
+        if done {
+            Ok(())
+        } else {
+            Err(cmd_err!("no migration in progress"))
         }
     }
 
-    /// `migrate <id> <ip>[:port] [options]`.
+    /// `migrate <id> <ip>[:port] [options]` or `migrate cancel`.
     pub fn cmd_migrate(
         &mut self,
         net: Option<&mut NetStack>,
@@ -381,17 +683,24 @@ impl Migrations {
         argv: &[&str],
         usage: &str,
     ) -> Result<(), CmdError> {
+        if argv == ["cancel"] {
+            let net = net.ok_or_else(|| cmd_err!("no network: no migration to cancel"))?;
+            return self.cancel(net, vmm);
+        }
         let (pos, opts) = args::split_options(argv);
         let [id, peer] = pos[..] else {
             return Err(cmd_err!("usage: migrate {usage}"));
         };
-        let id = args::parse_u64("guest id", id)? as u32;
+        let id = args::parse_u32("guest id", id)?;
         let (ip, port) = args::parse_endpoint(peer, PORT)?;
         let net = net.ok_or_else(|| cmd_err!("no network: migration needs the e1000"))?;
         if self.outgoing.is_some() {
             return Err(cmd_err!(
-                "a migration is already running; wait for it to finish"
+                "a migration is already running; wait for it to finish (or 'migrate cancel')"
             ));
+        }
+        if self.guest_busy(id).is_some() {
+            return Err(cmd_err!("guest {id} is arriving here by migration"));
         }
         let caps = vmm
             .vmx
@@ -402,18 +711,15 @@ impl Migrations {
         let mut method = Tracking::best(&caps);
         for (k, v) in opts {
             match k {
-                "downtime" => params.downtime_us = args::parse_u64("downtime (ms)", v)? * 1000,
+                "downtime" => {
+                    params.downtime_us =
+                        args::parse_in_range("downtime (ms)", v, 1, 60_000)? * 1000
+                }
                 "max-rounds" => {
-                    params.max_rounds = args::parse_u64("max-rounds", v)? as u32;
-                    if params.max_rounds == 0 {
-                        return Err(cmd_err!("max-rounds must be at least 1"));
-                    }
+                    params.max_rounds = args::parse_in_range("max-rounds", v, 1, 100)? as u32
                 }
                 "bandwidth" => {
-                    let mbps = args::parse_u64("bandwidth (MB/s)", v)?;
-                    if mbps == 0 {
-                        return Err(cmd_err!("bandwidth must be at least 1 MB/s"));
-                    }
+                    let mbps = args::parse_in_range("bandwidth (MB/s)", v, 1, 100_000)?;
                     params.bandwidth_bps = Some(mbps * 1_000_000);
                 }
                 "dirty" => {
@@ -455,6 +761,7 @@ impl Migrations {
             args: vm.args.clone(),
         };
         let stats = MigrationStats {
+            role: "source",
             guest: id,
             image: vm.image.clone(),
             mem_bytes: vm.mem_bytes,
@@ -471,10 +778,11 @@ impl Migrations {
             },
             ..Default::default()
         };
-        let sock = net.add_tcp_socket(16 * 1024, TCP_BUF);
-        net.tcp(sock).set_ack_delay(None);
-        if let Err(e) = net.connect(sock, Ipv4Address::new(ip[0], ip[1], ip[2], ip[3]), port) {
-            net.remove_socket(sock);
+        let sock = net
+            .open_tcp(16 * 1024, TCP_BUF)
+            .map_err(|e| cmd_err!("cannot open a socket: {e}"))?;
+        net.tcp(sock.h()).set_ack_delay(None);
+        if let Err(e) = net.connect(sock.h(), Ipv4Address::new(ip[0], ip[1], ip[2], ip[3]), port) {
             return Err(cmd_err!("cannot connect to {}: {e}", stats.peer));
         }
         println!(
@@ -498,13 +806,25 @@ impl Migrations {
 
     /// `migrations`.
     pub fn cmd_migrations(&self) {
+        if let Some(o) = &self.outgoing {
+            println!(
+                "  in progress: guest {} to {} ({:?})",
+                o.vm_id,
+                o.source.stats.peer,
+                o.source.phase()
+            );
+        }
+        if let Some(i) = &self.incoming {
+            println!("  in progress: incoming from {} ({} bytes so far)", i.peer, i.receiver.bytes);
+        }
         if self.history.is_empty() {
-            println!("  (no migrations from this hypervisor yet)");
+            println!("  (no migrations yet)");
             return;
         }
         println!(
-            "  {:>2} {:>5} {:<9} {:>5} {:<21} {:<6} {:>3} {:>6} {:>10} {:>8} {:>11} {:>7} {}",
+            "  {:>2} {:<6} {:>5} {:<9} {:>5} {:<21} {:<6} {:>3} {:>6} {:>10} {:>8} {:>11} {:>7} {}",
             "#",
+            "ROLE",
             "GUEST",
             "IMAGE",
             "MiB",
@@ -520,8 +840,9 @@ impl Migrations {
         );
         for (i, s) in self.history.iter().enumerate() {
             println!(
-                "  {:>2} {:>5} {:<9} {:>5} {:<21} {:<6} {:>3} {:>4}ms {:>8}us {:>8} {:>11} {:>7} {}",
+                "  {:>2} {:<6} {:>5} {:<9} {:>5} {:<21} {:<6} {:>3} {:>4}ms {:>8}us {:>8} {:>11} {:>7} {}",
                 i + 1,
+                s.role,
                 s.guest,
                 s.image,
                 s.mem_bytes >> 20,
@@ -531,9 +852,9 @@ impl Migrations {
                 s.total_us / 1000,
                 s.downtime_us,
                 s.zero_pages(),
-                s.total_bytes(),
+                s.total_bytes().max(s.received_bytes),
                 s.throughput_kbps(),
-                s.outcome
+                wire::printable(&s.outcome, 120)
             );
         }
     }

@@ -27,8 +27,9 @@ pub trait Installer {
         vcpu: &[u8],
         device: &[u8],
     ) -> Result<u32, String>;
-    /// COMMIT arrived: the guest may run.
-    fn commit(&mut self, id: u32);
+    /// COMMIT arrived: the guest may run. `pause_us` is how long it has been paused so
+    /// far (freeze on the source to now), for its clock.
+    fn commit(&mut self, id: u32, pause_us: u64);
     /// The link ended after READY without COMMIT: keep the guest paused, say so.
     fn commit_lost(&mut self, id: u32);
 }
@@ -41,6 +42,34 @@ pub mod reject {
     pub const RESOURCES: u32 = 2;
     /// Checksum or state check failed.
     pub const VERIFY: u32 = 3;
+    /// Another migration is being received.
+    pub const BUSY: u32 = 4;
+    /// The source took too long.
+    pub const TIMEOUT: u32 = 5;
+    /// The destination's operator cancelled it.
+    pub const CANCELLED: u32 = 6;
+}
+
+/// How long the source may take for the whole stream: a fixed allowance plus a floor
+/// rate for the memory announced (256 KiB/s, a fifth of what Bochs' slow link carries).
+pub fn stream_deadline_us(mem_bytes: u64) -> u64 {
+    120_000_000 + mem_bytes / 256 * 1000 / 1024
+}
+
+/// How long after READY the source may take to COMMIT.
+pub const COMMIT_TIMEOUT_US: u64 = 10_000_000;
+
+/// The hand-over as the destination saw it, for the downtime (µs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Handover {
+    /// The source's part, from COMMIT.
+    pub source: wire::CommitTimes,
+    /// READY at the source to COMMIT here: the source's delay plus half the round trip.
+    pub commit_wire_us: u64,
+    /// The pause from the freeze to COMMIT's arrival here.
+    pub pause_to_commit_us: u64,
+    /// When COMMIT arrived (this clock).
+    pub commit_at_us: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,6 +105,12 @@ pub struct Receiver<M> {
     next_round: u32,
     last_activity_us: u64,
     idle_timeout_us: u64,
+    /// The stream must be complete by then (set on Hello), or COMMIT must have come
+    /// (set on READY).
+    deadline_us: u64,
+    ready_sent_us: u64,
+    /// Set on COMMIT.
+    pub handover: Option<Handover>,
     /// Bytes received.
     pub bytes: u64,
     /// Set when finished.
@@ -98,8 +133,19 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
             next_round: 0,
             last_activity_us: now_us,
             idle_timeout_us,
+            deadline_us: u64::MAX,
+            ready_sent_us: 0,
+            handover: None,
             bytes: 0,
             outcome: None,
+        }
+    }
+
+    /// The id of the guest installed here, frozen, waiting for COMMIT.
+    pub fn installed(&self) -> Option<u32> {
+        match self.phase {
+            Phase::AwaitCommit(id) => Some(id),
+            _ => None,
         }
     }
 
@@ -119,26 +165,50 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
             return true;
         }
         if let Err((code, why)) = self.step(link, inst, now_us) {
-            match self.phase {
-                Phase::AwaitCommit(id) => {
-                    inst.commit_lost(id);
-                    self.outcome = Some(Outcome::CommitLost(id));
-                }
-                _ => {
-                    if code != 0 && link.state() == LinkState::Open {
-                        let mut m = Vec::new();
-                        wire::put_reason(&mut m, wire::tag::REJECT, code, &why);
-                        let _ = link.send(&m);
-                    }
-                    self.mem = None; // discard everything received
-                    self.outcome = Some(Outcome::Discarded(why));
-                }
-            }
-            link.close();
-            self.phase = Phase::Done;
+            self.finish(link, inst, code, why);
             return true;
         }
         self.phase == Phase::Done
+    }
+
+    /// Cancels the migration (the operator's `migrate cancel`): before READY it is
+    /// rejected and discarded; after READY the guest stays paused, as for a lost
+    /// COMMIT, since the source may already have committed.
+    pub fn cancel<I: Installer<Mem = M>>(&mut self, link: &mut dyn Link, inst: &mut I) {
+        if self.phase != Phase::Done {
+            self.finish(
+                link,
+                inst,
+                reject::CANCELLED,
+                String::from("cancelled by the destination's operator"),
+            );
+        }
+    }
+
+    fn finish<I: Installer<Mem = M>>(
+        &mut self,
+        link: &mut dyn Link,
+        inst: &mut I,
+        code: u32,
+        why: String,
+    ) {
+        match self.phase {
+            Phase::AwaitCommit(id) => {
+                inst.commit_lost(id);
+                self.outcome = Some(Outcome::CommitLost(id));
+            }
+            _ => {
+                if code != 0 && link.state() == LinkState::Open {
+                    let mut m = Vec::new();
+                    wire::put_reason(&mut m, wire::tag::REJECT, code, &why);
+                    let _ = link.send(&m);
+                }
+                self.mem = None; // discard everything received
+                self.outcome = Some(Outcome::Discarded(why));
+            }
+        }
+        link.close();
+        self.phase = Phase::Done;
     }
 
     fn step<I: Installer<Mem = M>>(
@@ -163,7 +233,7 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
                     .map_err(|e| (reject::MALFORMED, alloc::format!("malformed stream: {e}")))?;
                 off += used;
                 if ready {
-                    self.handle(link, inst)?;
+                    self.handle(link, inst, now_us)?;
                     if self.phase == Phase::Done {
                         return Ok(());
                     }
@@ -176,6 +246,15 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
                 String::from(match self.phase {
                     Phase::AwaitCommit(_) => "connection closed before COMMIT",
                     _ => "source closed the connection before the end of the stream",
+                }),
+            ));
+        }
+        if now_us > self.deadline_us {
+            return Err((
+                reject::TIMEOUT,
+                String::from(match self.phase {
+                    Phase::AwaitCommit(_) => "no COMMIT within 10 s of READY",
+                    _ => "the stream took longer than its deadline for this memory size",
                 }),
             ));
         }
@@ -195,6 +274,7 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
         &mut self,
         link: &mut dyn Link,
         inst: &mut I,
+        now_us: u64,
     ) -> Result<(), (u32, String)> {
         let bad = |what: String| (reject::MALFORMED, what);
         let msg = self
@@ -209,6 +289,7 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
                 let mem = inst.alloc(&h).map_err(|e| (reject::RESOURCES, e))?;
                 self.pages = h.mem_bytes / wire::PAGE as u64;
                 self.checksum = wire::Checksum::new(self.pages as usize);
+                self.deadline_us = now_us.saturating_add(stream_deadline_us(h.mem_bytes));
                 self.mem = Some(mem);
                 self.hello = Some(h);
                 self.phase = Phase::Stream;
@@ -269,13 +350,17 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
                     self.phase = Phase::Done;
                     return Ok(());
                 }
+                self.ready_sent_us = now_us;
+                self.deadline_us = now_us + COMMIT_TIMEOUT_US;
                 self.phase = Phase::AwaitCommit(id);
             }
-            (Phase::AwaitCommit(id), Msg::Commit) => {
-                inst.commit(id);
+            (Phase::AwaitCommit(id), Msg::Commit(t)) => {
+                let h = handover(&t, self.ready_sent_us, now_us);
+                inst.commit(id, h.pause_to_commit_us);
+                self.handover = Some(h);
                 self.outcome = Some(Outcome::Committed(id));
                 self.phase = Phase::Done;
-                link.close();
+                // The link stays open: the kernel sends Resumed once the guest ran.
             }
             (Phase::AwaitCommit(_), m) => {
                 return Err(bad(alloc::format!("expected COMMIT, got {}", name(&m))))
@@ -283,6 +368,23 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
             (_, m) => return Err(bad(alloc::format!("unexpected {} in the stream", name(&m)))),
         }
         Ok(())
+    }
+}
+
+/// The pause up to COMMIT's arrival, from the source's parts and this side's READY to
+/// COMMIT round trip (the one-way latency is half of it, less the source's own delay).
+pub fn handover(t: &wire::CommitTimes, ready_sent_us: u64, commit_at_us: u64) -> Handover {
+    let round_trip = commit_at_us.saturating_sub(ready_sent_us);
+    let one_way = round_trip.saturating_sub(t.ready_to_commit_us) / 2;
+    let commit_wire_us = t.ready_to_commit_us + one_way;
+    Handover {
+        source: *t,
+        commit_wire_us,
+        pause_to_commit_us: t
+            .freeze_to_sent_us
+            .saturating_add(t.sent_to_ready_us)
+            .saturating_add(commit_wire_us),
+        commit_at_us,
     }
 }
 
@@ -316,7 +418,8 @@ fn name(m: &Msg<'_>) -> &'static str {
         Msg::End { .. } => "End",
         Msg::Ready => "Ready",
         Msg::Reject { .. } => "Reject",
-        Msg::Commit => "Commit",
+        Msg::Commit(_) => "Commit",
+        Msg::Resumed(_) => "Resumed",
         Msg::Abort { .. } => "Abort",
     }
 }

@@ -8,7 +8,8 @@
 //!  poll ──► Connecting ──► Precopy(round 0: every page) ──► Precopy(round n: pages
 //!           dirtied in round n-1) ... ──policy says stop──► StopCopy: freeze guest,
 //!           send last dirty pages, vCPU + device state, End{checksum}
-//!           ──► AwaitReady ──READY──► guest marked gone, COMMIT sent ──► Done
+//!           ──► AwaitReady ──READY──► guest marked gone, COMMIT sent ──► AwaitResumed
+//!           ──Resumed (the destination's account of the pause)──► Done
 //!  any error before COMMIT (link closed, timeout, REJECT): tracking off, guest thawed,
 //!  Failed(reason). The guest keeps running here.
 //! ```
@@ -87,6 +88,9 @@ pub enum Phase {
     AwaitReady,
     /// READY received, guest handed over: flushing COMMIT.
     Committing,
+    /// COMMIT sent: waiting (bounded) for the destination's Resumed and its figures.
+    /// The guest is the destination's already; nothing here can change that.
+    AwaitResumed,
     /// Committed: the guest now belongs to the destination.
     Done,
     /// Failed before COMMIT: the guest runs on here.
@@ -106,6 +110,8 @@ pub enum Status {
 const PAGES_PER_POLL: usize = 64;
 /// Encoded bytes kept ahead of the link.
 const OUT_HIGH: usize = 64 * 1024;
+/// How long to wait for Resumed after COMMIT before reporting the source's part only.
+const RESUMED_TIMEOUT_US: u64 = 5_000_000;
 
 /// A migration in progress on the source.
 pub struct Source {
@@ -124,6 +130,8 @@ pub struct Source {
     checksum: wire::Checksum,
     page_msgs: u64,
     frozen_at_us: u64,
+    state_sent_us: u64,
+    ready_at_us: u64,
     last_progress_us: u64,
     last_queued: usize,
     reply: wire::Decoder,
@@ -175,6 +183,8 @@ impl Source {
             checksum: wire::Checksum::new(pages),
             page_msgs: 0,
             frozen_at_us: 0,
+            state_sent_us: 0,
+            ready_at_us: 0,
             last_progress_us: now_us,
             last_queued: 0,
             reply: wire::Decoder::new(),
@@ -208,6 +218,32 @@ impl Source {
                 Status::Finished
             }
         }
+    }
+
+    /// Whether the guest has been handed over (READY came): from then on the
+    /// migration can no longer be cancelled.
+    pub fn handed_over(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Committing | Phase::AwaitResumed | Phase::Done
+        )
+    }
+
+    /// Aborts the migration (operator's `migrate cancel`, or the guest vanished): the
+    /// peer gets ABORT, the guest is thawed and keeps running here. Refused (false)
+    /// once the guest has been handed over.
+    pub fn cancel(
+        &mut self,
+        g: &mut dyn SourceGuest,
+        link: &mut dyn Link,
+        now_us: u64,
+        why: &str,
+    ) -> bool {
+        if self.handed_over() || self.phase == Phase::Failed {
+            return false;
+        }
+        self.fail(g, link, now_us, String::from(why));
+        true
     }
 
     fn fail(&mut self, g: &mut dyn SourceGuest, link: &mut dyn Link, now_us: u64, why: String) {
@@ -258,14 +294,25 @@ impl Source {
                 }
             }
         }
-        if state == LinkState::Closed && self.phase != Phase::Committing {
+        if state == LinkState::Closed {
             return Err(alloc::format!("connection lost during {:?}", self.phase));
         }
-        if self.phase == Phase::Committing {
+        if matches!(self.phase, Phase::Committing | Phase::AwaitResumed) {
             // The guest is gone from here whatever happens now: a lost COMMIT leaves it
-            // paused at the destination, never running twice.
+            // paused at the destination, never running twice. What is left is to push
+            // COMMIT out and hear how long the guest's pause was.
             self.flush(link, now_us);
-            if self.out.is_empty() || now_us - self.last_progress_us > self.params.timeout_us {
+            if self.phase == Phase::Committing && self.out.is_empty() {
+                self.phase = Phase::AwaitResumed;
+            }
+            if self.phase == Phase::AwaitResumed {
+                // A bad or missing reply only costs the destination's figures.
+                let _ = self.read_replies(g, link, now_us);
+            }
+            let waited = now_us - self.ready_at_us;
+            if self.phase != Phase::Done
+                && (state == LinkState::Closed || waited > RESUMED_TIMEOUT_US)
+            {
                 link.close();
                 self.phase = Phase::Done;
             }
@@ -325,6 +372,9 @@ impl Source {
                 self.out.clear();
                 self.out_off = 0;
             }
+        }
+        if self.phase == Phase::AwaitReady && self.out.is_empty() && self.state_sent_us == 0 {
+            self.state_sent_us = now_us;
         }
         // Acknowledged bytes are progress too (the peer is alive and reading).
         let queued = link.queued();
@@ -450,11 +500,34 @@ impl Source {
                     Msg::Ready if self.phase == Phase::AwaitReady && self.out.is_empty() => {
                         // Point of no return: the guest is the destination's from here.
                         g.hand_over();
-                        wire::put_control(&mut self.out, wire::tag::COMMIT);
+                        self.ready_at_us = now_us;
+                        let sent = if self.state_sent_us == 0 {
+                            now_us
+                        } else {
+                            self.state_sent_us
+                        };
+                        let times = wire::CommitTimes {
+                            freeze_to_sent_us: sent - self.frozen_at_us,
+                            sent_to_ready_us: now_us - sent,
+                            ready_to_commit_us: 0,
+                        };
+                        wire::put_commit(&mut self.out, &times);
+                        self.stats.dt_freeze_sent_us = times.freeze_to_sent_us;
+                        self.stats.dt_sent_ready_us = times.sent_to_ready_us;
+                        // Until the destination reports, the pause known here.
                         self.stats.downtime_us = now_us - self.frozen_at_us;
                         self.stats.total_us = now_us - self.started_us;
                         self.stats.outcome = String::from("ok");
                         self.phase = Phase::Committing;
+                        return Ok(());
+                    }
+                    Msg::Resumed(t) if self.phase == Phase::AwaitResumed => {
+                        self.stats.dt_commit_wire_us = t.commit_wire_us;
+                        self.stats.dt_resume_us = t.commit_to_resume_us;
+                        self.stats.downtime_us = t.downtime_us;
+                        self.stats.downtime_joined = true;
+                        self.stats.total_us = now_us - self.started_us;
+                        self.phase = Phase::Done;
                         return Ok(());
                     }
                     Msg::Reject { code, reason } => {

@@ -51,7 +51,9 @@ impl StopReason {
 /// Everything reported for a migration.
 #[derive(Clone, Debug, Default)]
 pub struct MigrationStats {
-    /// Guest id on the source.
+    /// "source" (this side sent the guest) or "dest" (received it).
+    pub role: &'static str,
+    /// Guest id on this side.
     pub guest: u32,
     /// Guest image.
     pub image: String,
@@ -69,10 +71,26 @@ pub struct MigrationStats {
     pub last: RoundStats,
     /// Why pre-copy ended.
     pub stop_reason: Option<StopReason>,
-    /// Start to COMMIT sent.
+    /// Start to the guest running on the destination (Resumed received), or to COMMIT
+    /// when the destination did not report.
     pub total_us: u64,
-    /// Guest frozen to COMMIT sent (the destination resumes on receipt).
+    /// The pause the guest saw: frozen on the source to running on the destination
+    /// (the sum of the four parts below when `downtime_joined`; otherwise only the
+    /// source's part, freeze to READY).
     pub downtime_us: u64,
+    /// Freeze to the state handed to the link (source clock).
+    pub dt_freeze_sent_us: u64,
+    /// State handed to the link to READY received (source clock).
+    pub dt_sent_ready_us: u64,
+    /// READY received to COMMIT received (estimated: half the destination's READY to
+    /// COMMIT round trip).
+    pub dt_commit_wire_us: u64,
+    /// COMMIT received to the guest's first instruction (destination clock).
+    pub dt_resume_us: u64,
+    /// Whether the destination reported its part (Resumed arrived).
+    pub downtime_joined: bool,
+    /// Bytes received (destination side).
+    pub received_bytes: u64,
     /// Outcome: "ok" or the error.
     pub outcome: String,
 }
@@ -108,18 +126,25 @@ impl MigrationStats {
             .collect();
         let _ = write!(
             s,
-            "MIGRATION-STATS guest={} image={} mem_bytes={} peer={} method={} mode={} outcome={} total_us={} downtime_us={} rounds={} bytes={} pages={} zero_pages={} final_dirty={} final_bytes={} stop={} throughput_kBps={} per_round={}",
+            "MIGRATION-STATS role={} guest={} image={} mem_bytes={} peer={} method={} mode={} outcome={} total_us={} downtime_us={} dt_freeze_sent_us={} dt_sent_ready_us={} dt_commit_wire_us={} dt_resume_us={} downtime_joined={} rounds={} bytes={} pages={} zero_pages={} final_dirty={} final_bytes={} stop={} throughput_kBps={} per_round={}",
+            self.role,
             self.guest,
             self.image,
             self.mem_bytes,
             self.peer,
             self.method,
             self.mode,
-            self.outcome.replace(' ', "_"),
+            // One token: the outcome is the only free text in the line.
+            super::wire::printable(&self.outcome, 200).replace(' ', "_"),
             self.total_us,
             self.downtime_us,
+            self.dt_freeze_sent_us,
+            self.dt_sent_ready_us,
+            self.dt_commit_wire_us,
+            self.dt_resume_us,
+            u8::from(self.downtime_joined),
             self.rounds.len(),
-            self.total_bytes(),
+            self.total_bytes().max(self.received_bytes),
             self.total_pages(),
             self.zero_pages(),
             self.last.pages,
@@ -158,9 +183,18 @@ impl fmt::Display for MigrationStats {
         }
         write!(
             f,
-            "  total {} ms, downtime {} us, {} pre-copy rounds ({}), {} bytes, {} zero pages elided, final dirty set {} pages, {} kB/s, dirty tracking {}",
+            "  total {} ms, downtime {} us (freeze->sent {} + sent->READY {} + COMMIT on the wire {} + COMMIT->resume {}{}), {} pre-copy rounds ({}), {} bytes, {} zero pages elided, final dirty set {} pages, {} kB/s, dirty tracking {}",
             self.total_us / 1000,
             self.downtime_us,
+            self.dt_freeze_sent_us,
+            self.dt_sent_ready_us,
+            self.dt_commit_wire_us,
+            self.dt_resume_us,
+            if self.downtime_joined {
+                ""
+            } else {
+                "; destination did not report"
+            },
             self.rounds.len(),
             self.stop_reason.map_or("none", StopReason::name),
             self.total_bytes(),
@@ -262,7 +296,7 @@ mod tests {
         s.downtime_us = 300;
         s.outcome = "ok".into();
         let line = s.line();
-        assert!(line.starts_with("MIGRATION-STATS guest=3 image=verify"));
+        assert!(line.starts_with("MIGRATION-STATS role= guest=3 image=verify"));
         assert!(line.contains(" bytes=38200 "));
         assert!(line.contains(" zero_pages=4 "));
         assert!(line.contains(" per_round=10:30000:1000"));

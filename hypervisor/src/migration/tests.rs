@@ -229,7 +229,7 @@ impl Installer for FakeHost {
         self.installed = Some((mem, hello.clone(), vcpu.to_vec()));
         Ok(5)
     }
-    fn commit(&mut self, id: u32) {
+    fn commit(&mut self, id: u32, _pause_us: u64) {
         self.committed = Some(id);
     }
     fn commit_lost(&mut self, id: u32) {
@@ -531,7 +531,7 @@ fn every_message_round_trips_in_any_chunking() {
     wire::put_end(&mut s, 2, 99);
     wire::put_control(&mut s, wire::tag::READY);
     wire::put_reason(&mut s, wire::tag::REJECT, 3, "nope");
-    wire::put_control(&mut s, wire::tag::COMMIT);
+    wire::put_commit(&mut s, &wire::CommitTimes::default());
     wire::put_reason(&mut s, wire::tag::ABORT, 1, "gone");
     let mut rng = Rng(99);
     for chunking in 0..20 {

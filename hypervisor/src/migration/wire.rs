@@ -19,8 +19,9 @@
 //! | 7   | End       | pages u64, checksum u64                                    | S→D |
 //! | 16  | Ready     | empty: the destination holds and has checked everything    | D→S |
 //! | 17  | Reject    | reason code u32, message (at most 200 bytes)               | D→S |
-//! | 18  | Commit    | empty: the source has given the guest up                   | S→D |
+//! | 18  | Commit    | the source has given the guest up; its part of the pause: freeze→state sent u64, state sent→READY u64, READY→COMMIT u64 (µs, source clock) | S→D |
 //! | 19  | Abort     | reason code u32, message (at most 200 bytes)               | S→D |
+//! | 20  | Resumed   | the guest runs here: READY→COMMIT on the wire u64, COMMIT→resume u64, total downtime u64 (µs) | D→S |
 //!
 //! The sequence (see DESIGN.md, migration semantics):
 //!
@@ -32,10 +33,21 @@
 //!    [guest frozen] last pages, Vcpu,
 //!    Device, End(checksum) ───────────────►  check checksum and state
 //!                       ◄───────────────── Ready   (guest built, NOT running)
-//!    [guest gone] Commit ─────────────────►  resume guest
+//!    [guest gone] Commit(times) ──────────►  resume guest (clock += the pause)
+//!                       ◄───────────────── Resumed(times)  (first instruction ran)
 //!  any failure before Commit: Reject/Abort or a closed link; destination discards,
 //!  the guest runs on at the source.
 //! ```
+//!
+//! Downtime is the pause the guest sees: from its freeze on the source to its first
+//! instruction on the destination. Each side measures its part on its own clock; the
+//! time COMMIT spends on the wire is estimated as half the round trip READY→COMMIT that
+//! the destination measures, minus the source's own READY→COMMIT delay. The destination
+//! adds the parts and reports them in Resumed, so both sides print the same figure.
+//!
+//! Text a peer sends is constrained on decode: the image name is `[A-Za-z0-9._-]`, the
+//! arguments printable ASCII, so a peer cannot inject terminal escapes or forge the
+//! console's machine-readable lines; reasons are printed through a sanitizer.
 //!
 //! The [`Decoder`] is incremental (TCP delivers arbitrary pieces), bounds every length
 //! before buffering, and never panics; ordering and page numbers are checked by the
@@ -49,7 +61,7 @@ pub const PAGE: usize = 4096;
 /// Stream magic.
 pub const MAGIC: [u8; 8] = *b"HVMIGR01";
 /// Stream version; a receiver rejects any other.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Header bytes.
 pub const HEADER: usize = 8;
 /// Longest guest image name.
@@ -77,6 +89,30 @@ pub mod tag {
     pub const REJECT: u8 = 17;
     pub const COMMIT: u8 = 18;
     pub const ABORT: u8 = 19;
+    pub const RESUMED: u8 = 20;
+}
+
+/// The source's part of the pause, carried by Commit (µs, source clock).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CommitTimes {
+    /// Guest frozen to the last byte of the state handed to the link.
+    pub freeze_to_sent_us: u64,
+    /// State handed to the link to READY received.
+    pub sent_to_ready_us: u64,
+    /// READY received to COMMIT handed to the link.
+    pub ready_to_commit_us: u64,
+}
+
+/// The destination's account of the pause, carried by Resumed (µs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResumedTimes {
+    /// READY received at the source to COMMIT received here (the source's own delay
+    /// plus the estimated one-way latency).
+    pub commit_wire_us: u64,
+    /// COMMIT received to the guest's first instruction here.
+    pub commit_to_resume_us: u64,
+    /// The whole pause: freeze on the source to resume here.
+    pub downtime_us: u64,
 }
 
 /// The guest's configuration, sent first.
@@ -139,7 +175,9 @@ pub enum Msg<'a> {
         reason: &'a str,
     },
     /// Source commits the hand-over.
-    Commit,
+    Commit(CommitTimes),
+    /// The guest runs on the destination.
+    Resumed(ResumedTimes),
     /// Source aborts.
     Abort {
         /// Reason code.
@@ -243,9 +281,47 @@ pub fn put_end(out: &mut Vec<u8>, pages: u64, checksum: u64) {
     out.extend_from_slice(&checksum.to_le_bytes());
 }
 
-/// Appends an empty control message (Ready, Commit).
+/// Appends an empty control message (Ready).
 pub fn put_control(out: &mut Vec<u8>, t: u8) {
     header(out, t, 0);
+}
+
+/// Appends a Commit with the source's part of the pause.
+pub fn put_commit(out: &mut Vec<u8>, t: &CommitTimes) {
+    header(out, tag::COMMIT, 24);
+    for v in [t.freeze_to_sent_us, t.sent_to_ready_us, t.ready_to_commit_us] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// Appends a Resumed with the destination's account of the pause.
+pub fn put_resumed(out: &mut Vec<u8>, t: &ResumedTimes) {
+    header(out, tag::RESUMED, 24);
+    for v in [t.commit_wire_us, t.commit_to_resume_us, t.downtime_us] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// Whether `s` is a valid guest image name: 1-32 of `[A-Za-z0-9._-]`.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_NAME
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Whether `s` is valid guest argument text: printable ASCII (spaces allowed).
+pub fn valid_args(s: &str) -> bool {
+    s.len() <= MAX_ARGS && s.bytes().all(|b| (0x20..0x7F).contains(&b))
+}
+
+/// `s` made safe to print on the console: printable ASCII kept, anything else (control
+/// characters, escapes, newlines, non-ASCII) shown as `?`, at most `max` characters.
+pub fn printable(s: &str, max: usize) -> String {
+    s.chars()
+        .take(max)
+        .map(|c| if (' '..='~').contains(&c) { c } else { '?' })
+        .collect()
 }
 
 /// Appends a Reject or Abort with a reason.
@@ -274,7 +350,8 @@ fn length_ok(t: u8, len: usize) -> Result<bool, WireError> {
         tag::ZERO | tag::ROUND_END => len == 8,
         tag::VCPU | tag::DEVICE => len <= MAX_STATE,
         tag::END => len == 16,
-        tag::READY | tag::COMMIT => len == 0,
+        tag::READY => len == 0,
+        tag::COMMIT | tag::RESUMED => len == 24,
         tag::REJECT | tag::ABORT => (4..=4 + MAX_REASON).contains(&len),
         other => return Err(WireError::BadTag(other)),
     })
@@ -409,12 +486,20 @@ fn parse(t: u8, p: &[u8]) -> Result<Msg<'_>, WireError> {
             if nl > MAX_NAME || al > MAX_ARGS || HELLO_FIXED + nl + al != p.len() {
                 return Err(WireError::BadField("name/args lengths"));
             }
+            let name = text(&p[HELLO_FIXED..HELLO_FIXED + nl], "name")?;
+            let args = text(&p[HELLO_FIXED + nl..], "args")?;
+            if !valid_name(name) {
+                return Err(WireError::BadField("image name (1-32 of A-Z a-z 0-9 . _ -)"));
+            }
+            if !valid_args(args) {
+                return Err(WireError::BadField("arguments (printable ASCII only)"));
+            }
             Msg::Hello(Hello {
                 mem_bytes,
                 migrations: u64_at(p, 24),
                 time_ns: u64_at(p, 32),
-                name: String::from(text(&p[HELLO_FIXED..HELLO_FIXED + nl], "name")?),
-                args: String::from(text(&p[HELLO_FIXED + nl..], "args")?),
+                name: String::from(name),
+                args: String::from(args),
             })
         }
         tag::PAGE => Msg::Page {
@@ -433,7 +518,16 @@ fn parse(t: u8, p: &[u8]) -> Result<Msg<'_>, WireError> {
             checksum: u64_at(p, 8),
         },
         tag::READY => Msg::Ready,
-        tag::COMMIT => Msg::Commit,
+        tag::COMMIT => Msg::Commit(CommitTimes {
+            freeze_to_sent_us: u64_at(p, 0),
+            sent_to_ready_us: u64_at(p, 8),
+            ready_to_commit_us: u64_at(p, 16),
+        }),
+        tag::RESUMED => Msg::Resumed(ResumedTimes {
+            commit_wire_us: u64_at(p, 0),
+            commit_to_resume_us: u64_at(p, 8),
+            downtime_us: u64_at(p, 16),
+        }),
         tag::REJECT => Msg::Reject {
             code: u32_at(p, 0),
             reason: text(&p[4..], "reason")?,
@@ -546,15 +640,61 @@ mod tests {
         ends.push(s.len());
         put_end(&mut s, 2, 0xDEAD_BEEF);
         ends.push(s.len());
-        for t in [tag::READY, tag::COMMIT] {
-            put_control(&mut s, t);
-            ends.push(s.len());
-        }
+        put_control(&mut s, tag::READY);
+        ends.push(s.len());
+        put_commit(&mut s, &commit_times());
+        ends.push(s.len());
+        put_resumed(&mut s, &resumed_times());
+        ends.push(s.len());
         put_reason(&mut s, tag::REJECT, 3, "checksum");
         ends.push(s.len());
         put_reason(&mut s, tag::ABORT, 1, "operator");
         ends.push(s.len());
         (s, ends)
+    }
+
+    fn commit_times() -> CommitTimes {
+        CommitTimes {
+            freeze_to_sent_us: 1,
+            sent_to_ready_us: 2,
+            ready_to_commit_us: 3,
+        }
+    }
+
+    fn resumed_times() -> ResumedTimes {
+        ResumedTimes {
+            commit_wire_us: 4,
+            commit_to_resume_us: 5,
+            downtime_us: u64::MAX,
+        }
+    }
+
+    #[test]
+    fn peer_text_is_constrained() {
+        assert!(valid_name("counter"));
+        assert!(valid_name("my-guest_2.elf"));
+        for bad in ["", "a b", "x\x1b[2J", "MIGRATION-STATS\nx", "é", &"a".repeat(33)] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
+        assert!(valid_args("period=100 rate=5"));
+        assert!(!valid_args("a\nMIGRATION-STATS guest=1"));
+        assert!(!valid_args("\x1b]0;owned\x07"));
+        assert_eq!(printable("ok\x1b[31m\nMIGRATION-STATS", 100), "ok?[31m?MIGRATION-STATS");
+        assert_eq!(printable("abcdef", 3), "abc");
+        // A Hello whose name carries an escape sequence is refused on decode.
+        let mut s = Vec::new();
+        let mut h = hello();
+        h.name = String::from("x\x1b[2Jy");
+        put_hello(&mut s, &h);
+        assert_eq!(
+            first_error(&s),
+            WireError::BadField("image name (1-32 of A-Z a-z 0-9 . _ -)")
+        );
+        let mut s = Vec::new();
+        let mut h = hello();
+        h.args = String::from("a=1\r\nMIGRATION-STATS guest=9 outcome=ok");
+        put_hello(&mut s, &h);
+        assert_eq!(first_error(&s), WireError::BadField("arguments (printable ASCII only)"));
     }
 
     /// Feeds all of `s`; returns how many messages decoded, or the first error.
@@ -608,7 +748,8 @@ mod tests {
                 checksum: 0xDEAD_BEEF,
             },
             Msg::Ready,
-            Msg::Commit,
+            Msg::Commit(commit_times()),
+            Msg::Resumed(resumed_times()),
             Msg::Reject {
                 code: 3,
                 reason: "checksum",
@@ -687,8 +828,8 @@ mod tests {
         s[HEADER] ^= 0x20;
         assert_eq!(first_error(&s), WireError::BadMagic);
         let mut s = h.clone();
-        s[HEADER + 8] = 2;
-        assert_eq!(first_error(&s), WireError::BadVersion(2));
+        s[HEADER + 8] = 1;
+        assert_eq!(first_error(&s), WireError::BadVersion(1));
         let mut s = h.clone();
         s[HEADER + 12] = 1;
         assert!(matches!(first_error(&s), WireError::BadField(_)));
@@ -749,8 +890,8 @@ mod tests {
     #[test]
     fn long_text_is_cut_at_a_character_boundary() {
         let h = Hello {
-            name: "é".repeat(15) + "xé",
-            args: "ü".repeat(200),
+            name: "n".repeat(40),
+            args: "a".repeat(300),
             ..hello()
         };
         let mut s = Vec::new();
@@ -759,8 +900,8 @@ mod tests {
         assert!(d.push(&s).unwrap().1);
         match d.take().unwrap() {
             Msg::Hello(got) => {
-                assert_eq!(got.name, "é".repeat(15) + "x");
-                assert_eq!(got.args, "ü".repeat(MAX_ARGS / 2));
+                assert_eq!(got.name, "n".repeat(MAX_NAME));
+                assert_eq!(got.args, "a".repeat(MAX_ARGS));
             }
             m => panic!("{m:?}"),
         }

@@ -20,7 +20,10 @@ pub mod e1000;
 pub mod pci;
 pub mod ring;
 
+use alloc::rc::Rc;
 use alloc::vec;
+use alloc::vec::Vec;
+use core::cell::RefCell;
 use core::fmt;
 
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
@@ -69,6 +72,8 @@ pub enum NetError {
     Mmio(MmioError),
     /// No memory for rings and buffers.
     OutOfMemory(OutOfMemory),
+    /// The heap cannot hold a socket buffer of this many bytes.
+    NoHeap(usize),
     /// The device did not come up.
     Device(E1000Error),
     /// This interface has no IPv4 address.
@@ -91,6 +96,7 @@ impl fmt::Display for NetError {
             Self::BadBar(None) => write!(f, "e1000 has no memory BAR0"),
             Self::Mmio(e) => write!(f, "{e}"),
             Self::OutOfMemory(e) => write!(f, "network rings: {e}"),
+            Self::NoHeap(n) => write!(f, "no heap for a {n}-byte socket buffer"),
             Self::Device(e) => write!(f, "{e}"),
             Self::NoAddress => write!(f, "no IPv4 address (set one with 'ip a.b.c.d/nn')"),
             Self::BadAddress(a) => write!(f, "{a} is not a unicast address"),
@@ -167,6 +173,29 @@ pub struct NetStack {
     sink_state: SinkState,
     sink_runs: u64,
     next_port: u16,
+    /// Handles of dropped [`TcpSocket`]s, removed at the start of the next poll.
+    released: Rc<RefCell<Vec<SocketHandle>>>,
+}
+
+/// A TCP socket with one owner: dropping it gives the socket back (its buffers are
+/// freed at the start of the stack's next poll, before anything else runs), so no
+/// path of its user can leak it. Not `Clone`.
+pub struct TcpSocket {
+    h: SocketHandle,
+    released: Rc<RefCell<Vec<SocketHandle>>>,
+}
+
+impl TcpSocket {
+    /// The handle, for [`NetStack::tcp`].
+    pub fn h(&self) -> SocketHandle {
+        self.h
+    }
+}
+
+impl Drop for TcpSocket {
+    fn drop(&mut self) {
+        self.released.borrow_mut().push(self.h);
+    }
 }
 
 /// smoltcp's clock: milliseconds of the TSC clock.
@@ -225,6 +254,7 @@ impl NetStack {
             sink_state: SinkState::Receiving(SinkVerifier::new()),
             sink_runs: 0,
             next_port: 49152 + (time::now() % 8192) as u16,
+            released: Rc::new(RefCell::new(Vec::new())),
         };
         let initial = cmdline_ip(cmdline)
             .map(|a| (a, AddrSource::CommandLine))
@@ -247,6 +277,7 @@ impl NetStack {
         // The blocking console commands (ping, netbench) loop on this: drain the
         // console's output queue here too.
         crate::arch::serial::pump();
+        self.release_dropped();
         let mut active = false;
         // A few rounds so that replies to frames received in this call go out now.
         for _ in 0..4 {
@@ -437,6 +468,42 @@ impl NetStack {
         if h != self.sink {
             self.sockets.remove(h);
         }
+    }
+
+    /// Opens a TCP socket owned by the caller (see [`TcpSocket`]), with `rx`/`tx` bytes
+    /// of buffer allocated fallibly: a full heap fails the request, not the hypervisor.
+    pub fn open_tcp(&mut self, rx: usize, tx: usize) -> Result<TcpSocket, NetError> {
+        self.release_dropped();
+        let buf = |n: usize| -> Result<Vec<u8>, NetError> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(n).map_err(|_| NetError::NoHeap(n))?;
+            v.resize(n, 0);
+            Ok(v)
+        };
+        let mut s = tcp::Socket::new(
+            tcp::SocketBuffer::new(buf(rx)?),
+            tcp::SocketBuffer::new(buf(tx)?),
+        );
+        s.set_nagle_enabled(false);
+        Ok(TcpSocket {
+            h: self.sockets.add(s),
+            released: self.released.clone(),
+        })
+    }
+
+    /// Removes the sockets whose owners dropped them.
+    fn release_dropped(&mut self) {
+        let dropped = core::mem::take(&mut *self.released.borrow_mut());
+        for h in dropped {
+            if h != self.sink {
+                self.sockets.remove(h);
+            }
+        }
+    }
+
+    /// Sockets in the set (the netbench sink included), for `mem`.
+    pub fn socket_count(&self) -> usize {
+        self.sockets.iter().count()
     }
 
     /// A local port for an outgoing connection (49152..65535, cycling).

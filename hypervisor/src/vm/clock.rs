@@ -16,8 +16,8 @@
 /// The clock's state: all in nanoseconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GuestClock {
-    /// Guest time minus host time.
-    offset_ns: i64,
+    /// Guest time minus host time (i128: any two u64 times differ by less).
+    offset_ns: i128,
     /// The highest value the guest may already have seen.
     floor_ns: u64,
 }
@@ -31,7 +31,7 @@ impl GuestClock {
     }
 
     fn raw(&self, host_ns: u64) -> u64 {
-        let v = i128::from(host_ns) + i128::from(self.offset_ns);
+        let v = i128::from(host_ns) + self.offset_ns;
         v.clamp(0, i128::from(u64::MAX)) as u64
     }
 
@@ -50,13 +50,12 @@ impl GuestClock {
     /// From host time `host_ns` on, the clock continues from `guest_ns` (never below
     /// what the guest has already seen).
     pub fn continue_from(&mut self, guest_ns: u64, host_ns: u64) {
-        let off = i128::from(guest_ns) - i128::from(host_ns);
-        self.offset_ns = off.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
+        self.offset_ns = i128::from(guest_ns) - i128::from(host_ns);
         self.floor_ns = self.floor_ns.max(guest_ns);
     }
 
     /// The signed offset (for `stats`).
-    pub fn offset_ns(&self) -> i64 {
+    pub fn offset_ns(&self) -> i128 {
         self.offset_ns
     }
 }

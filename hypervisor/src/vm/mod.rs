@@ -187,6 +187,10 @@ pub struct Vm {
     /// waiting for the migration engine. One bit per page, so its size is fixed by the
     /// guest's memory however often pages are reported; `None` when not tracking.
     pub dirty: Option<PageBitmap>,
+    /// Set on the destination at COMMIT: record the time of the next VM entry.
+    pub watch_first_run: bool,
+    /// When the guest's vCPU first ran after the last arrival (µs, this clock).
+    pub first_run_us: Option<u64>,
     /// The VMCS has been VMCLEARed and loaded at least once: it must be VMCLEARed
     /// again before its frame is freed.
     vmcs_active: bool,
@@ -353,6 +357,8 @@ impl Vm {
             pre_freeze: None,
             tracking: None,
             dirty: None,
+            watch_first_run: false,
+            first_run_us: None,
             vmcs_active: false,
         })
     }

@@ -312,6 +312,10 @@ impl Vm {
                 self.stop("cannot program the preemption timer".into());
                 return SliceEnd::Blocked;
             }
+            if self.watch_first_run {
+                self.watch_first_run = false;
+                self.first_run_us = Some(time::now_us());
+            }
             let entered = time::now();
             let r = hw::enter(&mut self.regs, self.launched);
             let exited = time::now();
