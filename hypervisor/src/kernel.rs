@@ -345,7 +345,10 @@ impl Kernel {
             "MEM heap_used={used} heap_free={hfree} heap_high={high} heap_failed={failed} frames_free={free} frames_total={total} sockets={sockets} migrations={inflight} lingering={lingering} guests={}",
             self.vmm.vms.len()
         );
-        println!("  frames      {total} total, {free} free ({} KiB free)", free * 4);
+        println!(
+            "  frames      {total} total, {free} free ({} KiB free)",
+            free * 4
+        );
         println!(
             "  heap        {} KiB used, {} KiB free, high-water {} KiB, {failed} failed allocations",
             used / 1024,

@@ -481,6 +481,18 @@ impl Lab {
         Ok(lab)
     }
 
+    /// Powers instance `i` off and boots it again with the same settings (a fresh
+    /// console port); returns once its prompt is back. Its uptime starts again from 0,
+    /// which is how the clock tests get hosts with very different uptimes.
+    pub fn restart(&mut self, i: usize, boot_timeout: Duration) -> Result<(), String> {
+        let mut config = self.instances[i].config.clone();
+        self.instances[i].kill();
+        config.console_port = free_tcp_port();
+        self.instances[i] = Instance::start(config)?;
+        self.instances[i].wait_boot(boot_timeout)?;
+        Ok(())
+    }
+
     /// Diagnostics of every instance.
     pub fn diagnostics(&self) -> String {
         self.instances

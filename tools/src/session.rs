@@ -111,6 +111,20 @@ pub fn counter_values(log: &str, id: u32) -> Vec<u64> {
         .collect()
 }
 
+/// The `(seq, t_ms)` pairs the `counter` guest `id` printed (`counter <seq> t=<ms>ms`).
+pub fn counter_times(log: &str, id: u32) -> Vec<(u64, u64)> {
+    let tag = format!("[g{id}] counter ");
+    log.lines()
+        .filter_map(|l| {
+            let rest = l.get(l.find(&tag)? + tag.len()..)?;
+            let mut w = rest.split(' ');
+            let seq = w.next()?.parse().ok()?;
+            let t = w.next()?.strip_prefix("t=")?.strip_suffix("ms")?.parse().ok()?;
+            Some((seq, t))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,5 +143,6 @@ mod tests {
         assert_eq!(counter_values(log, 1), vec![4, 5]);
         assert_eq!(counter_values(log, 2), vec![9]);
         assert!(counter_values(log, 3).is_empty());
+        assert_eq!(counter_times(log, 1), vec![(4, 1), (5, 2)]);
     }
 }

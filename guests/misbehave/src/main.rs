@@ -19,6 +19,19 @@
 //! In `outside` and `ud` the guest never gets past the fault; if it does, it says so and
 //! exits with code 3.
 //!
+//! Hostile modes for the hardening tests:
+//!
+//! * `hammer` (`secs=N`, default 30): every hypercall but Exit in a tight loop, with good
+//!   and bad arguments (pointers into, across and outside its memory, zero and huge
+//!   lengths, unknown numbers), for N seconds of its clock; then prints the number of
+//!   calls and exits 0. The hypervisor's heap must stay flat meanwhile.
+//! * `instr`: MONITOR, MWAIT with a deep C-state hint, WBINVD (each must be harmless:
+//!   the guest prints that it survived), then INVD, which must stop it.
+//! * `rdpmc`, `xsetbv`, `vmx` (VMXOFF), `sgdt`: each must stop the guest.
+//! * `sse`: sets CR4.OSFXSR to use SSE; `x87`: FNINIT; `cd`: sets CR0.CD (caches off
+//!   for the machine). Each must stop the guest: PV guests have no FP/SIMD state and
+//!   no say over caching.
+//!
 //! `no_std`/`no_main`: a bare-metal PV guest on the `rt` runtime. Unlike the other
 //! guests it issues one raw VMCALL itself, since `guest_abi::hypercall` (rightly) only
 //! takes known call numbers.
@@ -51,10 +64,13 @@ fn main(args: &rt::Args) -> i32 {
         }
         "outside" => outside(),
         "ud" => ud(),
+        "hammer" => hammer(args.u64_or("secs", 30)),
+        "instr" => instr(),
+        "rdpmc" | "xsetbv" | "vmx" | "sgdt" | "sse" | "x87" | "cd" => forbidden(mode),
         "panic" => panic!("misbehave: deliberate panic"),
         _ => {
             println!(
-                "misbehave: unknown mode '{mode}' (badptr, hugelen, unknown, all, outside, ud, panic)"
+                "misbehave: unknown mode '{mode}' (badptr, hugelen, unknown, all, outside, ud, panic, hammer, instr, rdpmc, xsetbv, vmx, sgdt, sse, x87, cd)"
             );
             2
         }
@@ -75,6 +91,100 @@ fn bad_call(mode: &str) {
             println!("misbehave: {mode} -> no error (returned {v}): the hypervisor accepted it")
         }
     }
+}
+
+/// Every hypercall but Exit, in a loop, for `secs` seconds of guest time.
+fn hammer(secs: u64) -> i32 {
+    println!("misbehave: hammering every hypercall for {secs} s");
+    let info = rt::info();
+    let mem = info.mem_bytes;
+    let buf = [0u8; 64];
+    let here = buf.as_ptr() as u64;
+    let end = rt::time_ns() + secs * 1_000_000_000;
+    let mut calls = 0u64;
+    let mut i = 0u64;
+    while rt::time_ns() < end {
+        for _ in 0..64 {
+            i = i
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let ptr = match (i >> 33) % 5 {
+                0 => here,
+                1 => mem - 8,      // across the end of guest memory
+                2 => mem,          // just outside
+                3 => OUTSIDE,      // far outside
+                _ => u64::MAX - 3, // wraps
+            };
+            let _ = match (i >> 40) % 9 {
+                // Zero-length writes: the console path runs, nothing is printed.
+                0 => hypercall(Hypercall::ConsoleWrite, ptr, 0, 0, 0),
+                1 => hypercall(Hypercall::ConsoleWrite, ptr, 1 << 40, 0, 0),
+                2 => hypercall(Hypercall::Time, 0, 0, 0, 0),
+                3 => hypercall(Hypercall::Yield, 0, 0, 0, 0),
+                4 => hypercall(Hypercall::HaltUntil, 0, 0, 0, 0), // deadline passed
+                5 => hypercall(Hypercall::Info, ptr, 0, 0, 0),
+                6 => hypercall(Hypercall::Report, i % 7, i, i, 0),
+                7 => hypercall(Hypercall::TakeRequest, 0, 0, 0, 0),
+                _ => raw_hypercall(UNKNOWN_CALL + (i >> 50)),
+            };
+            calls += 1;
+        }
+    }
+    println!("misbehave: hammer done: {calls} calls");
+    0
+}
+
+/// Instructions that could stall or reconfigure the machine: the harmless ones are
+/// emulated as no-ops, INVD stops the guest.
+fn instr() -> i32 {
+    let here = &instr as *const _ as u64;
+    // SAFETY: MONITOR only arms an address monitor (here: our own code), MWAIT waits
+    // for it or an event, WBINVD writes back caches; none touches Rust-visible memory.
+    // In this guest they exit to the hypervisor, which emulates them as no-ops.
+    unsafe {
+        core::arch::asm!("monitor", in("rax") here, in("ecx") 0, in("edx") 0, options(nostack));
+        // Hint 0x60: C7, a state in which hardware may stop the preemption timer.
+        core::arch::asm!("mwait", in("eax") 0x60, in("ecx") 0, options(nostack));
+        core::arch::asm!("wbinvd", options(nostack));
+    }
+    println!("misbehave: survived monitor, mwait, wbinvd");
+    println!("misbehave: executing invd");
+    // SAFETY: deliberately not: INVD would drop the machine's cached writes; the
+    // hypervisor stops this guest at the exit.
+    unsafe { core::arch::asm!("invd", options(nostack)) };
+    survived("invd")
+}
+
+/// An instruction a PV guest may not execute; the hypervisor stops the guest.
+fn forbidden(mode: &str) -> i32 {
+    println!("misbehave: executing {mode}");
+    // SAFETY: deliberately not: each instruction exits to the hypervisor (or faults,
+    // which exits too), which stops this guest; none returns here. They touch no
+    // Rust-visible memory except SGDT, which writes its 10 bytes into `gdtr`.
+    unsafe {
+        let mut gdtr = [0u8; 16];
+        match mode {
+            "rdpmc" => {
+                core::arch::asm!("rdpmc", in("ecx") 0, out("eax") _, out("edx") _, options(nostack))
+            }
+            "xsetbv" => {
+                core::arch::asm!("xsetbv", in("ecx") 0, in("eax") 3, in("edx") 0, options(nostack))
+            }
+            "vmx" => core::arch::asm!("vmxoff", options(nostack)),
+            "sgdt" => core::arch::asm!("sgdt [{}]", in(reg) gdtr.as_mut_ptr(), options(nostack)),
+            "sse" => core::arch::asm!(
+                "mov {t}, cr4", "or {t}, 0x600", "mov cr4, {t}",
+                t = out(reg) _, options(nostack)
+            ),
+            "x87" => core::arch::asm!("fninit", options(nostack)),
+            _ => core::arch::asm!(
+                "mov {t}, cr0", "bts {t}, 30", "mov cr0, {t}",
+                t = out(reg) _, options(nostack)
+            ),
+        }
+        let _ = gdtr;
+    }
+    survived(mode)
 }
 
 /// VMCALL with a raw call number and zero arguments.

@@ -29,7 +29,7 @@ use smoltcp::wire::Ipv4Address;
 use super::link::{Link, LinkState};
 use super::receiver::{self, Installer, Outcome, Receiver};
 use super::source::{Params, Phase, Source, SourceGuest, Status};
-use super::stats::MigrationStats;
+use super::stats::{HistoryEntry, MigrationStats};
 use super::wire::{self, Hello};
 use super::PORT;
 use crate::console::args::{self, CmdError};
@@ -176,7 +176,8 @@ impl Installer for VmmInstaller<'_> {
         if self.vmm.vmx.is_none() {
             return Err("destination has no VMX".into());
         }
-        crate::vmm::admit(hello.mem_bytes).map_err(|e| format!("destination cannot host the guest: {e}"))?;
+        crate::vmm::admit(hello.mem_bytes)
+            .map_err(|e| format!("destination cannot host the guest: {e}"))?;
         VmParts::alloc(hello.mem_bytes)
             .map_err(|e| format!("destination cannot host the guest: {e}"))
     }
@@ -280,8 +281,9 @@ pub struct Migrations {
     outgoing: Option<Outgoing>,
     incoming: Option<Incoming>,
     lingering: VecDeque<Lingering>,
-    /// Figures of past migrations, both directions, newest last, at most [`HISTORY`].
-    pub history: VecDeque<MigrationStats>,
+    /// Figures of past migrations, both directions, newest last, at most [`HISTORY`]
+    /// fixed-size entries in a buffer allocated once.
+    pub history: VecDeque<HistoryEntry>,
     /// Incoming connections refused because one was already being received.
     pub refused_busy: u64,
     /// Half-open or dead listener states reset.
@@ -301,8 +303,8 @@ impl Migrations {
             listener: None,
             outgoing: None,
             incoming: None,
-            lingering: VecDeque::new(),
-            history: VecDeque::new(),
+            lingering: VecDeque::with_capacity(MAX_LINGER),
+            history: VecDeque::with_capacity(HISTORY),
             refused_busy: 0,
             listener_resets: 0,
         }
@@ -336,11 +338,11 @@ impl Migrations {
         )
     }
 
-    fn record(&mut self, stats: MigrationStats) {
+    fn record(&mut self, stats: &MigrationStats) {
         if self.history.len() == HISTORY {
             self.history.pop_front();
         }
-        self.history.push_back(stats);
+        self.history.push_back(HistoryEntry::from(stats));
     }
 
     fn linger(&mut self, net: &mut NetStack, sock: TcpSocket) {
@@ -445,7 +447,8 @@ impl Migrations {
     pub fn poll(&mut self, net: &mut NetStack, vmm: &mut Vmm) -> bool {
         let now = time::now_us();
         while self.lingering.front().is_some_and(|l| {
-            now > l.until_us || matches!(net.tcp(l.sock.h()).state(), State::Closed | State::TimeWait)
+            now > l.until_us
+                || matches!(net.tcp(l.sock.h()).state(), State::Closed | State::TimeWait)
         }) {
             self.lingering.pop_front();
         }
@@ -462,7 +465,10 @@ impl Migrations {
         let now = time::now_us();
         match inc.phase {
             IncomingPhase::Receiving => {
-                let mut link = TcpLink { net, h: inc.sock.h() };
+                let mut link = TcpLink {
+                    net,
+                    h: inc.sock.h(),
+                };
                 let mut inst = VmmInstaller { vmm };
                 if !inc.receiver.poll(&mut link, &mut inst, now) {
                     return;
@@ -478,9 +484,9 @@ impl Migrations {
                     }
                     (Some(Outcome::Discarded(why)), _) => {
                         println!(
-                            "migrate: incoming migration from {} discarded: {}",
-                            inc.peer,
-                            wire::printable(why, 200)
+                            "migrate: incoming migration discarded: {} (from {})",
+                            wire::printable(why, 200),
+                            inc.peer
                         );
                     }
                     _ => {}
@@ -551,7 +557,7 @@ impl Migrations {
                 if let Some(inc) = self.incoming.take() {
                     self.linger(net, inc.sock);
                 }
-                self.record(stats);
+                self.record(&stats);
             }
         }
     }
@@ -579,7 +585,10 @@ impl Migrations {
                 caps: &caps,
                 method: out.method,
             };
-            let mut link = TcpLink { net, h: out.sock.h() };
+            let mut link = TcpLink {
+                net,
+                h: out.sock.h(),
+            };
             out.source.poll(&mut g, &mut link, now)
         };
         let rounds = &out.source.stats.rounds;
@@ -622,7 +631,7 @@ impl Migrations {
         }
         println!("{stats}");
         println!("{}", stats.line());
-        self.record(stats);
+        self.record(&stats);
     }
 
     /// `migrate cancel`: aborts the outgoing migration (unless the guest has already
@@ -631,7 +640,11 @@ impl Migrations {
     fn cancel(&mut self, net: &mut NetStack, vmm: &mut Vmm) -> Result<(), CmdError> {
         let mut done = false;
         if let Some(out) = &mut self.outgoing {
-            let caps = vmm.vmx.as_ref().map(|v| v.caps).ok_or_else(|| cmd_err!("no VMX"))?;
+            let caps = vmm
+                .vmx
+                .as_ref()
+                .map(|v| v.caps)
+                .ok_or_else(|| cmd_err!("no VMX"))?;
             let Some(vm) = vmm.vms.iter_mut().find(|v| v.id == out.vm_id) else {
                 return Err(cmd_err!("guest {} is gone", out.vm_id));
             };
@@ -640,18 +653,26 @@ impl Migrations {
                 caps: &caps,
                 method: out.method,
             };
-            let mut link = TcpLink { net, h: out.sock.h() };
-            if !out
-                .source
-                .cancel(&mut g, &mut link, time::now_us(), "cancelled by the operator")
-            {
+            let mut link = TcpLink {
+                net,
+                h: out.sock.h(),
+            };
+            if !out.source.cancel(
+                &mut g,
+                &mut link,
+                time::now_us(),
+                "cancelled by the operator",
+            ) {
                 return Err(cmd_err!(
                     "too late to cancel: guest {} has been handed over to {}",
                     out.vm_id,
                     out.source.stats.peer
                 ));
             }
-            println!("migrate: outgoing migration of guest {} cancelled", out.vm_id);
+            println!(
+                "migrate: outgoing migration of guest {} cancelled",
+                out.vm_id
+            );
             done = true;
             self.poll_outgoing(net, vmm);
         }
@@ -659,7 +680,10 @@ impl Migrations {
             if let IncomingPhase::Resuming { id, .. } = inc.phase {
                 return Err(cmd_err!("too late to cancel: guest {id} already runs here"));
             }
-            let mut link = TcpLink { net, h: inc.sock.h() };
+            let mut link = TcpLink {
+                net,
+                h: inc.sock.h(),
+            };
             let mut inst = VmmInstaller { vmm };
             inc.receiver.cancel(&mut link, &mut inst);
             println!("migrate: incoming migration from {} cancelled", inc.peer);
@@ -712,8 +736,7 @@ impl Migrations {
         for (k, v) in opts {
             match k {
                 "downtime" => {
-                    params.downtime_us =
-                        args::parse_in_range("downtime (ms)", v, 1, 60_000)? * 1000
+                    params.downtime_us = args::parse_in_range("downtime (ms)", v, 1, 60_000)? * 1000
                 }
                 "max-rounds" => {
                     params.max_rounds = args::parse_in_range("max-rounds", v, 1, 100)? as u32
@@ -815,7 +838,10 @@ impl Migrations {
             );
         }
         if let Some(i) = &self.incoming {
-            println!("  in progress: incoming from {} ({} bytes so far)", i.peer, i.receiver.bytes);
+            println!(
+                "  in progress: incoming from {} ({} bytes so far)",
+                i.peer, i.receiver.bytes
+            );
         }
         if self.history.is_empty() {
             println!("  (no migrations yet)");
@@ -848,13 +874,13 @@ impl Migrations {
                 s.mem_bytes >> 20,
                 s.peer,
                 s.method,
-                s.rounds.len(),
+                s.rounds,
                 s.total_us / 1000,
                 s.downtime_us,
-                s.zero_pages(),
-                s.total_bytes().max(s.received_bytes),
-                s.throughput_kbps(),
-                wire::printable(&s.outcome, 120)
+                s.zero_pages,
+                s.bytes,
+                s.throughput_kbps,
+                s.outcome
             );
         }
     }

@@ -206,6 +206,96 @@ impl fmt::Display for MigrationStats {
     }
 }
 
+/// Text kept in a fixed-size buffer (no heap), cut at `N` bytes on a character
+/// boundary.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct FixedStr<const N: usize> {
+    b: [u8; N],
+    n: usize,
+}
+
+impl<const N: usize> FixedStr<N> {
+    /// Copies (a prefix of) `s`.
+    pub fn new(s: &str) -> Self {
+        let mut n = s.len().min(N);
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
+        let mut b = [0; N];
+        b[..n].copy_from_slice(&s.as_bytes()[..n]);
+        Self { b, n }
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        core::str::from_utf8(&self.b[..self.n]).unwrap_or("")
+    }
+}
+
+impl<const N: usize> fmt::Display for FixedStr<N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl<const N: usize> fmt::Debug for FixedStr<N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+/// What `migrations` keeps of a finished migration: figures only, in a fixed-size
+/// record, so a history of any length costs the same heap as an empty one.
+#[derive(Clone, Copy, Debug)]
+pub struct HistoryEntry {
+    /// "source" or "dest".
+    pub role: &'static str,
+    /// Guest id on this side.
+    pub guest: u32,
+    /// Guest image.
+    pub image: FixedStr<32>,
+    /// Guest memory.
+    pub mem_bytes: u64,
+    /// Peer.
+    pub peer: FixedStr<24>,
+    /// Dirty-tracking method.
+    pub method: &'static str,
+    /// Pre-copy rounds.
+    pub rounds: usize,
+    /// Total time.
+    pub total_us: u64,
+    /// Downtime.
+    pub downtime_us: u64,
+    /// Zero pages elided.
+    pub zero_pages: u64,
+    /// Bytes on the wire.
+    pub bytes: u64,
+    /// Stream throughput.
+    pub throughput_kbps: u64,
+    /// Outcome ("ok" or the error, cut).
+    pub outcome: FixedStr<64>,
+}
+
+impl From<&MigrationStats> for HistoryEntry {
+    fn from(s: &MigrationStats) -> Self {
+        Self {
+            role: s.role,
+            guest: s.guest,
+            image: FixedStr::new(&s.image),
+            mem_bytes: s.mem_bytes,
+            peer: FixedStr::new(&s.peer),
+            method: s.method,
+            rounds: s.rounds.len(),
+            total_us: s.total_us,
+            downtime_us: s.downtime_us,
+            zero_pages: s.zero_pages(),
+            bytes: s.total_bytes().max(s.received_bytes),
+            throughput_kbps: s.throughput_kbps(),
+            outcome: FixedStr::new(&super::wire::printable(&s.outcome, 64)),
+        }
+    }
+}
+
 /// The round policy: after a pre-copy round, stop and copy now, or run another round?
 /// `bandwidth` is bytes per second measured so far; `dirty` the pages to send next.
 pub fn decide(
@@ -230,6 +320,18 @@ pub fn decide(
         }
     }
     None
+}
+
+#[cfg(test)]
+mod history_tests {
+    use super::*;
+
+    #[test]
+    fn fixed_text_is_cut_on_a_character_boundary() {
+        assert_eq!(FixedStr::<4>::new("ab€").as_str(), "ab");
+        assert_eq!(FixedStr::<8>::new("counter").as_str(), "counter");
+        assert_eq!(format!("{:<9}|", FixedStr::<8>::new("ab")), "ab       |");
+    }
 }
 
 #[cfg(test)]

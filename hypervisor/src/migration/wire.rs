@@ -289,7 +289,11 @@ pub fn put_control(out: &mut Vec<u8>, t: u8) {
 /// Appends a Commit with the source's part of the pause.
 pub fn put_commit(out: &mut Vec<u8>, t: &CommitTimes) {
     header(out, tag::COMMIT, 24);
-    for v in [t.freeze_to_sent_us, t.sent_to_ready_us, t.ready_to_commit_us] {
+    for v in [
+        t.freeze_to_sent_us,
+        t.sent_to_ready_us,
+        t.ready_to_commit_us,
+    ] {
         out.extend_from_slice(&v.to_le_bytes());
     }
 }
@@ -489,7 +493,9 @@ fn parse(t: u8, p: &[u8]) -> Result<Msg<'_>, WireError> {
             let name = text(&p[HELLO_FIXED..HELLO_FIXED + nl], "name")?;
             let args = text(&p[HELLO_FIXED + nl..], "args")?;
             if !valid_name(name) {
-                return Err(WireError::BadField("image name (1-32 of A-Z a-z 0-9 . _ -)"));
+                return Err(WireError::BadField(
+                    "image name (1-32 of A-Z a-z 0-9 . _ -)",
+                ));
             }
             if !valid_args(args) {
                 return Err(WireError::BadField("arguments (printable ASCII only)"));
@@ -673,13 +679,23 @@ mod tests {
     fn peer_text_is_constrained() {
         assert!(valid_name("counter"));
         assert!(valid_name("my-guest_2.elf"));
-        for bad in ["", "a b", "x\x1b[2J", "MIGRATION-STATS\nx", "é", &"a".repeat(33)] {
+        for bad in [
+            "",
+            "a b",
+            "x\x1b[2J",
+            "MIGRATION-STATS\nx",
+            "é",
+            &"a".repeat(33),
+        ] {
             assert!(!valid_name(bad), "{bad:?}");
         }
         assert!(valid_args("period=100 rate=5"));
         assert!(!valid_args("a\nMIGRATION-STATS guest=1"));
         assert!(!valid_args("\x1b]0;owned\x07"));
-        assert_eq!(printable("ok\x1b[31m\nMIGRATION-STATS", 100), "ok?[31m?MIGRATION-STATS");
+        assert_eq!(
+            printable("ok\x1b[31m\nMIGRATION-STATS", 100),
+            "ok?[31m?MIGRATION-STATS"
+        );
         assert_eq!(printable("abcdef", 3), "abc");
         // A Hello whose name carries an escape sequence is refused on decode.
         let mut s = Vec::new();
@@ -694,7 +710,10 @@ mod tests {
         let mut h = hello();
         h.args = String::from("a=1\r\nMIGRATION-STATS guest=9 outcome=ok");
         put_hello(&mut s, &h);
-        assert_eq!(first_error(&s), WireError::BadField("arguments (printable ASCII only)"));
+        assert_eq!(
+            first_error(&s),
+            WireError::BadField("arguments (printable ASCII only)")
+        );
     }
 
     /// Feeds all of `s`; returns how many messages decoded, or the first error.

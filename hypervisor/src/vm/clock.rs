@@ -120,7 +120,9 @@ mod tests {
         for i in 0..1000 {
             let h = i % 2;
             for _ in 0..5 {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 hosts[h] += x >> 40;
                 let v = c.read(hosts[h]);
                 assert!(v >= last);

@@ -284,7 +284,6 @@ impl Vm {
         }
     }
 
-
     /// Stops the guest with a report.
     pub fn stop(&mut self, why: String) {
         println!("[g{}] STOPPED: {}", self.id, why);
