@@ -14,7 +14,7 @@ mod test;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use hv_tools::emu::{default_emulator, Emulator};
 
@@ -69,7 +69,11 @@ pub struct EmuArgs {
     #[arg(
         long,
         value_name = "EMULATOR",
-        value_parser = PossibleValuesParser::new(["bochs", "qemu-kvm", "qemu-tcg"])
+        value_parser = PossibleValuesParser::new([
+            PossibleValue::new("bochs"),
+            PossibleValue::new("qemu-kvm"),
+            PossibleValue::new("qemu-tcg").alias("qemu"),
+        ])
             .map(|s| s.parse::<Emulator>().expect("listed values parse"))
     )]
     pub emulator: Option<Emulator>,
@@ -171,6 +175,10 @@ mod tests {
             "bench --repeats 1",
             "bench --compare a.json --against b.json",
             "run --pair --emulator qemu-tcg --ips 1000 --mem 64",
+            "run --emulator qemu",
+            "demo --pair --emulator bochs",
+            "bench --quick --emulator qemu-kvm --repeats 2 --compare old.json",
+            "bench --from docs/bench/results.json --out docs/bench",
             "build",
             "completions bash",
         ] {

@@ -66,6 +66,17 @@ pub struct Labels<'a> {
     pub y: &'a str,
 }
 
+/// A tick label: no decimals for large values, up to two for small ones.
+fn tick(v: f64) -> String {
+    if v.abs() >= 10.0 || v.fract() == 0.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 1.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
 /// A line chart; `log_y` for downtimes, where stop-and-copy is orders of magnitude above
 /// pre-copy. A series whose repeats differ gets a translucent min-max band.
 pub fn lines(labels: &Labels, series: &[Series], log_y: bool) -> Result<String, PlotError> {
@@ -85,16 +96,17 @@ pub fn lines(labels: &Labels, series: &[Series], log_y: bool) -> Result<String, 
                 .min(ymax)
                 / 10.0;
             let clamp = move |v: f64| v.max(ymin);
+            // Two decades of headroom keep the legend (upper left) off the lines.
             draw_lines(
                 &root,
                 labels,
                 series,
                 0.0..xmax,
-                (ymin..ymax * 2.0).log_scale(),
+                (ymin..ymax * 100.0).log_scale(),
                 clamp,
             )?;
         } else {
-            draw_lines(&root, labels, series, 0.0..xmax, 0.0..ymax * 1.1, |v| v)?;
+            draw_lines(&root, labels, series, 0.0..xmax, 0.0..ymax * 1.15, |v| v)?;
         }
         root.present().map_err(err)?;
     }
@@ -124,6 +136,10 @@ where
         .configure_mesh()
         .x_desc(labels.x)
         .y_desc(labels.y)
+        .axis_desc_style(("sans-serif", 15))
+        .label_style(("sans-serif", 13))
+        .y_label_formatter(&|v| tick(*v))
+        .x_label_formatter(&|v| tick(*v))
         .light_line_style(WHITE.mix(0.0))
         .draw()
         .map_err(err)?;
@@ -158,6 +174,7 @@ where
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperLeft)
+        .label_font(("sans-serif", 14))
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK.mix(0.4))
         .draw()
@@ -184,6 +201,9 @@ pub fn bars(labels: &Labels, values: &[f64]) -> Result<String, PlotError> {
             .configure_mesh()
             .x_desc(labels.x)
             .y_desc(labels.y)
+            .axis_desc_style(("sans-serif", 15))
+            .label_style(("sans-serif", 13))
+            .y_label_formatter(&|v| tick(*v))
             .x_labels(values.len().min(25))
             .x_label_formatter(&|x| format!("{x:.0}"))
             .disable_x_mesh()
@@ -294,6 +314,14 @@ mod tests {
             .filter(|n| n.has_tag_name("rect") && n.attribute("fill") == Some("#1F77B4"))
             .count();
         assert_eq!(bars, 3);
+    }
+
+    #[test]
+    fn tick_labels() {
+        assert_eq!(tick(20000.0), "20000");
+        assert_eq!(tick(3.0), "3");
+        assert_eq!(tick(2.5), "2.5");
+        assert_eq!(tick(0.25), "0.25");
     }
 
     #[test]
