@@ -142,8 +142,13 @@ fn main() -> ExitCode {
         Cmd::Test(t) => test::run(&t),
         Cmd::Bench(b) => bench::run(&b),
         Cmd::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "xtask", &mut std::io::stdout());
-            Ok(())
+            // Into a buffer first: generating straight to stdout panics on a closed pipe.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "xtask", &mut script);
+            match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.to_string()),
+                _ => Ok(()),
+            }
         }
     };
     match result {

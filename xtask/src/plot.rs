@@ -317,6 +317,19 @@ mod tests {
     }
 
     #[test]
+    fn empty_inputs_still_give_svg() {
+        let l = Labels {
+            title: "t",
+            x: "x",
+            y: "y",
+        };
+        for log in [false, true] {
+            check_svg(&lines(&l, &[], log).unwrap()).unwrap();
+        }
+        check_svg(&bars(&l, &[]).unwrap()).unwrap();
+    }
+
+    #[test]
     fn tick_labels() {
         assert_eq!(tick(20000.0), "20000");
         assert_eq!(tick(3.0), "3");

@@ -205,4 +205,12 @@ mod tests {
         assert_eq!(f, [("t".to_string(), "migrate_two".to_string())]);
         assert!(select(&all, &["nope".to_string()]).is_empty());
     }
+
+    #[test]
+    fn child_status_is_reported() {
+        let log = Progress::new("t", 1).logger();
+        assert!(run_logged(Command::new("true"), &log).unwrap());
+        assert!(!run_logged(Command::new("false"), &log).unwrap());
+        assert!(run_logged(Command::new("/nonexistent/prog"), &log).is_err());
+    }
 }
