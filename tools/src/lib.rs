@@ -8,4 +8,5 @@ pub mod bxnet;
 pub mod console;
 pub mod emu;
 pub mod session;
+pub mod stats;
 pub mod streams;

@@ -5,19 +5,21 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::console::Console;
+use crate::stats::{MigrationStats, PREFIX as STATS_PREFIX};
 
 /// A finished migration as the consoles reported it.
 #[derive(Clone, Debug)]
 pub struct Migrated {
     /// The guest's id on the destination.
     pub new_id: u32,
-    /// The `MIGRATION-STATS` key/values from the source.
-    pub stats: BTreeMap<String, String>,
+    /// The source's `MIGRATION-STATS` line.
+    pub stats: MigrationStats,
     /// The human summary the source printed.
     pub summary: String,
 }
 
-/// Parses `KEY k=v k=v ...` into a map (the first word is skipped).
+/// Parses `KEY k=v k=v ...` into a map (the first word is skipped). For lines without a
+/// typed record (NETBENCH); `MIGRATION-STATS` has [`MigrationStats::parse`].
 pub fn parse_kv(line: &str) -> BTreeMap<String, String> {
     line.split_whitespace()
         .skip(1)
@@ -52,9 +54,10 @@ pub fn migrate(
             text.lines().last().unwrap_or("")
         ));
     }
-    let summary = src.wait_for("MIGRATION-STATS", Duration::from_secs(30))?;
+    let summary = src.wait_for(STATS_PREFIX, Duration::from_secs(30))?;
     let line = src.wait_for("\n", Duration::from_secs(10))?;
-    let stats = parse_kv(&format!("MIGRATION-STATS{line}"));
+    let stats = MigrationStats::parse(&format!("{}{line}", STATS_PREFIX))
+        .map_err(|e| format!("{e}: {line}"))?;
     let arrived = dst.wait_for("arrived and resumed", timeout)?;
     let new_id = arrived
         .rsplit("migrate: guest ")
@@ -65,7 +68,7 @@ pub fn migrate(
     Ok(Migrated {
         new_id,
         stats,
-        summary: summary.trim_end_matches("MIGRATION-STATS").to_string(),
+        summary: summary.trim_end_matches(STATS_PREFIX).to_string(),
     })
 }
 

@@ -117,11 +117,3 @@ pub fn run_build() -> Result<PathBuf, String> {
     );
     Ok(iso)
 }
-
-/// `cargo xtask build`.
-pub fn run_cmd(args: &[String]) -> Result<PathBuf, String> {
-    if let Some(a) = args.first() {
-        return Err(format!("build takes no options (got '{a}')"));
-    }
-    run_build()
-}

@@ -65,16 +65,16 @@ pub fn run(opts: &BootOpts) -> Result<(), String> {
             "GAP"
         }
     );
-    let k = |key: &str| m.stats.get(key).cloned().unwrap_or_default();
+    let s = &m.stats;
     println!(
         "total {} us, downtime {} us, {} pre-copy rounds, {} bytes on the wire, {} zero pages elided, dirty tracking {}",
-        k("total_us"),
-        k("downtime_us"),
-        k("rounds"),
-        k("bytes"),
-        k("zero_pages"),
-        k("method")
+        s.total_us, s.downtime_us, s.rounds, s.bytes, s.zero_pages, s.method
     );
+    // Figures a newer hypervisor reports that this xtask has no field for.
+    if !s.extra.is_empty() {
+        let more: Vec<String> = s.extra.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("also: {}", more.join(" "));
+    }
     println!("(times are the hypervisors' TSC clocks; under Bochs, emulated time: see README)");
     for c in [&mut *a, &mut *b] {
         let _ = c.send_line("shutdown");

@@ -6,31 +6,94 @@ mod bench;
 mod build;
 mod demo;
 mod deps;
+mod plot;
+mod progress;
 mod run;
-mod svg;
 mod test;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use hv_tools::emu::{default_emulator, Emulator};
 
-const USAGE: &str = "\
-usage: cargo xtask <command> [options]
+/// Build, boot, test and benchmark the hvmig hypervisor.
+#[derive(Debug, Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    after_help = "Run `cargo xtask help <COMMAND>` for a command's options."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
 
-commands:
-  build                      build the hypervisor, the guests and the GRUB ISO (out/hvmig.iso)
-  run [--pair] [--emulator bochs|qemu-kvm|qemu-tcg] [--ips N] [--mem MiB]
-                             boot one instance (or a linked pair) with the console on this terminal
-  demo [--emulator ...] [--ips N]
-                             boot a linked pair, migrate a running counter guest from A to B,
-                             show it continuing there and print the migration's figures
-  test [--host-only] [filter]
-                             host unit tests, then the end-to-end scenarios in the emulators
-  bench [--quick] [--repeats N] [--emulator ...] [--ips N]
-                             migration benchmark matrix; table on stdout, out/bench/*.json|csv|svg
-  help                       this text
-";
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Build the hypervisor, the guests and the GRUB ISO (out/hvmig.iso).
+    Build,
+    /// Boot one instance (or a linked pair) with the console on this terminal.
+    ///
+    /// One instance: raw mode, Ctrl-] quits. A pair: lines go to the selected instance
+    /// ('@a'/'@b' switch, 'a: cmd'/'b: cmd' send once, '@quit' ends both).
+    Run {
+        /// Boot two linked instances, A = 10.0.0.1 and B = 10.0.0.2.
+        #[arg(long)]
+        pair: bool,
+        #[command(flatten)]
+        emu: EmuArgs,
+    },
+    /// Boot a linked pair, live-migrate a running counter guest from A to B, show it
+    /// continuing there and print the migration's figures.
+    Demo(PairArgs),
+    /// Run the host unit tests, then the end-to-end scenarios in the emulators.
+    Test(test::TestArgs),
+    /// Run the migration benchmark matrix, or compare/re-plot earlier results.
+    ///
+    /// Writes a table to stdout and results.json (schema-versioned), results.csv,
+    /// results.txt, downtime.svg, total.svg and rounds.svg to the output directory.
+    Bench(bench::BenchArgs),
+    /// Print a shell completion script for xtask (for an `xtask` alias of `cargo xtask`).
+    Completions {
+        /// The shell to generate for.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// The emulator options shared by the subcommands that boot instances.
+#[derive(Clone, Debug, Args)]
+pub struct EmuArgs {
+    /// Emulator [default: qemu-kvm if this host has nested VMX, else bochs].
+    #[arg(
+        long,
+        value_name = "EMULATOR",
+        value_parser = PossibleValuesParser::new([
+            PossibleValue::new("bochs"),
+            PossibleValue::new("qemu-kvm"),
+            PossibleValue::new("qemu-tcg").alias("qemu"),
+        ])
+            .map(|s| s.parse::<Emulator>().expect("listed values parse"))
+    )]
+    pub emulator: Option<Emulator>,
+    /// Bochs instructions per emulated second (sets Bochs' emulated clock).
+    #[arg(long, value_name = "N", default_value_t = hv_tools::emu::DEFAULT_BOCHS_IPS)]
+    pub ips: u64,
+    /// RAM of each emulated machine, in MiB.
+    #[arg(long = "mem", value_name = "MiB", default_value_t = 256)]
+    pub mem_mib: u32,
+}
+
+/// Options of the subcommands that always boot a linked pair.
+#[derive(Clone, Debug, Args)]
+pub struct PairArgs {
+    #[command(flatten)]
+    pub emu: EmuArgs,
+    /// Accepted for compatibility: this command always boots a pair.
+    #[arg(long, hide = true)]
+    pub pair: bool,
+}
 
 /// Options shared by the subcommands that boot instances.
 #[derive(Clone, Debug)]
@@ -46,26 +109,14 @@ pub struct BootOpts {
 }
 
 impl BootOpts {
-    /// Parses the boot options.
-    pub fn parse(args: &[String]) -> Result<Self, String> {
-        let mut o = Self {
-            emulator: default_emulator(),
-            pair: false,
-            ips: hv_tools::emu::DEFAULT_BOCHS_IPS,
-            mem_mib: 256,
-        };
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            let mut val = |name: &str| it.next().cloned().ok_or(format!("{name} needs a value"));
-            match a.as_str() {
-                "--pair" => o.pair = true,
-                "--emulator" => o.emulator = val("--emulator")?.parse()?,
-                "--ips" => o.ips = val("--ips")?.parse().map_err(|_| "bad --ips")?,
-                "--mem" => o.mem_mib = val("--mem")?.parse().map_err(|_| "bad --mem")?,
-                other => return Err(format!("unknown option '{other}'\n\n{USAGE}")),
-            }
+    /// The options from the command line; `pair` as given.
+    pub fn new(emu: &EmuArgs, pair: bool) -> Self {
+        Self {
+            emulator: emu.emulator.unwrap_or_else(default_emulator),
+            pair,
+            ips: emu.ips,
+            mem_mib: emu.mem_mib,
         }
-        Ok(o)
     }
 }
 
@@ -83,22 +134,22 @@ pub fn out_dir() -> PathBuf {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let Some((cmd, rest)) = args.split_first() else {
-        eprint!("{USAGE}");
-        return ExitCode::from(2);
-    };
-    let result = match cmd.as_str() {
-        "build" => build::run_cmd(rest).map(|_| ()),
-        "run" => BootOpts::parse(rest).and_then(|o| run::run(&o)),
-        "test" => test::run(rest),
-        "demo" => BootOpts::parse(rest).and_then(|o| demo::run(&o)),
-        "bench" => bench::run(rest),
-        "help" | "--help" | "-h" => {
-            print!("{USAGE}");
-            Ok(())
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Build => build::run_build().map(|_| ()),
+        Cmd::Run { pair, emu } => run::run(&BootOpts::new(&emu, pair)),
+        Cmd::Demo(p) => demo::run(&BootOpts::new(&p.emu, true)),
+        Cmd::Test(t) => test::run(&t),
+        Cmd::Bench(b) => bench::run(&b),
+        Cmd::Completions { shell } => {
+            // Into a buffer first: generating straight to stdout panics on a closed pipe.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "xtask", &mut script);
+            match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.to_string()),
+                _ => Ok(()),
+            }
         }
-        other => Err(format!("unknown command '{other}'\n\n{USAGE}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -106,5 +157,48 @@ fn main() -> ExitCode {
             eprintln!("xtask: error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn readme_commands_parse() {
+        for line in [
+            "demo",
+            "test",
+            "test --host-only",
+            "test migration",
+            "bench --quick",
+            "bench --repeats 1",
+            "bench --compare a.json --against b.json",
+            "run --pair --emulator qemu-tcg --ips 1000 --mem 64",
+            "run --emulator qemu",
+            "demo --pair --emulator bochs",
+            "bench --quick --emulator qemu-kvm --repeats 2 --compare old.json",
+            "bench --from docs/bench/results.json --out docs/bench",
+            "build",
+            "completions bash",
+        ] {
+            let args = std::iter::once("xtask").chain(line.split(' '));
+            if let Err(e) = Cli::try_parse_from(args) {
+                panic!("{line}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn typo_gets_a_suggestion() {
+        let e = Cli::try_parse_from(["xtask", "bench", "--quik"]).unwrap_err();
+        assert!(e.to_string().contains("--quick"), "{e}");
+        let e = Cli::try_parse_from(["xtask", "run", "--emulator", "boch"]).unwrap_err();
+        assert!(e.to_string().contains("bochs"), "{e}");
     }
 }

@@ -1,0 +1,476 @@
+//! `cargo xtask bench`: a matrix of live migrations on a linked pair, with every figure
+//! also stated against the link's own throughput measured by netbench in the same run.
+//!
+//! The guest is `verify`: it fills all of its memory, rewrites pages at `rate` pages/s
+//! over all of it, and after every migration checks on the destination that no page was
+//! lost (a failed check fails the benchmark). Dirty rates are fractions of the measured
+//! link throughput, so a configuration means the same thing whatever the emulator's
+//! speed. Each configuration runs `repeats` times;
+//! the table shows medians with min-max, the JSON/CSV files hold every run, and SVG
+//! plots show downtime and total time against dirty rate per method (with the min-max
+//! band of the repeats), and the pages sent per round of the highest-rate pre-copy run.
+//!
+//! `--compare` and `--from` work on results files alone, without booting anything.
+
+mod report;
+mod results;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use hv_tools::session;
+
+use crate::plot::{self, Labels, Point, Series};
+use crate::progress::Progress;
+use crate::{out_dir, run, BootOpts, EmuArgs};
+pub use results::{Record, Results, SCHEMA};
+
+/// `cargo xtask bench` options.
+#[derive(Clone, Debug, Args)]
+pub struct BenchArgs {
+    /// Run a small matrix (5 migrations, 1 repeat) and check the outputs: what CI runs.
+    #[arg(long)]
+    pub quick: bool,
+    /// Migrations per configuration [default: 3, or 1 with --quick].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub repeats: Option<u32>,
+    #[command(flatten)]
+    pub emu: EmuArgs,
+    /// Accepted for compatibility: the benchmark always boots a pair.
+    #[arg(long, hide = true)]
+    pub pair: bool,
+    /// Print each figure's new/old ratio against this earlier results.json (of this
+    /// run, or of --against / --from without running).
+    #[arg(long, value_name = "OLD.json")]
+    pub compare: Option<PathBuf>,
+    /// With --compare: compare against this existing results.json instead of running
+    /// (boots nothing, writes nothing).
+    #[arg(
+        long,
+        value_name = "NEW.json",
+        requires = "compare",
+        conflicts_with_all = ["from", "quick", "repeats"]
+    )]
+    pub against: Option<PathBuf>,
+    /// Rewrite the outputs (results.json in the current schema, CSV, table, plots) from
+    /// an existing results.json instead of running; reads the old hand-written format too.
+    #[arg(long, value_name = "RESULTS.json", conflicts_with_all = ["quick", "repeats"])]
+    pub from: Option<PathBuf>,
+    /// Directory for the outputs [default: out/bench].
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+}
+
+/// One configuration of the matrix.
+#[derive(Clone, Debug)]
+struct Config {
+    mem_mib: u64,
+    /// Name of the dirty-rate level and its fraction of the link.
+    level: (&'static str, f64),
+    /// "pml", "ad", "wp", or "none" for the stop-and-copy baseline.
+    method: &'static str,
+    mode: &'static str,
+    /// Working set in pages: `None` runs `verify` (rewrites all of memory), `Some(w)`
+    /// runs `dirtier` over `w` pages (the rest of memory stays zero).
+    ws: Option<u64>,
+}
+
+const LEVELS: [(&str, f64); 4] = [
+    ("idle", 0.0),
+    ("low", 0.125),
+    ("quarter", 0.25),
+    ("high", 0.5),
+];
+
+fn matrix(quick: bool) -> Vec<Config> {
+    let mut v = Vec::new();
+    let (mems, levels, methods): (&[u64], &[(&str, f64)], &[&str]) = if quick {
+        (&[16], &[LEVELS[0], LEVELS[2]], &["pml"])
+    } else {
+        (&[16, 32], &LEVELS, &["pml", "ad", "wp"])
+    };
+    for &mem_mib in mems {
+        for &level in levels {
+            for &method in methods {
+                v.push(Config {
+                    mem_mib,
+                    level,
+                    method,
+                    mode: "precopy",
+                    ws: None,
+                });
+            }
+            v.push(Config {
+                mem_mib,
+                level,
+                method: "none",
+                mode: "stop",
+                ws: None,
+            });
+        }
+    }
+    // The working-set dimension: the same dirty rate concentrated on fewer pages.
+    let mem_mib = if quick { 16 } else { 32 };
+    let sets: &[u64] = if quick { &[256] } else { &[256, 1024, 4096] };
+    for &w in sets {
+        v.push(Config {
+            mem_mib,
+            level: LEVELS[2],
+            method: "pml",
+            mode: "precopy",
+            ws: Some(w),
+        });
+    }
+    v
+}
+
+fn git_rev() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn date() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn load(path: &Path) -> Result<Results, String> {
+    Results::load(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// `cargo xtask bench`.
+pub fn run(args: &BenchArgs) -> Result<(), String> {
+    let old = args.compare.as_deref().map(load).transpose()?;
+    if let (Some(old), Some(new)) = (&old, &args.against) {
+        print!("{}", report::compare_text(old, &load(new)?));
+        return Ok(());
+    }
+    let dir = args.out.clone().unwrap_or_else(|| out_dir().join("bench"));
+    let res = match &args.from {
+        Some(path) => load(path)?,
+        None => run_matrix(args)?,
+    };
+    write_outputs(&dir, &res)?;
+    if let Some(old) = &old {
+        print!("\n{}", report::compare_text(old, &res));
+    }
+    Ok(())
+}
+
+/// Boots a pair and runs the matrix.
+fn run_matrix(args: &BenchArgs) -> Result<Results, String> {
+    let quick = args.quick;
+    let repeats = args.repeats.unwrap_or(if quick { 1 } else { 3 });
+    let opts = BootOpts::new(&args.emu, true);
+    let cfgs = matrix(quick);
+    let total = cfgs.len() as u64 * u64::from(repeats);
+    let mut lab = run::boot(&opts, "bench")?;
+    let (a, b) = lab.instances.split_at_mut(1);
+    let (a, b) = (&mut a[0].console, &mut b[0].console);
+
+    eprintln!("bench: measuring the link A -> B with netbench");
+    let nb = session::netbench(a, "10.0.0.2", if quick { 2 } else { 4 })?;
+    let link_bps = nb
+        .get("mbps")
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        * 1e6;
+    if link_bps <= 0.0 {
+        return Err(format!("netbench gave no throughput: {nb:?}"));
+    }
+    eprintln!(
+        "bench: link {:.3} MB/s; {total} migrations to run",
+        link_bps / 1e6
+    );
+
+    let host = fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let mut res = Results {
+        schema: SCHEMA,
+        date: date(),
+        host,
+        git: git_rev(),
+        emulator: format!("{} ips={}", opts.emulator, opts.ips),
+        link_bytes_per_s: link_bps.round(),
+        runs: Vec::new(),
+    };
+    let mut progress = Progress::new("bench", total);
+    for cfg in &cfgs {
+        for rep in 1..=repeats {
+            let ws_pages = cfg.ws.unwrap_or(cfg.mem_mib * 256);
+            let rate_pps = if cfg.level.1 == 0.0 {
+                1
+            } else {
+                ((link_bps * cfg.level.1) / 4096.0).max(1.0) as u64
+            };
+            progress.start(&format!(
+                "{} MiB, dirty {} ({rate_pps} pages/s over {ws_pages} pages), {} {} (run {rep})",
+                cfg.mem_mib, cfg.level.0, cfg.mode, cfg.method
+            ));
+            let stats = migrate_once(a, b, cfg, rate_pps)?;
+            let workload = if cfg.ws.is_some() {
+                "dirtier"
+            } else {
+                "verify"
+            };
+            let r = Record::new(
+                cfg.mem_mib,
+                cfg.level.0,
+                rate_pps,
+                ws_pages,
+                workload,
+                cfg.method,
+                cfg.mode,
+                rep,
+                stats,
+                link_bps,
+            );
+            progress.line(&format!(
+                "bench: {}: total {:.0} ms, downtime {:.1} ms, {} rounds",
+                r.key(),
+                r.stats.total_us as f64 / 1e3,
+                r.stats.downtime_us as f64 / 1e3,
+                r.stats.rounds
+            ));
+            res.runs.push(r);
+            progress.finish_one();
+        }
+    }
+    progress.finish();
+    for c in [&mut *a, &mut *b] {
+        let _ = c.send_line("shutdown");
+    }
+    Ok(res)
+}
+
+/// One migration of `cfg`, with the guest's memory checked on the destination.
+fn migrate_once(
+    a: &mut hv_tools::console::Console,
+    b: &mut hv_tools::console::Console,
+    cfg: &Config,
+    rate_pps: u64,
+) -> Result<hv_tools::stats::MigrationStats, String> {
+    // What the guest prints when it has checked its memory on request.
+    let check = if cfg.ws.is_some() {
+        "dirtier: verify"
+    } else {
+        "verify"
+    };
+    let args = match cfg.ws {
+        None => format!("verify mem={} rate={rate_pps} check=0", cfg.mem_mib),
+        Some(w) => format!("dirtier mem={} pages={w} rate={rate_pps}", cfg.mem_mib),
+    };
+    let id = session::start(a, &args)?;
+    // Memory filled (verify) or first writes reported (dirtier): running.
+    let ready = if cfg.ws.is_some() {
+        "dirtier: wrote"
+    } else {
+        "verify: "
+    };
+    a.wait_for(&format!("[g{id}] {ready}"), Duration::from_secs(120))?;
+    std::thread::sleep(Duration::from_millis(500));
+    let opts = if cfg.mode == "stop" {
+        "mode=stop".to_string()
+    } else {
+        format!("dirty={}", cfg.method)
+    };
+    let m = session::migrate(a, b, id, "10.0.0.2", &opts, Duration::from_secs(900))?;
+    // No page lost: the guest checks its whole memory on the destination.
+    b.command(&format!("check {}", m.new_id), Duration::from_secs(60))?;
+    let (i, text) = b.wait_any(
+        &[
+            &format!("[g{}] {check}: PASS", m.new_id),
+            &format!("[g{}] {check}: FAIL", m.new_id),
+        ],
+        Duration::from_secs(300),
+    )?;
+    if i == 1 {
+        return Err(format!("guest memory check FAILED after migration: {text}"));
+    }
+    b.command(&format!("kill {}", m.new_id), Duration::from_secs(60))?;
+    Ok(m.stats)
+}
+
+/// The charts: (file name, SVG).
+fn plots(res: &Results) -> Result<Vec<(&'static str, String)>, String> {
+    let mem0 = res.runs.first().map_or(16, |r| r.mem_mib);
+    let groups = res.groups();
+    let series = |metric: fn(&Record) -> f64| -> Vec<Series> {
+        let mut out = Vec::new();
+        for method in ["pml", "ad", "wp", "none"] {
+            let mut points: Vec<Point> = groups
+                .iter()
+                .filter(|(k, _)| k.workload == "verify" && k.method == method && k.mem_mib == mem0)
+                .map(|(_, rs)| {
+                    let (y, lo, hi) = report::spread(rs.iter().map(|r| metric(r)).collect());
+                    Point {
+                        x: rs[0].rate_pps as f64 * 4096.0 / 1e6,
+                        y,
+                        lo,
+                        hi,
+                    }
+                })
+                .collect();
+            points.sort_by(|a, b| a.x.total_cmp(&b.x));
+            if !points.is_empty() {
+                let name = if method == "none" {
+                    "stop-and-copy"
+                } else {
+                    method
+                };
+                out.push(Series {
+                    name: name.into(),
+                    points,
+                });
+            }
+        }
+        out
+    };
+    let xl = "guest dirty rate (MB/s)";
+    let spread_note = if groups.iter().any(|(_, rs)| rs.len() > 1) {
+        "; band: min-max of repeats"
+    } else {
+        ""
+    };
+    let mut out = vec![
+        (
+            "downtime.svg",
+            plot::lines(
+                &Labels {
+                    title: &format!("Downtime vs dirty rate ({mem0} MiB guest{spread_note})"),
+                    x: xl,
+                    y: "downtime (ms, log scale)",
+                },
+                &series(|r| r.stats.downtime_us as f64 / 1e3),
+                true,
+            ),
+        ),
+        (
+            "total.svg",
+            plot::lines(
+                &Labels {
+                    title: &format!(
+                        "Total migration time vs dirty rate ({mem0} MiB guest{spread_note})"
+                    ),
+                    x: xl,
+                    y: "total (ms)",
+                },
+                &series(|r| r.stats.total_us as f64 / 1e3),
+                false,
+            ),
+        ),
+    ];
+    let high = res
+        .runs
+        .iter()
+        .filter(|r| r.mode == "precopy")
+        .max_by_key(|r| r.rate_pps);
+    if let Some(r) = high {
+        let pages: Vec<f64> = r.stats.per_round.iter().map(|p| p.pages as f64).collect();
+        out.push((
+            "rounds.svg",
+            plot::bars(
+                &Labels {
+                    title: &format!(
+                        "Pages per pre-copy round ({} pages/s, {})",
+                        r.rate_pps, r.method
+                    ),
+                    x: "round",
+                    y: "pages sent",
+                },
+                &pages,
+            ),
+        ));
+    }
+    out.into_iter()
+        .map(|(name, svg)| svg.map(|s| (name, s)).map_err(|e| format!("{name}: {e}")))
+        .collect()
+}
+
+/// Writes results.json/csv/txt and the plots to `dir`, prints the table, and reads
+/// everything back to check it (what `--quick` in CI is for).
+fn write_outputs(dir: &Path, res: &Results) -> Result<(), String> {
+    let io = |what: &Path, e: std::io::Error| format!("{}: {e}", what.display());
+    fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let csv = res.to_csv().map_err(|e| format!("results.csv: {e}"))?;
+    let table = report::table(res);
+    let charts = plots(res)?;
+    let mut files = vec![
+        ("results.json", res.to_json()),
+        ("results.csv", csv),
+        ("results.txt", table.clone()),
+    ];
+    files.extend(charts.iter().map(|(n, s)| (*n, s.clone())));
+    for (name, text) in &files {
+        let p = dir.join(name);
+        fs::write(&p, text).map_err(|e| io(&p, e))?;
+    }
+    print!("{table}");
+
+    // Self-check: every file parses back to what was written.
+    let back =
+        Results::load(&dir.join("results.json")).map_err(|e| format!("results.json: {e}"))?;
+    let p = dir.join("results.csv");
+    let rows = Results::runs_from_csv(&fs::read_to_string(&p).map_err(|e| io(&p, e))?)
+        .map_err(|e| format!("results.csv: {e}"))?;
+    if back.runs.len() != res.runs.len() || rows.len() != res.runs.len() {
+        return Err(format!(
+            "bench outputs malformed: {} JSON records, {} CSV rows, {} runs",
+            back.runs.len(),
+            rows.len(),
+            res.runs.len()
+        ));
+    }
+    if res.runs.iter().any(|r| r.stats.total_us == 0) {
+        return Err("a run has no total time".into());
+    }
+    for (name, _) in &charts {
+        let p = dir.join(name);
+        plot::check_svg(&fs::read_to_string(&p).map_err(|e| io(&p, e))?)
+            .map_err(|e| format!("{name}: {e}"))?;
+    }
+    let names: Vec<&str> = files.iter().map(|(n, _)| *n).collect();
+    eprintln!(
+        "bench: {} runs; wrote and checked {} in {}",
+        res.runs.len(),
+        names.join(", "),
+        dir.display()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::results::tests::sample;
+    use super::*;
+
+    #[test]
+    fn quick_matrix_is_small() {
+        assert_eq!(matrix(true).len(), 5);
+        assert_eq!(matrix(false).len(), 2 * 4 * 4 + 3);
+    }
+
+    #[test]
+    fn outputs_are_written_and_read_back() {
+        let dir = std::env::temp_dir().join(format!("xtask-bench-test-{}", std::process::id()));
+        let res = sample();
+        write_outputs(&dir, &res).unwrap();
+        let svg = fs::read_to_string(dir.join("downtime.svg")).unwrap();
+        assert!(svg.contains("stop-and-copy") && svg.contains("pml"));
+        assert!(svg.contains("band: min-max"));
+        assert_eq!(Results::load(&dir.join("results.json")).unwrap(), res);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
