@@ -7,6 +7,22 @@
 //! over it unchanged. All cryptography comes from RustCrypto crates (`hmac`, `sha2`,
 //! `hkdf`, `chacha20poly1305`); this module only frames and sequences it.
 //!
+//! # Driving it from the kernel
+//!
+//! ```text
+//!  // Start of an outgoing migration (key from the console, nonces from RDSEED/RDRAND):
+//!  out.chan = SecureChannel::initiator(&key, &mut rdrand, now)?;
+//!  // Every poll, over that poll's fresh TcpLink:
+//!  let mut tcp = TcpLink { net, h: out.sock };
+//!  status = out.source.poll(&mut guest, &mut out.chan.link(&mut tcp, now), now);
+//!  // After the Source finished: keep calling out.chan.drive(&mut tcp, now) until
+//!  // out.chan.pending() == 0 (COMMIT and close_notify are flushed) or a short timeout,
+//!  // before dropping or aborting the socket. Print out.chan.error() with the outcome.
+//!
+//!  // An accepted connection: one responder channel per connection, same pattern
+//!  // with the Receiver: inc.receiver.poll(&mut inc.chan.link(&mut tcp, now), ...).
+//! ```
+//!
 //! # Handshake
 //!
 //! The source is the initiator (I), the destination the responder (R). K is the
