@@ -5,6 +5,7 @@
 //! * [`receiver`] validates an incoming stream and takes the guest over.
 //! * [`stats`] holds the figures and the round policy.
 //! * [`link`] is the byte-pipe abstraction both ends run over.
+//! * [`secure`] authenticates the peers and encrypts the stream (pre-shared key).
 //!
 //! The protocol logic is pure and runs on the host in the tests below (an in-memory
 //! link and a fake guest that keeps dirtying pages); `crate::kernel` binds it to
@@ -13,6 +14,7 @@
 pub mod kernel;
 pub mod link;
 pub mod receiver;
+pub mod secure;
 pub mod source;
 pub mod stats;
 pub mod wire;
