@@ -311,7 +311,7 @@ fn migration_stream(rng: &mut Rng, pages: usize) -> (Vec<u8>, Vec<u8>, Vec<usize
     let page_msgs = count_page_msgs(&s);
     wire::put_end(&mut s, page_msgs, sum.value());
     offs.push(s.len());
-    wire::put_control(&mut s, wire::tag::COMMIT);
+    wire::put_commit(&mut s, &wire::CommitTimes::default());
     offs.push(s.len());
     (s, mem, offs)
 }
@@ -524,7 +524,7 @@ impl Installer for FakeHost {
         self.installed = Some((mem, h.clone()));
         Ok(1)
     }
-    fn commit(&mut self, _: u32) {}
+    fn commit(&mut self, _: u32, _: u64) {}
     fn commit_lost(&mut self, _: u32) {}
 }
 

@@ -770,7 +770,7 @@ impl Installer for Host {
         self.installed = Some((mem, h.clone()));
         Ok(5)
     }
-    fn commit(&mut self, id: u32) {
+    fn commit(&mut self, id: u32, _pause_us: u64) {
         self.committed = Some(id);
     }
     fn commit_lost(&mut self, id: u32) {
