@@ -110,6 +110,16 @@ pub fn try_read() -> Option<u8> {
     PORT.lock().as_mut().and_then(|p| p.try_receive().ok())
 }
 
+/// For commands that block the console: whether Ctrl-C was typed since the last call.
+/// Other input typed meanwhile is discarded.
+pub fn take_interrupt() -> bool {
+    let mut hit = false;
+    while let Some(b) = try_read() {
+        hit |= b == 0x03;
+    }
+    hit
+}
+
 /// A `fmt::Write` sink for the serial port (queued).
 pub struct Writer;
 

@@ -1,8 +1,10 @@
 //! The network console commands: `pci`, `net`, `ip`, `ping` and `netbench`.
 //!
-//! `ping` and `netbench` block the console while they run and poll the stack in their
-//! own loops; every wait is bounded (per-echo timeout, connect timeout, no-progress
-//! timeout, overall deadline), and every failure ends as one `error:` line. `netbench`
+//! `ping` and `netbench` block the console (and the guests) while they run and poll the
+//! stack in their own loops, so both are bounded ([`MAX_PING_COUNT`] echoes,
+//! [`MAX_NETBENCH_MIB`] MiB) and Ctrl-C stops them; every wait is bounded too
+//! (per-echo timeout, connect timeout, no-progress timeout, overall deadline), and
+//! every failure ends as one `error:` line. `netbench`
 //! also prints a machine-readable line, `NETBENCH bytes=<n> us=<elapsed>
 //! mbps=<MB/s, 3 decimals> verified=<yes|no>`, for xtask.
 
@@ -61,16 +63,21 @@ pub fn execute(net: Option<&mut NetStack>, name: &str, rest: &[&str]) -> Result<
         ("ping", [ip]) => ping(net, Ipv4Address::from(args::parse_ipv4(ip)?), 4),
         ("ping", [ip, count]) => {
             let n = args::parse_u64("count", count)?;
-            if !(1..=1000).contains(&n) {
-                return Err(cmd_err!("bad count '{count}' (1-1000)"));
+            // Bounded: the console (and every guest) waits while ping runs.
+            if !(1..=MAX_PING_COUNT).contains(&n) {
+                return Err(cmd_err!(
+                    "bad count '{count}' (1-{MAX_PING_COUNT}: ping blocks the console; Ctrl-C stops it)"
+                ));
             }
             ping(net, Ipv4Address::from(args::parse_ipv4(ip)?), n as u32)
         }
         ("netbench", [ip]) => netbench(net, Ipv4Address::from(args::parse_ipv4(ip)?), 8),
         ("netbench", [ip, mib]) => {
             let n = args::parse_u64("size", mib)?;
-            if !(1..=1024).contains(&n) {
-                return Err(cmd_err!("bad size '{mib}' (1-1024 MiB)"));
+            if !(1..=MAX_NETBENCH_MIB).contains(&n) {
+                return Err(cmd_err!(
+                    "bad size '{mib}' (1-{MAX_NETBENCH_MIB} MiB: netbench blocks the console; Ctrl-C stops it)"
+                ));
             }
             netbench(net, Ipv4Address::from(args::parse_ipv4(ip)?), n)
         }
@@ -175,6 +182,10 @@ fn fmt_ms(us: u64) -> alloc::string::String {
     alloc::format!("{}.{:03} ms", us / 1000, us % 1000)
 }
 
+/// Most echoes one `ping` sends (each waits at most [`PING_TIMEOUT_US`]).
+pub const MAX_PING_COUNT: u64 = 20;
+/// Largest `netbench` transfer.
+pub const MAX_NETBENCH_MIB: u64 = 64;
 const PING_TIMEOUT_US: u64 = 1_000_000;
 const PING_INTERVAL_US: u64 = 200_000;
 const PING_PAYLOAD: usize = 56;
@@ -207,6 +218,9 @@ fn ping_loop(
     let mut rtts: Vec<u64> = Vec::new();
     println!("PING {target}: {PING_PAYLOAD} data bytes");
     for seq in 0..count {
+        if crate::arch::serial::take_interrupt() {
+            return Err(cmd_err!("ping interrupted (Ctrl-C)"));
+        }
         let seq_no = seq as u16;
         let payload: Vec<u8> = (0..PING_PAYLOAD).map(|i| (i as u8) ^ (seq as u8)).collect();
         let repr = Icmpv4Repr::EchoRequest {
@@ -340,6 +354,9 @@ fn bench_run(
     // Generous: the slowest link here moves well over 100 KB/s.
     let deadline_us = 60_000_000 + total * 10;
     loop {
+        if crate::arch::serial::take_interrupt() {
+            return Err(cmd_err!("netbench interrupted (Ctrl-C)"));
+        }
         net.poll();
         let now = time::now_us();
         let s = net.tcp(h);
