@@ -55,6 +55,16 @@ enum Cmd {
     /// Writes a table to stdout and results.json (schema-versioned), results.csv,
     /// results.txt, downtime.svg, total.svg and rounds.svg to the output directory.
     Bench(bench::BenchArgs),
+    /// Fuzz the migration channel's handshake and records, the stream decoder and the
+    /// receiver state machine (host, release build; prints its seed and inputs/s).
+    Fuzz {
+        /// Inputs per target (five targets).
+        #[arg(long, default_value_t = 20_000)]
+        iterations: u64,
+        /// PRNG seed (default: from the clock, printed so a failure can be replayed).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Print a shell completion script for xtask (for an `xtask` alias of `cargo xtask`).
     Completions {
         /// The shell to generate for.
@@ -141,6 +151,7 @@ fn main() -> ExitCode {
         Cmd::Demo(p) => demo::run(&BootOpts::new(&p.emu, true)),
         Cmd::Test(t) => test::run(&t),
         Cmd::Bench(b) => bench::run(&b),
+        Cmd::Fuzz { iterations, seed } => fuzz(iterations, seed),
         Cmd::Completions { shell } => {
             // Into a buffer first: generating straight to stdout panics on a closed pipe.
             let mut script = Vec::new();
@@ -200,5 +211,30 @@ mod tests {
         assert!(e.to_string().contains("--quick"), "{e}");
         let e = Cli::try_parse_from(["xtask", "run", "--emulator", "boch"]).unwrap_err();
         assert!(e.to_string().contains("bochs"), "{e}");
+    }
+}
+
+/// `cargo xtask fuzz`: runs the fuzz harness (hypervisor/examples/fuzz_migration.rs).
+fn fuzz(iterations: u64, seed: Option<u64>) -> Result<(), String> {
+    let mut c = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root()).args([
+        "run",
+        "-q",
+        "-p",
+        "hypervisor",
+        "--release",
+        "--example",
+        "fuzz_migration",
+        "--",
+        "--iterations",
+        &iterations.to_string(),
+    ]);
+    if let Some(s) = seed {
+        c.args(["--seed", &s.to_string()]);
+    }
+    match c.status() {
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => Err(format!("fuzzing failed ({s})")),
+        Err(e) => Err(format!("cannot run cargo: {e}")),
     }
 }
