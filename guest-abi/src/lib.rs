@@ -13,7 +13,14 @@
 //!   the hypervisor in the first megabyte, which the guest must not use);
 //! * `RIP` = ELF entry, `RSP` = top of guest memory (16-byte aligned), `RDI` = guest-physical
 //!   address of the [`BootInfo`] page ([`BOOT_INFO_ADDR`]);
-//! * interrupts off, no IDT: any exception stops the guest (the hypervisor reports it).
+//! * interrupts off, no IDT: any exception stops the guest (the hypervisor reports it);
+//! * no FP/SIMD: CR0.EM is set and CR4.OSFXSR/OSXSAVE are clear and owned by the
+//!   hypervisor, so x87 instructions fault (#NM), SSE/AVX fault (#UD), and an attempt to
+//!   enable them stops the guest. Guests are built soft-float (`x86_64-unknown-none`).
+//!   No FP/SIMD state therefore exists to leak between guests or to migrate;
+//! * caching is the hypervisor's: changing CR0.CD/NW (or PE, PG, NE, ET) stops the guest.
+//!   `MONITOR` and `WBINVD` are no-ops, `MWAIT` yields; `INVD`, `RDPMC`, `GETSEC`, VMX
+//!   and descriptor-table instructions, I/O ports and MSRs stop the guest.
 //!
 //! # Calling convention
 //!
@@ -52,8 +59,10 @@ pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"PVBOOT01");
 pub enum Hypercall {
     /// Write `len` (RSI) bytes at `ptr` (RDI) to the console. Returns the bytes written.
     ConsoleWrite = 1,
-    /// Monotonic time in nanoseconds since the guest was first started. It keeps counting
-    /// across migrations (the destination continues from the source's value).
+    /// Monotonic time in nanoseconds since the guest was first started. It never goes
+    /// back (never below a value already returned) and keeps counting across migrations,
+    /// including through the pause (the destination continues from the source's value
+    /// plus the measured downtime), whatever the hosts' uptimes.
     Time = 2,
     /// Give up the rest of this time slice. Returns 0.
     Yield = 3,
