@@ -129,7 +129,13 @@ fn bochs_pair_clock_monotonic_and_no_leak_over_many_migrations() {
         let (ma2, mb2) = (mem(a)?, mem(b)?);
         eprintln!("A before {ma:?}\nA after  {ma2:?}\nB before {mb:?}\nB after  {mb2:?}");
         for (side, before, after) in [("A", &ma, &ma2), ("B", &mb, &mb2)] {
-            for k in ["heap_used", "sockets", "frames_free", "migrations", "lingering"] {
+            for k in [
+                "heap_used",
+                "sockets",
+                "frames_free",
+                "migrations",
+                "lingering",
+            ] {
                 if num(before, k) != num(after, k) {
                     return Err(format!(
                         "{side}: {k} was {} before {n} migrations and {} after",

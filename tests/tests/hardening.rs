@@ -40,7 +40,10 @@ fn num(m: &std::collections::BTreeMap<String, String>, k: &str) -> Result<u64, S
 fn counter_moves(c: &mut Console, id: u32, after: u64) -> Result<u64, String> {
     let deadline = Instant::now() + GUEST_TIMEOUT;
     loop {
-        let last = session::counter_values(&c.log(), id).last().copied().unwrap_or(0);
+        let last = session::counter_values(&c.log(), id)
+            .last()
+            .copied()
+            .unwrap_or(0);
         if last > after {
             return Ok(last);
         }
@@ -73,7 +76,10 @@ fn bochs_hostile_guests_and_console_input() {
         let cases: &[(&str, &[&str])] = &[
             (
                 "instr",
-                &["misbehave: survived monitor, mwait, wbinvd", "STOPPED: INVD"],
+                &[
+                    "misbehave: survived monitor, mwait, wbinvd",
+                    "STOPPED: INVD",
+                ],
             ),
             ("rdpmc", &["STOPPED: RDPMC"]),
             // CR4.OSXSAVE is host-owned and clear, so XSETBV faults (#UD) before it
@@ -81,9 +87,18 @@ fn bochs_hostile_guests_and_console_input() {
             ("xsetbv", &["STOPPED: exception 6 (invalid opcode)"]),
             ("vmx", &["STOPPED: VMX instruction"]),
             ("sgdt", &["STOPPED: descriptor-table instruction"]),
-            ("sse", &["STOPPED: control register: write of", "no FP/SIMD"]),
+            (
+                "sse",
+                &["STOPPED: control register: write of", "no FP/SIMD"],
+            ),
             ("x87", &["STOPPED: exception 7 (device not available)"]),
-            ("cd", &["STOPPED: control register: write of", "caching is the host's"]),
+            (
+                "cd",
+                &[
+                    "STOPPED: control register: write of",
+                    "caching is the host's",
+                ],
+            ),
         ];
         for (mode, expected) in cases {
             let id = session::start(c, &format!("misbehave mode={mode}"))?;
@@ -105,10 +120,16 @@ fn bochs_hostile_guests_and_console_input() {
         // Console numbers are range-checked, never truncated or wrapped.
         for (cmd, err) in [
             ("migrate 4294967297 10.0.0.2", "must be 0..4294967295"),
-            ("migrate 1 10.0.0.2 downtime=18446744073709551615", "bad downtime (ms)"),
+            (
+                "migrate 1 10.0.0.2 downtime=18446744073709551615",
+                "bad downtime (ms)",
+            ),
             ("migrate 1 10.0.0.2 downtime=0", "must be 1..60000"),
             ("migrate 1 10.0.0.2 max-rounds=4294967297", "must be 1..100"),
-            ("migrate 1 10.0.0.2 bandwidth=18446744073709551615", "must be 1..100000"),
+            (
+                "migrate 1 10.0.0.2 bandwidth=18446744073709551615",
+                "must be 1..100000",
+            ),
             ("kill 4294967297", "must be 0..4294967295"),
             ("ping 10.0.0.2 1000", "bad count"),
             ("netbench 10.0.0.2 1024", "bad size"),
@@ -147,7 +168,10 @@ fn bochs_hostile_guests_and_console_input() {
         eprintln!(
             "hammer {secs} s: heap_used before {base}, samples {samples:?}, after {}, {}",
             num(&after, "heap_used")?,
-            stats.lines().find(|l| l.contains("hypercalls")).unwrap_or("")
+            stats
+                .lines()
+                .find(|l| l.contains("hypercalls"))
+                .unwrap_or("")
         );
         // Flat: the guest's calls may not make the heap grow (a few KiB of slack for
         // console lines in flight).

@@ -33,9 +33,16 @@ fn bochs_pair_hostile_peers_and_operator_cancel() {
         let hub_base = lab.hub_base;
         let (a, b) = lab.instances.split_at_mut(1);
         let (a, b) = (&mut a[0].console, &mut b[0].console);
-        let mut ep = BxEndpoint::new(hub_base + 4, [0x52, 0x54, 0, 0x12, 0x34, 0x98], [10, 0, 0, 8])?;
-        let mut ep2 =
-            BxEndpoint::new(hub_base + 6, [0x52, 0x54, 0, 0x12, 0x34, 0x99], [10, 0, 0, 9])?;
+        let mut ep = BxEndpoint::new(
+            hub_base + 4,
+            [0x52, 0x54, 0, 0x12, 0x34, 0x98],
+            [10, 0, 0, 8],
+        )?;
+        let mut ep2 = BxEndpoint::new(
+            hub_base + 6,
+            [0x52, 0x54, 0, 0x12, 0x34, 0x99],
+            [10, 0, 0, 9],
+        )?;
 
         // 1. A SYN that is never completed leaves B's listener half-open; B resets it
         //    and a real migration A -> B still goes through afterwards.
@@ -55,7 +62,9 @@ fn bochs_pair_hostile_peers_and_operator_cancel() {
         let _ = ep.send_all(&bad[..64], Duration::from_secs(30));
         let (tag, text) = reply(&ep.recv_until_close(Duration::from_secs(20)));
         if tag != 17 || !text.contains("reserved header") {
-            return Err(format!("expected a REJECT with the reason, got tag {tag}: {text:?}"));
+            return Err(format!(
+                "expected a REJECT with the reason, got tag {tag}: {text:?}"
+            ));
         }
         a.wait_for("incoming migration discarded: ", MIGRATE_TIMEOUT)?;
 
@@ -68,13 +77,20 @@ fn bochs_pair_hostile_peers_and_operator_cancel() {
         ep2.connect([10, 0, 0, 1], 7000, Duration::from_secs(60))?;
         let (tag, text) = reply(&ep2.recv_until_close(Duration::from_secs(20)));
         if tag != 17 || !text.contains("busy") {
-            return Err(format!("second source: expected REJECT busy, got tag {tag}: {text:?}"));
+            return Err(format!(
+                "second source: expected REJECT busy, got tag {tag}: {text:?}"
+            ));
         }
         ep2.abort();
-        expect(&a.command("migrate cancel", CMD_TIMEOUT)?, "incoming migration from 10.0.0.8")?;
+        expect(
+            &a.command("migrate cancel", CMD_TIMEOUT)?,
+            "incoming migration from 10.0.0.8",
+        )?;
         let (tag, text) = reply(&ep.recv_until_close(Duration::from_secs(20)));
         if tag != 17 || !text.contains("cancelled") {
-            return Err(format!("cancelled stream: expected REJECT, got tag {tag}: {text:?}"));
+            return Err(format!(
+                "cancelled stream: expected REJECT, got tag {tag}: {text:?}"
+            ));
         }
         ep.abort();
 

@@ -122,7 +122,12 @@ pub fn counter_times(log: &str, id: u32) -> Vec<(u64, u64)> {
             let rest = l.get(l.find(&tag)? + tag.len()..)?;
             let mut w = rest.split(' ');
             let seq = w.next()?.parse().ok()?;
-            let t = w.next()?.strip_prefix("t=")?.strip_suffix("ms")?.parse().ok()?;
+            let t = w
+                .next()?
+                .strip_prefix("t=")?
+                .strip_suffix("ms")?
+                .parse()
+                .ok()?;
             Some((seq, t))
         })
         .collect()

@@ -171,6 +171,32 @@ fn main() -> ExitCode {
     }
 }
 
+/// `cargo xtask fuzz`: runs the fuzz harness (hypervisor/examples/fuzz_migration.rs).
+fn fuzz(iterations: u64, seed: Option<u64>) -> Result<(), String> {
+    let mut c =
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root()).args([
+        "run",
+        "-q",
+        "-p",
+        "hypervisor",
+        "--release",
+        "--example",
+        "fuzz_migration",
+        "--",
+        "--iterations",
+        &iterations.to_string(),
+    ]);
+    if let Some(s) = seed {
+        c.args(["--seed", &s.to_string()]);
+    }
+    match c.status() {
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => Err(format!("fuzzing failed ({s})")),
+        Err(e) => Err(format!("cannot run cargo: {e}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,30 +237,5 @@ mod tests {
         assert!(e.to_string().contains("--quick"), "{e}");
         let e = Cli::try_parse_from(["xtask", "run", "--emulator", "boch"]).unwrap_err();
         assert!(e.to_string().contains("bochs"), "{e}");
-    }
-}
-
-/// `cargo xtask fuzz`: runs the fuzz harness (hypervisor/examples/fuzz_migration.rs).
-fn fuzz(iterations: u64, seed: Option<u64>) -> Result<(), String> {
-    let mut c = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    c.current_dir(root()).args([
-        "run",
-        "-q",
-        "-p",
-        "hypervisor",
-        "--release",
-        "--example",
-        "fuzz_migration",
-        "--",
-        "--iterations",
-        &iterations.to_string(),
-    ]);
-    if let Some(s) = seed {
-        c.args(["--seed", &s.to_string()]);
-    }
-    match c.status() {
-        Ok(s) if s.success() => Ok(()),
-        Ok(s) => Err(format!("fuzzing failed ({s})")),
-        Err(e) => Err(format!("cannot run cargo: {e}")),
     }
 }

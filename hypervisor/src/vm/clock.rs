@@ -131,7 +131,7 @@ mod tests {
             let frozen = c.read(hosts[h]);
             let other = 1 - h;
             hosts[other] += 50_000;
-            let estimate = (x >> 50) as u64; // anything, even 0
+            let estimate = x >> 50; // anything, even 0
             let mut d = GuestClock::default();
             d.continue_from(frozen, hosts[other]);
             d.continue_from(frozen + estimate, hosts[other]);
