@@ -72,7 +72,7 @@ fn bochs_pair_hostile_peers_and_operator_cancel() {
         //    not left hanging; then the operator cancels the first on the destination.
         let stream = streams::complete_without_commit();
         ep.connect([10, 0, 0, 1], 7000, Duration::from_secs(60))?;
-        ep.send_all(&stream[..20_000], Duration::from_secs(60))?;
+        ep.send_all(&stream[..stream.len() / 2], Duration::from_secs(60))?;
         a.wait_for("incoming migration from 10.0.0.8", CMD_TIMEOUT)?;
         ep2.connect([10, 0, 0, 1], 7000, Duration::from_secs(60))?;
         let (tag, text) = reply(&ep2.recv_until_close(Duration::from_secs(20)));
