@@ -123,8 +123,13 @@ impl BxEndpoint {
 
     /// Opens a TCP connection to `ip:port`.
     pub fn connect(&mut self, ip: [u8; 4], port: u16, timeout: Duration) -> Result<(), String> {
+        self.start_connect(ip, port)?;
+        self.wait(timeout, |s| s.may_send(), "TCP connection")
+    }
+
+    /// Drops any previous connection and starts one to `ip:port` from a fresh port.
+    fn start_connect(&mut self, ip: [u8; 4], port: u16) -> Result<(), String> {
         let remote = (Ipv4Address::new(ip[0], ip[1], ip[2], ip[3]), port);
-        // A previous connection on this endpoint: drop it first.
         if self.socket().state() != tcp::State::Closed {
             self.socket().abort();
             self.poll();
@@ -134,24 +139,13 @@ impl BxEndpoint {
         self.sockets
             .get_mut::<tcp::Socket>(self.tcp)
             .connect(ctx, remote, self.next_port)
-            .map_err(|e| format!("connect: {e}"))?;
-        self.wait(timeout, |s| s.may_send(), "TCP connection")
+            .map_err(|e| format!("connect: {e}"))
     }
 
     /// Sends a SYN to `ip:port` and then goes silent (the caller does not poll until
     /// it is done): the peer is left with a half-open handshake, as after a SYN scan.
     pub fn syn_only(&mut self, ip: [u8; 4], port: u16) -> Result<(), String> {
-        let remote = (Ipv4Address::new(ip[0], ip[1], ip[2], ip[3]), port);
-        if self.socket().state() != tcp::State::Closed {
-            self.socket().abort();
-            self.poll();
-        }
-        self.next_port = self.next_port.wrapping_add(1).max(49152);
-        let ctx = self.iface.context();
-        self.sockets
-            .get_mut::<tcp::Socket>(self.tcp)
-            .connect(ctx, remote, self.next_port)
-            .map_err(|e| format!("connect: {e}"))?;
+        self.start_connect(ip, port)?;
         // A few polls: ARP first, then the SYN.
         for _ in 0..50 {
             self.poll();
