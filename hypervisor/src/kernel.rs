@@ -99,6 +99,7 @@ pub fn kmain(magic: u32, info_addr: u64) -> ! {
         net: None,
         migrations: crate::migration::kernel::Migrations::new(),
     };
+    k.migrations.key_from_cmdline(&k.cmdline);
     // Network (after ACPI): PCI, e1000, smoltcp.
     match crate::net::NetStack::init(&k.cmdline) {
         Ok(n) => {
@@ -129,6 +130,21 @@ pub fn kmain(magic: u32, info_addr: u64) -> ! {
     println!("type 'help' for commands");
     print!("{PROMPT}");
     k.run()
+}
+
+/// The command line with the value of `migkey=` hidden (`info` never shows the key).
+fn redact_key(cmdline: &str) -> String {
+    cmdline
+        .split(' ')
+        .map(|w| {
+            if w.starts_with("migkey=") {
+                "migkey=<hidden>"
+            } else {
+                w
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn init_memory(info: &BootInfo<'_>, info_addr: u64) {
@@ -265,6 +281,7 @@ impl Kernel {
                 self.migrations.cmd_migrations();
                 Ok(())
             }
+            "key" => self.migrations.cmd_key(rest, cmd.usage),
             "shutdown" => {
                 println!("shutting down");
                 platform::shutdown()
@@ -281,7 +298,8 @@ impl Kernel {
             self.machine.name(),
             core::str::from_utf8(&vendor).unwrap_or("?")
         );
-        println!("  cmdline     {}", self.cmdline);
+        println!("  cmdline     {}", redact_key(&self.cmdline));
+        println!("  {}", self.migrations.key_summary());
         let (free, total) = phys::with_frames(|f| (f.free_frames(), f.total_frames()));
         println!(
             "  memory      {} MiB usable, {} MiB free",

@@ -22,6 +22,7 @@ pub mod mm;
 pub mod multiboot;
 pub mod net;
 pub mod platform;
+pub mod rng;
 pub mod time;
 pub mod vm;
 pub mod vmm;

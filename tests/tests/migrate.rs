@@ -35,6 +35,7 @@ fn bochs_pair_live_migration_round_trip_with_verification() {
     };
     scenario("bochs-migrate", setup, |lab| {
         let hub_base = lab.hub_base;
+        let key = lab.key.clone();
         let (a, b) = lab.instances.split_at_mut(1);
         let (a, b) = (&mut a[0].console, &mut b[0].console);
 
@@ -73,7 +74,8 @@ fn bochs_pair_live_migration_round_trip_with_verification() {
         b.command(&format!("check {vid_b}"), CMD_TIMEOUT)?;
         b.wait_for(&format!("[g{vid_b}] verify: PASS"), GUEST_TIMEOUT)?;
 
-        // 3. A hostile source: malformed streams to A are rejected, A keeps serving.
+        // 3. A hostile source that holds the key (so the channel lets it through):
+        //    malformed streams to A are rejected, A keeps serving.
         let mut ep = BxEndpoint::new(
             hub_base + 4,
             [0x52, 0x54, 0, 0x12, 0x34, 0x99],
@@ -81,6 +83,7 @@ fn bochs_pair_live_migration_round_trip_with_verification() {
         )?;
         for s in streams::malformed() {
             ep.connect([10, 0, 0, 1], 7000, Duration::from_secs(60))
+                .and_then(|()| ep.secure(&key, Duration::from_secs(60)))
                 .map_err(|e| format!("{}: {e}", s.name))?;
             let _ = ep.send_all(&s.bytes, Duration::from_secs(60));
             ep.close();
@@ -96,6 +99,7 @@ fn bochs_pair_live_migration_round_trip_with_verification() {
         }
         // 4. A complete stream whose source vanishes after READY: never runs on A.
         ep.connect([10, 0, 0, 1], 7000, Duration::from_secs(60))?;
+        ep.secure(&key, Duration::from_secs(60))?;
         ep.send_all(
             &streams::complete_without_commit(),
             Duration::from_secs(120),

@@ -29,14 +29,10 @@ fn bochs_pair_hostile_peers_and_operator_cancel() {
         net: true,
         extra_hub_ports: 2,
     };
-    // Not yet seen passing end to end (parts 1 and 2 did; the rest was written at the
-    // end of a session): opt in with HV_PEERS=1 until it is, so CI stays green.
-    if std::env::var("HV_PEERS").is_err() {
-        eprintln!("bochs-peers: skipped (set HV_PEERS=1 to run it)");
-        return;
-    }
     scenario("bochs-peers", setup, |lab| {
         let hub_base = lab.hub_base;
+        let key = lab.key.clone();
+        let secs = Duration::from_secs;
         let (a, b) = lab.instances.split_at_mut(1);
         let (a, b) = (&mut a[0].console, &mut b[0].console);
         let mut ep = BxEndpoint::new(
@@ -63,6 +59,7 @@ fn bochs_pair_hostile_peers_and_operator_cancel() {
 
         // 2. A REJECT reaches the peer at once, with the reason.
         ep.connect([10, 0, 0, 1], 7000, Duration::from_secs(60))?;
+        ep.secure(&key, secs(60))?;
         let mut bad = streams::complete_without_commit();
         bad[1] = 1; // reserved header bits
         let _ = ep.send_all(&bad[..64], Duration::from_secs(30));
@@ -78,15 +75,22 @@ fn bochs_pair_hostile_peers_and_operator_cancel() {
         //    not left hanging; then the operator cancels the first on the destination.
         let stream = streams::complete_without_commit();
         ep.connect([10, 0, 0, 1], 7000, Duration::from_secs(60))?;
+        ep.secure(&key, secs(60))?;
         ep.send_all(&stream[..stream.len() / 2], Duration::from_secs(60))?;
         a.wait_for("incoming migration from 10.0.0.8", CMD_TIMEOUT)?;
         ep2.connect([10, 0, 0, 1], 7000, Duration::from_secs(60))?;
-        let (tag, text) = reply(&ep2.recv_until_close(Duration::from_secs(20)));
-        if tag != 17 || !text.contains("busy") {
-            return Err(format!(
-                "second source: expected REJECT busy, got tag {tag}: {text:?}"
-            ));
+        match ep2.secure(&key, secs(20)) {
+            Err(e) if e.contains("busy") => {}
+            other => {
+                return Err(format!(
+                    "second source: expected a busy refusal, got {other:?}"
+                ))
+            }
         }
+        a.wait_for(
+            "refused a second incoming migration from 10.0.0.9",
+            CMD_TIMEOUT,
+        )?;
         ep2.abort();
         expect(
             &a.command("migrate cancel", CMD_TIMEOUT)?,
@@ -103,6 +107,7 @@ fn bochs_pair_hostile_peers_and_operator_cancel() {
         // 4. A peer that stops inside COMMIT: after the deadline the guest stays paused
         //    (never running), and the operator can kill it.
         ep.connect([10, 0, 0, 1], 7000, Duration::from_secs(60))?;
+        ep.secure(&key, secs(60))?;
         ep.send_all(&stream, Duration::from_secs(120))?;
         let mut got = Vec::new();
         for _ in 0..200 {

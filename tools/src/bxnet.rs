@@ -10,6 +10,8 @@
 use std::net::UdpSocket;
 use std::time::{Duration, Instant as StdInstant};
 
+use hypervisor::migration::link::{Link, LinkState};
+use hypervisor::migration::secure::{MigrationKey, NonceError, NonceSource, SecureChannel};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
@@ -63,7 +65,20 @@ impl Device for UdpEth {
     }
 }
 
+/// Handshake nonces from the host's RNG.
+struct HostRng;
+
+impl NonceSource for HostRng {
+    fn fill(&mut self, buf: &mut [u8]) -> Result<(), NonceError> {
+        getrandom::fill(buf).map_err(|_| NonceError)
+    }
+}
+
 /// A smoltcp endpoint on a bxhub port.
+///
+/// Speaks the hypervisors' secure migration channel once [`BxEndpoint::secure`] has
+/// run on a connection (then `send_all`/`recv_until_close` carry plaintext through it),
+/// and can misbehave below it: corrupt a byte on the wire, or replay raw bytes it sent.
 pub struct BxEndpoint {
     dev: UdpEth,
     iface: Interface,
@@ -71,6 +86,63 @@ pub struct BxEndpoint {
     tcp: SocketHandle,
     epoch: StdInstant,
     next_port: u16,
+    chan: Option<SecureChannel>,
+    /// Raw bytes sent on the current connection (handshake and records).
+    raw_sent: Vec<u8>,
+    /// Flip the low bit of the byte at this raw offset when it is sent.
+    flip_at: Option<usize>,
+}
+
+/// The endpoint's TCP socket as the channel's inner link.
+impl Link for BxEndpoint {
+    fn state(&mut self) -> LinkState {
+        self.poll();
+        let s = self.socket();
+        match s.state() {
+            tcp::State::SynSent | tcp::State::SynReceived => LinkState::Connecting,
+            tcp::State::Established => LinkState::Open,
+            _ if s.can_recv() || s.may_recv() => LinkState::Open,
+            _ => LinkState::Closed,
+        }
+    }
+
+    fn send(&mut self, data: &[u8]) -> usize {
+        let off = self.raw_sent.len();
+        let mut buf = data.to_vec();
+        let flip = self
+            .flip_at
+            .filter(|at| (off..off + buf.len()).contains(at))
+            .map(|at| at - off);
+        if let Some(i) = flip {
+            buf[i] ^= 1;
+        }
+        let s = self.socket();
+        if !s.can_send() {
+            return 0;
+        }
+        let n = s.send_slice(&buf).unwrap_or(0);
+        if flip.is_some_and(|i| i < n) {
+            self.flip_at = None;
+        }
+        self.raw_sent.extend_from_slice(&data[..n]);
+        n
+    }
+
+    fn queued(&mut self) -> usize {
+        self.socket().send_queue()
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> usize {
+        let s = self.socket();
+        if !s.can_recv() {
+            return 0;
+        }
+        s.recv_slice(buf).unwrap_or(0)
+    }
+
+    fn close(&mut self) {
+        self.socket().close();
+    }
 }
 
 impl BxEndpoint {
@@ -104,7 +176,73 @@ impl BxEndpoint {
             tcp,
             epoch,
             next_port: 49152 + (std::process::id() % 10000) as u16,
+            chan: None,
+            raw_sent: Vec::new(),
+            flip_at: None,
         })
+    }
+
+    fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    /// Runs `f` over the channel's view of this connection (plaintext in and out).
+    fn with_chan<R>(&mut self, f: impl FnOnce(&mut dyn Link) -> R) -> Option<R> {
+        let mut chan = self.chan.take()?;
+        let now = self.now_us();
+        let r = f(&mut chan.link(self, now));
+        self.chan = Some(chan);
+        Some(r)
+    }
+
+    /// Runs the secure handshake as the initiator (a migration source) with `key_hex`
+    /// on the open connection; from then on `send_all` and `recv_until_close` carry
+    /// plaintext through the channel. Fails with the channel's error (wrong key, ...).
+    pub fn secure(&mut self, key_hex: &str, timeout: Duration) -> Result<(), String> {
+        let key = MigrationKey::from_hex(key_hex).map_err(|e| e.to_string())?;
+        let chan = SecureChannel::initiator(&key, &mut HostRng, self.now_us())
+            .map_err(|e| e.to_string())?;
+        self.chan = Some(chan);
+        let deadline = StdInstant::now() + timeout;
+        loop {
+            self.with_chan(|l| l.state());
+            if let Some(c) = &self.chan {
+                if c.is_established() {
+                    return Ok(());
+                }
+                if let Some(e) = c.error() {
+                    return Err(format!("secure channel: {e}"));
+                }
+            }
+            if StdInstant::now() > deadline {
+                return Err(format!("secure handshake: timed out after {timeout:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Why the secure channel failed, if it did.
+    pub fn channel_error(&self) -> Option<String> {
+        self.chan.as_ref()?.error().map(|e| e.to_string())
+    }
+
+    /// The raw bytes sent on the current connection so far (for a replay).
+    pub fn raw_sent(&self) -> &[u8] {
+        &self.raw_sent
+    }
+
+    /// Corrupts (flips the low bit of) the byte at raw offset `at` of the current
+    /// connection when it goes out: a tampered record.
+    pub fn flip_wire_byte(&mut self, at: usize) {
+        self.flip_at = Some(at);
+    }
+
+    /// Sends raw bytes below the channel (a replay, or a plaintext peer).
+    pub fn send_raw_all(&mut self, data: &[u8], timeout: Duration) -> Result<(), String> {
+        let chan = self.chan.take();
+        let r = self.send_all(data, timeout);
+        self.chan = chan;
+        r
     }
 
     fn now(&self) -> Instant {
@@ -129,6 +267,9 @@ impl BxEndpoint {
 
     /// Drops any previous connection and starts one to `ip:port` from a fresh port.
     fn start_connect(&mut self, ip: [u8; 4], port: u16) -> Result<(), String> {
+        self.chan = None;
+        self.raw_sent.clear();
+        self.flip_at = None;
         let remote = (Ipv4Address::new(ip[0], ip[1], ip[2], ip[3]), port);
         if self.socket().state() != tcp::State::Closed {
             self.socket().abort();
@@ -177,10 +318,32 @@ impl BxEndpoint {
         }
     }
 
-    /// Sends all of `data`.
+    /// Sends all of `data` (through the channel once [`Self::secure`] ran).
     pub fn send_all(&mut self, data: &[u8], timeout: Duration) -> Result<(), String> {
         let deadline = StdInstant::now() + timeout;
         let mut off = 0;
+        while self.chan.is_some() {
+            let r = self.with_chan(|l| {
+                let n = l.send(&data[off..]);
+                (n, l.state(), l.queued())
+            });
+            let Some((n, state, queued)) = r else { break };
+            off += n;
+            if off == data.len() && queued == 0 {
+                return Ok(());
+            }
+            if state == LinkState::Closed {
+                let why = self.channel_error().unwrap_or("connection closed".into());
+                return Err(format!("send: {why} after {off} bytes"));
+            }
+            if StdInstant::now() > deadline {
+                return Err(format!(
+                    "send: timed out after {off} of {} bytes",
+                    data.len()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
         while off < data.len() {
             self.poll();
             let s = self.socket();
@@ -203,10 +366,24 @@ impl BxEndpoint {
         Ok(())
     }
 
-    /// Receives until the peer closes or `timeout`; returns what arrived.
+    /// Receives until the peer closes or `timeout`; returns what arrived (plaintext
+    /// through the channel once [`Self::secure`] ran).
     pub fn recv_until_close(&mut self, timeout: Duration) -> Vec<u8> {
         let deadline = StdInstant::now() + timeout;
         let mut out = Vec::new();
+        while self.chan.is_some() && StdInstant::now() < deadline {
+            let mut buf = [0u8; 4096];
+            let Some((n, state)) = self.with_chan(|l| (l.recv(&mut buf), l.state())) else {
+                break;
+            };
+            out.extend_from_slice(&buf[..n]);
+            if n == 0 && state == LinkState::Closed {
+                return out;
+            }
+            if n == 0 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
         while StdInstant::now() < deadline {
             self.poll();
             let s = self.socket();
@@ -223,8 +400,10 @@ impl BxEndpoint {
         out
     }
 
-    /// Closes the connection (FIN) and lets it drain briefly.
+    /// Closes the connection (the channel's close_notify, then FIN) and lets it drain
+    /// briefly.
     pub fn close(&mut self) {
+        self.with_chan(|l| l.close());
         self.socket().close();
         let deadline = StdInstant::now() + Duration::from_secs(2);
         while StdInstant::now() < deadline && self.socket().is_open() {

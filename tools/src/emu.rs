@@ -394,13 +394,52 @@ impl Drop for Hub {
     }
 }
 
+/// Writes a secret file readable only by its owner.
+fn write_private(path: &Path, text: &str) -> Result<(), String> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = fs::remove_file(path);
+    let mut o = fs::OpenOptions::new();
+    o.write(true).create_new(true);
+    #[cfg(unix)]
+    o.mode(0o600);
+    let mut f = o
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    writeln!(f, "{text}").map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// A linked pair (or a single instance when `pair` is false).
 pub struct Lab {
     /// The instances ("a", then "b").
     pub instances: Vec<Instance>,
     /// bxhub's base UDP port (Bochs): port `base + 2*i` belongs to hub member `i`.
     pub hub_base: u16,
+    /// The lab's migration key (64 hex digits), fresh for every lab, set on every
+    /// instance at boot and kept in `<work_dir>/migration.key`.
+    pub key: String,
     _hub: Option<Hub>,
+}
+
+/// A fresh random 256-bit migration key, as 64 hex digits.
+pub fn new_key() -> Result<String, String> {
+    let mut k = [0u8; 32];
+    getrandom::fill(&mut k).map_err(|e| format!("no randomness for the migration key: {e}"))?;
+    Ok(k.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Gives `inst` the migration key at its console (`key set`; the hypervisor echoes
+/// `*` for it, so the serial log does not hold it).
+pub fn set_key(inst: &mut Instance, key: &str) -> Result<(), String> {
+    let out = inst
+        .console
+        .command(&format!("key set {key}"), Duration::from_secs(120))?;
+    if out.contains("key: set") {
+        Ok(())
+    } else {
+        Err(format!("[{}] key set failed: {out}", inst.config.name))
+    }
 }
 
 /// Settings for [`Lab::start`].
@@ -468,13 +507,20 @@ impl Lab {
             let inst = Instance::start(ic)?;
             instances.push(inst);
         }
+        let key = new_key()?;
+        let key_file = cfg.work_dir.join("migration.key");
+        write_private(&key_file, &key)?;
         let mut lab = Self {
             instances,
             hub_base,
+            key,
             _hub: hub,
         };
         for i in 0..lab.instances.len() {
-            if let Err(e) = lab.instances[i].wait_boot(boot_timeout) {
+            let r = lab.instances[i]
+                .wait_boot(boot_timeout)
+                .and_then(|_| set_key(&mut lab.instances[i], &lab.key));
+            if let Err(e) = r {
                 return Err(format!("{e}\n{}", lab.diagnostics()));
             }
         }
@@ -490,7 +536,7 @@ impl Lab {
         config.console_port = free_tcp_port();
         self.instances[i] = Instance::start(config)?;
         self.instances[i].wait_boot(boot_timeout)?;
-        Ok(())
+        set_key(&mut self.instances[i], &self.key)
     }
 
     /// Diagnostics of every instance.

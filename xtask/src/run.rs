@@ -43,7 +43,12 @@ pub fn boot(opts: &BootOpts, work: &str) -> Result<Lab, String> {
         opts.emulator,
         cfg.work_dir.display()
     );
-    Lab::start(&cfg, Duration::from_secs(300))
+    let lab = Lab::start(&cfg, Duration::from_secs(300))?;
+    eprintln!(
+        "xtask: a fresh migration key was set on every instance (kept in {}; 'key' shows its fingerprint)",
+        cfg.work_dir.join("migration.key").display()
+    );
+    Ok(lab)
 }
 
 fn stty(args: &[&str]) {

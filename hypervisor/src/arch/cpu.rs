@@ -116,3 +116,39 @@ pub fn halt_forever() -> ! {
 pub fn pause() {
     core::hint::spin_loop();
 }
+
+/// Whether the CPU has RDRAND (CPUID.1:ECX bit 30).
+pub fn has_rdrand() -> bool {
+    cpuid(1, 0).ecx & (1 << 30) != 0
+}
+
+/// Whether the CPU has RDSEED (CPUID.(7,0):EBX bit 18).
+pub fn has_rdseed() -> bool {
+    cpuid(0, 0).eax >= 7 && cpuid(7, 0).ebx & (1 << 18) != 0
+}
+
+/// One RDSEED; `None` when the entropy source had nothing ready (CF = 0). Only call
+/// after [`has_rdseed`].
+pub fn rdseed64() -> Option<u64> {
+    let v: u64;
+    let ok: u8;
+    // SAFETY: RDSEED only writes the named register and the flags; callers checked CPUID.
+    unsafe {
+        core::arch::asm!("rdseed {v}", "setc {ok}", v = out(reg) v, ok = out(reg_byte) ok,
+            options(nomem, nostack));
+    }
+    (ok != 0).then_some(v)
+}
+
+/// One RDRAND; `None` when the DRBG had nothing ready (CF = 0). Only call after
+/// [`has_rdrand`].
+pub fn rdrand64() -> Option<u64> {
+    let v: u64;
+    let ok: u8;
+    // SAFETY: RDRAND only writes the named register and the flags; callers checked CPUID.
+    unsafe {
+        core::arch::asm!("rdrand {v}", "setc {ok}", v = out(reg) v, ok = out(reg_byte) ok,
+            options(nomem, nostack));
+    }
+    (ok != 0).then_some(v)
+}

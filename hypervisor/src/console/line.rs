@@ -9,6 +9,9 @@ use alloc::vec::Vec;
 /// Longest accepted command line.
 pub const MAX_LINE: usize = 256;
 
+/// A line starting with this echoes `*` for what follows (`key set <hex>`).
+const SECRET_PREFIX: &[u8] = b"key set ";
+
 /// What the caller should do after feeding a byte.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event {
@@ -95,7 +98,10 @@ impl LineEditor {
                     Event::None
                 } else {
                     self.buf.push(b);
-                    Event::EchoByte(b)
+                    // A key typed at the console is not echoed into the serial log.
+                    let secret =
+                        self.buf.len() > SECRET_PREFIX.len() && self.buf.starts_with(SECRET_PREFIX);
+                    Event::EchoByte(if secret { b'*' } else { b })
                 }
             }
             _ => Event::None,
@@ -106,6 +112,18 @@ impl LineEditor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_is_not_echoed() {
+        let mut e = LineEditor::new();
+        let ev = feed_all(&mut e, b"key set ab\r");
+        assert_eq!(ev[7], Event::EchoByte(b' '));
+        assert_eq!(ev[8], Event::EchoByte(b'*'));
+        assert_eq!(ev[9], Event::EchoByte(b'*'));
+        assert_eq!(ev[10], Event::Line("key set ab".into()));
+        let ev = feed_all(&mut e, b"keys\r");
+        assert_eq!(ev[3], Event::EchoByte(b's'));
+    }
 
     fn feed_all(e: &mut LineEditor, s: &[u8]) -> Vec<Event> {
         s.iter()

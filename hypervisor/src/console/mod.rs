@@ -49,6 +49,11 @@ pub const COMMANDS: &[Command] = &[
         help: "live-migrate a guest to a peer",
     },
     Command { name: "migrations", usage: "", help: "list past migrations with their figures" },
+    Command {
+        name: "key",
+        usage: "[set <64 hex digits> | clear | bench [MiB]]",
+        help: "show (fingerprint only), set or clear the migration key; time the cipher",
+    },
     Command { name: "shutdown", usage: "", help: "power off (ends the emulator)" },
 ];
 

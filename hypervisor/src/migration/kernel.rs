@@ -28,12 +28,14 @@ use smoltcp::wire::Ipv4Address;
 
 use super::link::{Link, LinkState};
 use super::receiver::{self, Installer, Outcome, Receiver};
+use super::secure::{self, MigrationKey, SecureChannel};
 use super::source::{Params, Phase, Source, SourceGuest, Status};
 use super::stats::{HistoryEntry, MigrationStats};
 use super::wire::{self, Hello};
 use super::PORT;
 use crate::console::args::{self, CmdError};
 use crate::net::{NetStack, TcpSocket, TCP_BUF};
+use crate::rng::HwRng;
 use crate::vm::{Tracking, VcpuState, Vm, VmParts, VmState};
 use crate::vmm::Vmm;
 use crate::vmx::caps::VmxCaps;
@@ -88,6 +90,38 @@ impl Link for TcpLink<'_> {
 
     fn close(&mut self) {
         self.net.tcp(self.h).close();
+    }
+}
+
+/// A migration connection: the socket, and the secure channel over it (absent only for
+/// a connection refused before any handshake, which gets a bare Alert).
+struct Conn {
+    sock: TcpSocket,
+    chan: Option<SecureChannel>,
+}
+
+impl Conn {
+    /// Runs `f` over this poll's link: the channel's view of the socket.
+    fn with_link<R>(
+        &mut self,
+        net: &mut NetStack,
+        now_us: u64,
+        f: impl FnOnce(&mut dyn Link) -> R,
+    ) -> R {
+        let mut tcp = TcpLink {
+            net,
+            h: self.sock.h(),
+        };
+        match &mut self.chan {
+            Some(c) => f(&mut c.link(&mut tcp, now_us)),
+            None => f(&mut tcp),
+        }
+    }
+
+    /// Why the secure channel failed, as console text.
+    fn channel_error(&self) -> Option<String> {
+        let e = self.chan.as_ref()?.error()?;
+        Some(format!("secure channel: {e}"))
     }
 }
 
@@ -238,7 +272,7 @@ const RESUME_WAIT_US: u64 = 2_000_000;
 
 struct Outgoing {
     vm_id: u32,
-    sock: TcpSocket,
+    conn: Conn,
     source: Source,
     method: Tracking,
     printed_round: usize,
@@ -257,7 +291,7 @@ enum IncomingPhase {
 }
 
 struct Incoming {
-    sock: TcpSocket,
+    conn: Conn,
     receiver: Receiver<VmParts>,
     started_us: u64,
     peer: String,
@@ -270,9 +304,29 @@ struct Listener {
     half_open_since: Option<u64>,
 }
 
+/// A finished migration's connection, kept briefly to deliver its last words (the rest
+/// of a REJECT or ABORT, RESUMED, the channel's close_notify) before it is dropped.
 struct Lingering {
-    sock: TcpSocket,
+    conn: Conn,
+    tail: Vec<u8>,
+    closed: bool,
     until_us: u64,
+}
+
+impl Lingering {
+    fn advance(&mut self, net: &mut NetStack, now: u64) {
+        let (tail, closed) = (&mut self.tail, &mut self.closed);
+        self.conn.with_link(net, now, |l| {
+            if !tail.is_empty() {
+                let n = l.send(tail);
+                tail.drain(..n);
+            }
+            if tail.is_empty() && !*closed {
+                l.close();
+                *closed = true;
+            }
+        });
+    }
 }
 
 /// Migration state of this hypervisor.
@@ -288,6 +342,14 @@ pub struct Migrations {
     pub refused_busy: u64,
     /// Half-open or dead listener states reset.
     pub listener_resets: u64,
+    /// Incoming connections refused because no key is configured.
+    pub refused_nokey: u64,
+    /// The migration key (see [`secure`]); without it every migration is refused.
+    key: Option<MigrationKey>,
+    /// Where the key came from ("command line", "console").
+    key_origin: &'static str,
+    /// Nonces for the handshakes.
+    rng: HwRng,
 }
 
 impl Default for Migrations {
@@ -307,6 +369,118 @@ impl Migrations {
             history: VecDeque::with_capacity(HISTORY),
             refused_busy: 0,
             listener_resets: 0,
+            refused_nokey: 0,
+            key: None,
+            key_origin: "",
+            rng: HwRng::new(),
+        }
+    }
+
+    /// Takes `migkey=<64 hex digits>` from the kernel command line, if there; prints
+    /// what the hypervisor will do either way.
+    pub fn key_from_cmdline(&mut self, cmdline: &str) {
+        println!(
+            "migrate: handshake nonces from {}",
+            self.rng.source().describe()
+        );
+        if let Some(hex) = cmdline
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("migkey="))
+        {
+            match MigrationKey::from_hex(hex) {
+                Ok(k) => {
+                    println!(
+                        "migrate: migration key {} (from the command line)",
+                        k.fingerprint()
+                    );
+                    self.key = Some(k);
+                    self.key_origin = "command line";
+                    return;
+                }
+                Err(e) => println!("migrate: ignoring migkey= on the command line: {e}"),
+            }
+        }
+        println!(
+            "migrate: no migration key: migrations are refused until 'key set <64 hex digits>'"
+        );
+    }
+
+    /// One line for `info`: key fingerprint (never the key) and nonce source.
+    pub fn key_summary(&self) -> String {
+        let key = match &self.key {
+            Some(k) => format!("{} (from the {})", k.fingerprint(), self.key_origin),
+            None => String::from("none (migrations refused)"),
+        };
+        format!(
+            "migkey      {key}; nonces from {}",
+            self.rng.source().describe()
+        )
+    }
+
+    /// `key`, `key set <hex>`, `key clear`.
+    pub fn cmd_key(&mut self, argv: &[&str], usage: &str) -> Result<(), CmdError> {
+        match argv {
+            [] => {
+                match &self.key {
+                    Some(k) => println!(
+                        "key: fingerprint {} (set from the {})",
+                        k.fingerprint(),
+                        self.key_origin
+                    ),
+                    None => println!("key: none: every migration, in or out, is refused"),
+                }
+                println!(
+                    "key: handshake nonces from {}",
+                    self.rng.source().describe()
+                );
+                Ok(())
+            }
+            ["set", hex] => {
+                let k = MigrationKey::from_hex(hex).map_err(|e| cmd_err!("key set: {e}"))?;
+                println!(
+                    "key: set, fingerprint {} (compare it with the peer's; migrations already running keep their session keys)",
+                    k.fingerprint()
+                );
+                self.key = Some(k);
+                self.key_origin = "console";
+                Ok(())
+            }
+            ["bench"] | ["bench", _] => {
+                let mib = match argv.get(1) {
+                    Some(v) => args::parse_in_range("MiB", v, 1, 64)?,
+                    None => 4,
+                };
+                let c =
+                    secure::record_throughput((mib as usize) << 20, &mut crate::arch::cpu::rdtsc)
+                        .map_err(|e| cmd_err!("key bench: {e}"))?;
+                let hz = time::tsc_hz().max(1);
+                let rate = |ticks: u64| c.bytes * hz / ticks.max(1) / 1000; // kB/s
+                let cpb = |ticks: u64| ticks as f64 / c.bytes as f64;
+                println!(
+                    "key bench: ChaCha20-Poly1305 records of {} KiB, {} MiB: seal {} kB/s ({:.1} cycles/byte), open {} kB/s ({:.1} cycles/byte)",
+                    secure::MAX_PLAIN / 1024,
+                    mib,
+                    rate(c.seal_ticks),
+                    cpb(c.seal_ticks),
+                    rate(c.open_ticks),
+                    cpb(c.open_ticks)
+                );
+                println!(
+                    "CRYPTO bytes={} seal_kBps={} open_kBps={} seal_cpb={:.2} open_cpb={:.2} tsc_hz={hz}",
+                    c.bytes,
+                    rate(c.seal_ticks),
+                    rate(c.open_ticks),
+                    cpb(c.seal_ticks),
+                    cpb(c.open_ticks)
+                );
+                Ok(())
+            }
+            ["clear"] => {
+                self.key = None;
+                println!("key: cleared: every migration, in or out, is refused");
+                Ok(())
+            }
+            _ => Err(cmd_err!("usage: key {usage}")),
         }
     }
 
@@ -345,14 +519,31 @@ impl Migrations {
         self.history.push_back(HistoryEntry::from(stats));
     }
 
-    fn linger(&mut self, net: &mut NetStack, sock: TcpSocket) {
-        net.tcp(sock.h()).close();
+    /// Keeps `conn` for at most [`LINGER_US`] to deliver `tail` and close gracefully.
+    fn linger(&mut self, net: &mut NetStack, conn: Conn, tail: Vec<u8>) {
         if self.lingering.len() == MAX_LINGER {
             self.lingering.pop_front();
         }
-        self.lingering.push_back(Lingering {
-            sock,
+        let mut l = Lingering {
+            conn,
+            tail,
+            closed: false,
             until_us: time::now_us() + LINGER_US,
+        };
+        l.advance(net, time::now_us());
+        self.lingering.push_back(l);
+    }
+
+    fn poll_lingering(&mut self, net: &mut NetStack, now: u64) {
+        for l in self.lingering.iter_mut() {
+            l.advance(net, now);
+        }
+        self.lingering.retain(|l| {
+            now <= l.until_us
+                && !matches!(
+                    net.tcp(l.conn.sock.h()).state(),
+                    State::Closed | State::TimeWait
+                )
         });
     }
 
@@ -409,23 +600,45 @@ impl Migrations {
                     .tcp(l.sock.h())
                     .remote_endpoint()
                     .map_or("?".to_string(), |e| e.to_string());
-                if self.incoming.is_some() {
+                let refusal = if self.incoming.is_some() {
                     self.refused_busy += 1;
                     println!("migrate: refused a second incoming migration from {peer}: busy");
-                    let mut m = Vec::new();
-                    wire::put_reason(
-                        &mut m,
-                        wire::tag::REJECT,
-                        receiver::reject::BUSY,
-                        "busy: another migration is being received",
+                    Some(secure::alert::BUSY)
+                } else if self.key.is_none() {
+                    self.refused_nokey += 1;
+                    println!(
+                        "migrate: refused an incoming migration from {peer}: no migration key is configured ('key set <64 hex digits>')"
                     );
-                    let _ = net.tcp(l.sock.h()).send_slice(&m);
-                    self.linger(net, l.sock);
+                    Some(secure::alert::NO_KEY)
+                } else {
+                    None
+                };
+                let chan = match (refusal, &self.key) {
+                    (None, Some(key)) => match SecureChannel::responder(key, &mut self.rng, now) {
+                        Ok(c) => Some(c),
+                        Err(e) => {
+                            println!("migrate: refused an incoming migration from {peer}: {e}");
+                            None
+                        }
+                    },
+                    _ => None,
+                };
+                let Some(chan) = chan else {
+                    // A bare Alert in place of the handshake: the source prints why.
+                    let tail = secure::refusal(refusal.unwrap_or(secure::alert::NO_KEY)).to_vec();
+                    let conn = Conn {
+                        sock: l.sock,
+                        chan: None,
+                    };
+                    self.linger(net, conn, tail);
                     return;
-                }
+                };
                 println!("migrate: incoming migration from {peer}");
                 self.incoming = Some(Incoming {
-                    sock: l.sock,
+                    conn: Conn {
+                        sock: l.sock,
+                        chan: Some(chan),
+                    },
                     receiver: Receiver::new(now, 30_000_000),
                     started_us: now,
                     peer,
@@ -446,12 +659,7 @@ impl Migrations {
     /// once, so that what was just queued, COMMIT above all, leaves now).
     pub fn poll(&mut self, net: &mut NetStack, vmm: &mut Vmm) -> bool {
         let now = time::now_us();
-        while self.lingering.front().is_some_and(|l| {
-            now > l.until_us
-                || matches!(net.tcp(l.sock.h()).state(), State::Closed | State::TimeWait)
-        }) {
-            self.lingering.pop_front();
-        }
+        self.poll_lingering(net, now);
         self.service_listener(net);
         self.poll_incoming(net, vmm);
         self.poll_outgoing(net, vmm);
@@ -465,12 +673,12 @@ impl Migrations {
         let now = time::now_us();
         match inc.phase {
             IncomingPhase::Receiving => {
-                let mut link = TcpLink {
-                    net,
-                    h: inc.sock.h(),
-                };
                 let mut inst = VmmInstaller { vmm };
-                if !inc.receiver.poll(&mut link, &mut inst, now) {
+                let receiver = &mut inc.receiver;
+                if !inc
+                    .conn
+                    .with_link(net, now, |l| receiver.poll(l, &mut inst, now))
+                {
                     return;
                 }
                 match (&inc.receiver.outcome, inc.receiver.handover) {
@@ -483,18 +691,23 @@ impl Migrations {
                         return;
                     }
                     (Some(Outcome::Discarded(why)), _) => {
+                        // A failed channel explains more than the end of stream it causes.
+                        let why = inc
+                            .conn
+                            .channel_error()
+                            .unwrap_or_else(|| wire::printable(why, 200));
                         println!(
-                            "migrate: incoming migration discarded: {} (from {})",
-                            wire::printable(why, 200),
+                            "migrate: incoming migration discarded: {why} (from {})",
                             inc.peer
                         );
                     }
                     _ => {}
                 }
-                let Some(inc) = self.incoming.take() else {
+                let Some(mut inc) = self.incoming.take() else {
                     return;
                 };
-                self.linger(net, inc.sock);
+                let tail = inc.receiver.take_farewell();
+                self.linger(net, inc.conn, tail);
             }
             IncomingPhase::Resuming {
                 id,
@@ -525,7 +738,8 @@ impl Migrations {
                 };
                 let mut m = Vec::new();
                 wire::put_resumed(&mut m, &times);
-                let _ = net.tcp(inc.sock.h()).send_slice(&m);
+                let sent = inc.conn.with_link(net, now, |l| l.send(&m));
+                let tail = m[sent..].to_vec();
                 let hello = inc.receiver.hello().cloned();
                 let stats = MigrationStats {
                     role: "dest",
@@ -555,41 +769,51 @@ impl Migrations {
                 );
                 println!("{}", stats.line());
                 if let Some(inc) = self.incoming.take() {
-                    self.linger(net, inc.sock);
+                    self.linger(net, inc.conn, tail);
                 }
                 self.record(&stats);
             }
         }
     }
 
+    /// Runs `f` with the outgoing migration's source, its guest and this poll's link.
+    /// `None` when there is no outgoing migration, or its guest is gone (kill is
+    /// refused while a guest migrates, so that would be a bug: the caller then ends
+    /// the migration cleanly rather than panicking).
+    fn with_source<R>(
+        &mut self,
+        net: &mut NetStack,
+        vmm: &mut Vmm,
+        now: u64,
+        f: impl FnOnce(&mut Source, &mut dyn SourceGuest, &mut dyn Link) -> R,
+    ) -> Option<R> {
+        let out = self.outgoing.as_mut()?;
+        let caps = vmm.vmx.as_ref().map(|v| v.caps)?;
+        let vm = vmm.vms.iter_mut().find(|v| v.id == out.vm_id)?;
+        let mut g = VmGuest {
+            vm,
+            caps: &caps,
+            method: out.method,
+        };
+        let source = &mut out.source;
+        Some(out.conn.with_link(net, now, |l| f(source, &mut g, l)))
+    }
+
     fn poll_outgoing(&mut self, net: &mut NetStack, vmm: &mut Vmm) {
+        let Some(out) = &self.outgoing else {
+            return;
+        };
+        let id = out.vm_id;
+        let now = time::now_us();
+        let Some(status) = self.with_source(net, vmm, now, |s, g, l| s.poll(g, l, now)) else {
+            println!("migrate: guest {id} vanished during migration");
+            if let Some(o) = self.outgoing.take() {
+                self.linger(net, o.conn, Vec::new());
+            }
+            return;
+        };
         let Some(out) = &mut self.outgoing else {
             return;
-        };
-        let now = time::now_us();
-        let Some(caps) = vmm.vmx.as_ref().map(|v| v.caps) else {
-            return;
-        };
-        let status = {
-            // Kill is refused while a guest migrates, so it is always there; if not,
-            // that is a bug, and the migration fails cleanly rather than panics.
-            let Some(vm) = vmm.vms.iter_mut().find(|v| v.id == out.vm_id) else {
-                println!("migrate: guest {} vanished during migration", out.vm_id);
-                if let Some(o) = self.outgoing.take() {
-                    self.linger(net, o.sock);
-                }
-                return;
-            };
-            let mut g = VmGuest {
-                vm,
-                caps: &caps,
-                method: out.method,
-            };
-            let mut link = TcpLink {
-                net,
-                h: out.sock.h(),
-            };
-            out.source.poll(&mut g, &mut link, now)
         };
         let rounds = &out.source.stats.rounds;
         while out.printed_round < rounds.len() {
@@ -608,11 +832,10 @@ impl Migrations {
         if status != Status::Finished {
             return;
         }
-        let Some(out) = self.outgoing.take() else {
+        let Some(mut out) = self.outgoing.take() else {
             return;
         };
-        let stats = out.source.stats.clone();
-        let id = out.vm_id;
+        let mut stats = out.source.stats.clone();
         if out.source.phase() == Phase::Done {
             // Free the guest: it now belongs to the destination. Dropping it VMCLEARs
             // its VMCS, invalidates its EPT and frees its frames.
@@ -620,15 +843,19 @@ impl Migrations {
                 drop(vmm.vms.remove(i));
             }
             println!("migrate: guest {id} migrated to {}: done", stats.peer);
-            drop(out.sock);
         } else {
+            if let Some(e) = out.conn.channel_error() {
+                stats.outcome = e;
+            }
             println!(
                 "migrate: FAILED: {}; guest {id} keeps running here",
                 wire::printable(&stats.outcome, 300)
             );
-            // Let the ABORT reach the peer before the socket goes.
-            self.linger(net, out.sock);
         }
+        // Deliver what is left (an ABORT, the channel's close_notify) before the
+        // socket goes.
+        let tail = out.source.take_farewell();
+        self.linger(net, out.conn, tail);
         println!("{stats}");
         println!("{}", stats.line());
         self.record(&stats);
@@ -639,40 +866,20 @@ impl Migrations {
     /// READY the guest stays paused, as for a lost COMMIT).
     fn cancel(&mut self, net: &mut NetStack, vmm: &mut Vmm) -> Result<(), CmdError> {
         let mut done = false;
-        if let Some(out) = &mut self.outgoing {
-            let caps = vmm
-                .vmx
-                .as_ref()
-                .map(|v| v.caps)
-                .ok_or_else(|| cmd_err!("no VMX"))?;
-            let Some(vm) = vmm.vms.iter_mut().find(|v| v.id == out.vm_id) else {
-                return Err(cmd_err!("guest {} is gone", out.vm_id));
-            };
-            let mut g = VmGuest {
-                vm,
-                caps: &caps,
-                method: out.method,
-            };
-            let mut link = TcpLink {
-                net,
-                h: out.sock.h(),
-            };
-            if !out.source.cancel(
-                &mut g,
-                &mut link,
-                time::now_us(),
-                "cancelled by the operator",
-            ) {
+        if let Some(out) = &self.outgoing {
+            let (id, peer) = (out.vm_id, out.source.stats.peer.clone());
+            let now = time::now_us();
+            let cancelled = self
+                .with_source(net, vmm, now, |s, g, l| {
+                    s.cancel(g, l, now, "cancelled by the operator")
+                })
+                .ok_or_else(|| cmd_err!("guest {id} is gone"))?;
+            if !cancelled {
                 return Err(cmd_err!(
-                    "too late to cancel: guest {} has been handed over to {}",
-                    out.vm_id,
-                    out.source.stats.peer
+                    "too late to cancel: guest {id} has been handed over to {peer}"
                 ));
             }
-            println!(
-                "migrate: outgoing migration of guest {} cancelled",
-                out.vm_id
-            );
+            println!("migrate: outgoing migration of guest {id} cancelled");
             done = true;
             self.poll_outgoing(net, vmm);
         }
@@ -680,15 +887,14 @@ impl Migrations {
             if let IncomingPhase::Resuming { id, .. } = inc.phase {
                 return Err(cmd_err!("too late to cancel: guest {id} already runs here"));
             }
-            let mut link = TcpLink {
-                net,
-                h: inc.sock.h(),
-            };
             let mut inst = VmmInstaller { vmm };
-            inc.receiver.cancel(&mut link, &mut inst);
+            let receiver = &mut inc.receiver;
+            inc.conn
+                .with_link(net, time::now_us(), |l| receiver.cancel(l, &mut inst));
             println!("migrate: incoming migration from {} cancelled", inc.peer);
-            if let Some(inc) = self.incoming.take() {
-                self.linger(net, inc.sock);
+            if let Some(mut inc) = self.incoming.take() {
+                let tail = inc.receiver.take_farewell();
+                self.linger(net, inc.conn, tail);
             }
             done = true;
         }
@@ -726,6 +932,11 @@ impl Migrations {
         if self.guest_busy(id).is_some() {
             return Err(cmd_err!("guest {id} is arriving here by migration"));
         }
+        let Some(key) = &self.key else {
+            return Err(cmd_err!(
+                "no migration key: set the same key on both hypervisors first ('key set <64 hex digits>'); migrations never travel unencrypted"
+            ));
+        };
         let caps = vmm
             .vmx
             .as_ref()
@@ -801,6 +1012,8 @@ impl Migrations {
             },
             ..Default::default()
         };
+        let chan = SecureChannel::initiator(key, &mut self.rng, time::now_us())
+            .map_err(|e| cmd_err!("cannot start the secure channel: {e}"))?;
         let sock = net
             .open_tcp(16 * 1024, TCP_BUF)
             .map_err(|e| cmd_err!("cannot open a socket: {e}"))?;
@@ -819,7 +1032,10 @@ impl Migrations {
         let source = Source::new(params, hello, stats, time::now_us());
         self.outgoing = Some(Outgoing {
             vm_id: id,
-            sock,
+            conn: Conn {
+                sock,
+                chan: Some(chan),
+            },
             source,
             method,
             printed_round: 0,

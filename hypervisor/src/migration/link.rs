@@ -25,3 +25,20 @@ pub trait Link {
     /// Closes gracefully after queued data.
     fn close(&mut self);
 }
+
+/// Sends a last message (REJECT, ABORT) and closes the link once all of it is queued.
+/// What the link cannot take now (its buffer is full of pages) is returned: the caller
+/// keeps the connection open and delivers the rest before it closes, so the peer always
+/// learns why, instead of seeing a bare end of stream.
+pub fn say_last(link: &mut dyn Link, msg: &[u8]) -> alloc::vec::Vec<u8> {
+    let n = if link.state() == LinkState::Open {
+        link.send(msg)
+    } else {
+        msg.len() // nobody to tell
+    };
+    let rest = msg[n.min(msg.len())..].to_vec();
+    if rest.is_empty() {
+        link.close();
+    }
+    rest
+}

@@ -115,6 +115,8 @@ pub struct Receiver<M> {
     pub bytes: u64,
     /// Set when finished.
     pub outcome: Option<Outcome>,
+    /// The part of a final REJECT the link could not take yet.
+    farewell: Vec<u8>,
 }
 
 impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
@@ -138,6 +140,7 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
             handover: None,
             bytes: 0,
             outcome: None,
+            farewell: Vec::new(),
         }
     }
 
@@ -147,6 +150,12 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
             Phase::AwaitCommit(id) => Some(id),
             _ => None,
         }
+    }
+
+    /// The part of the final REJECT the link could not take yet (empty once it did);
+    /// the caller delivers it, then closes the link.
+    pub fn take_farewell(&mut self) -> Vec<u8> {
+        core::mem::take(&mut self.farewell)
     }
 
     /// The guest being received (after Hello).
@@ -198,13 +207,17 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
                 self.outcome = Some(Outcome::CommitLost(id));
             }
             _ => {
-                if code != 0 && link.state() == LinkState::Open {
+                self.mem = None; // discard everything received
+                if code != 0 {
                     let mut m = Vec::new();
                     wire::put_reason(&mut m, wire::tag::REJECT, code, &why);
-                    let _ = link.send(&m);
+                    self.farewell = super::link::say_last(link, &m);
+                } else {
+                    link.close();
                 }
-                self.mem = None; // discard everything received
                 self.outcome = Some(Outcome::Discarded(why));
+                self.phase = Phase::Done;
+                return;
             }
         }
         link.close();

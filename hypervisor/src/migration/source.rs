@@ -135,6 +135,7 @@ pub struct Source {
     last_progress_us: u64,
     last_queued: usize,
     reply: wire::Decoder,
+    farewell: Vec<u8>,
     hello: Hello,
     /// The figures, complete when the migration finishes.
     pub stats: MigrationStats,
@@ -188,6 +189,7 @@ impl Source {
             last_progress_us: now_us,
             last_queued: 0,
             reply: wire::Decoder::new(),
+            farewell: Vec::new(),
             hello,
             stats,
         }
@@ -210,6 +212,10 @@ impl Source {
 
     /// Advances the migration. Call often, between guest time slices.
     pub fn poll(&mut self, g: &mut dyn SourceGuest, link: &mut dyn Link, now_us: u64) -> Status {
+        if self.phase == Phase::Failed {
+            // Already failed (e.g. cancelled): keep the first reason.
+            return Status::Finished;
+        }
         match self.step(g, link, now_us) {
             Ok(()) if self.phase == Phase::Done => Status::Finished,
             Ok(()) => Status::Running,
@@ -218,6 +224,12 @@ impl Source {
                 Status::Finished
             }
         }
+    }
+
+    /// The part of the final ABORT the link could not take yet (empty once it did, or
+    /// when there was nobody to tell); the caller delivers it, then closes the link.
+    pub fn take_farewell(&mut self) -> Vec<u8> {
+        core::mem::take(&mut self.farewell)
     }
 
     /// Whether the guest has been handed over (READY came): from then on the
@@ -247,12 +259,13 @@ impl Source {
     }
 
     fn fail(&mut self, g: &mut dyn SourceGuest, link: &mut dyn Link, now_us: u64, why: String) {
-        if link.state() == LinkState::Open {
-            let mut m = Vec::new();
-            wire::put_reason(&mut m, wire::tag::ABORT, 1, &why);
-            let _ = link.send(&m);
-        }
-        link.close();
+        // The link may hold part of a message: finish what was encoded, so the ABORT
+        // behind it is framed where the peer's decoder expects a message.
+        let mut m = self.out.split_off(self.out_off);
+        self.out.clear();
+        self.out_off = 0;
+        wire::put_reason(&mut m, wire::tag::ABORT, 1, &why);
+        self.farewell = super::link::say_last(link, &m);
         g.thaw();
         self.phase = Phase::Failed;
         self.stats.total_us = now_us - self.started_us;

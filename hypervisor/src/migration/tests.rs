@@ -680,3 +680,49 @@ fn partial_sends_keep_the_buffer_bounded() {
     }
     assert_eq!(src.phase(), Phase::Done, "{}", src.stats.outcome);
 }
+
+/// A cancel while the link is full of pages: the ABORT does not fit, so it is kept as
+/// the farewell; once delivered the receiver discards with the operator's reason
+/// (instead of a bare end of stream), and a second poll does not overwrite it.
+#[test]
+fn cancel_with_a_full_link_still_delivers_the_abort() {
+    let mut g = FakeGuest::new(256, 0, 1);
+    let (mut a, mut b) = pipe(8 * 1024);
+    let mut h = host();
+    let params = Params {
+        stop_and_copy: true,
+        ..Default::default()
+    };
+    let mut src = Source::new(params, hello(256), MigrationStats::default(), 0);
+    let mut rcv: Receiver<Vec<u8>> = Receiver::new(0, 5_000_000);
+    let mut now = 0;
+    // Fill the window without the receiver reading.
+    while a.queued() < 8 * 1024 {
+        now += 100;
+        src.poll(&mut g, &mut a, now);
+    }
+    assert!(src.cancel(&mut g, &mut a, now, "cancelled by the operator"));
+    assert_eq!(src.poll(&mut g, &mut a, now), Status::Finished);
+    assert_eq!(src.stats.outcome, "cancelled by the operator");
+    assert!(!g.frozen);
+    let mut tail = src.take_farewell();
+    assert!(!tail.is_empty(), "a full link cannot have taken the ABORT");
+    // The kernel's linger: deliver the rest as the receiver drains the link.
+    for _ in 0..10_000 {
+        now += 100;
+        if !tail.is_empty() {
+            let n = a.send(&tail);
+            tail.drain(..n);
+        }
+        if rcv.poll(&mut b, &mut h, now) {
+            break;
+        }
+    }
+    match &rcv.outcome {
+        Some(Outcome::Discarded(why)) => {
+            assert!(why.contains("cancelled by the operator"), "{why}")
+        }
+        o => panic!("receiver did not see the ABORT: {o:?}"),
+    }
+    assert!(h.installed.is_none());
+}

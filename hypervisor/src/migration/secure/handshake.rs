@@ -50,6 +50,16 @@ pub mod alert {
     pub const VERSION: u8 = 2;
     /// Malformed handshake message.
     pub const MALFORMED: u8 = 3;
+    /// The responder is receiving another migration (sent instead of ServerHello).
+    pub const BUSY: u8 = 4;
+    /// The responder has no migration key configured (sent instead of ServerHello).
+    pub const NO_KEY: u8 = 5;
+}
+
+/// The Alert message a responder sends instead of a handshake when it refuses a
+/// connection outright (`alert::BUSY`, `alert::NO_KEY`).
+pub fn refusal(code: u8) -> [u8; ALERT_LEN] {
+    [msg::ALERT, code]
 }
 
 const AUTH_SALT: &[u8] = b"hvmig v2 handshake";

@@ -916,3 +916,17 @@ fn tampered_migration_installs_nothing() {
         assert!(cr.error().is_some());
     }
 }
+
+#[test]
+fn record_throughput_seals_and_opens_everything() {
+    let mut t = 0u64;
+    let mut clock = || {
+        t += 7;
+        t
+    };
+    let c = super::record_throughput(100_000, &mut clock).unwrap();
+    assert_eq!(c.bytes, 100_000);
+    // 7 records (6 full + 1 partial), 7 ticks per clock read.
+    assert_eq!(c.seal_ticks, 7 * 7);
+    assert_eq!(c.open_ticks, 7 * 7);
+}
