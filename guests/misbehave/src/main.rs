@@ -21,7 +21,7 @@
 //!
 //! Hostile modes for the hardening tests:
 //!
-//! * `hammer` (`secs=N`, default 30): every hypercall but Exit in a tight loop, with good
+//! * `hammer` (`secs=N`, default 30; `seed=S`, default 1, printed): every hypercall but Exit in a tight loop, with good
 //!   and bad arguments (pointers into, across and outside its memory, zero and huge
 //!   lengths, unknown numbers), for N seconds of its clock; then prints the number of
 //!   calls and exits 0. The hypervisor's heap must stay flat meanwhile.
@@ -64,7 +64,7 @@ fn main(args: &rt::Args) -> i32 {
         }
         "outside" => outside(),
         "ud" => ud(),
-        "hammer" => hammer(args.u64_or("secs", 30)),
+        "hammer" => hammer(args.u64_or("secs", 30), args.u64_or("seed", 1)),
         "instr" => instr(),
         "rdpmc" | "xsetbv" | "vmx" | "sgdt" | "sse" | "x87" | "cd" => forbidden(mode),
         "panic" => panic!("misbehave: deliberate panic"),
@@ -94,15 +94,15 @@ fn bad_call(mode: &str) {
 }
 
 /// Every hypercall but Exit, in a loop, for `secs` seconds of guest time.
-fn hammer(secs: u64) -> i32 {
-    println!("misbehave: hammering every hypercall for {secs} s");
+fn hammer(secs: u64, seed: u64) -> i32 {
+    println!("misbehave: hammering every hypercall for {secs} s (seed={seed})");
     let info = rt::info();
     let mem = info.mem_bytes;
     let buf = [0u8; 64];
     let here = buf.as_ptr() as u64;
     let end = rt::time_ns() + secs * 1_000_000_000;
     let mut calls = 0u64;
-    let mut i = 0u64;
+    let mut i = seed;
     while rt::time_ns() < end {
         for _ in 0..64 {
             i = i

@@ -193,6 +193,25 @@ fn run_matrix(args: &BenchArgs) -> Result<Results, String> {
         link_bps / 1e6
     );
 
+    // What the channel's cipher costs the source, against the same link.
+    let crypto = a.command("key bench 4", Duration::from_secs(600))?;
+    let kv = crypto
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("CRYPTO "))
+        .map(session::parse_kv)
+        .ok_or_else(|| format!("key bench printed no CRYPTO line:\n{crypto}"))?;
+    let num = |k: &str| kv.get(k).and_then(|v| v.parse::<f64>().ok());
+    let seal_bps = num("seal_kBps").map(|k| k * 1000.0);
+    let seal_cpb = num("seal_cpb");
+    if let Some(bps) = seal_bps {
+        eprintln!(
+            "bench: cipher seals {:.3} MB/s ({:.1} cycles/byte) = {:.1}x the link",
+            bps / 1e6,
+            seal_cpb.unwrap_or(0.0),
+            bps / link_bps
+        );
+    }
+
     let host = fs::read_to_string("/proc/sys/kernel/hostname")
         .unwrap_or_default()
         .trim()
@@ -204,6 +223,8 @@ fn run_matrix(args: &BenchArgs) -> Result<Results, String> {
         git: git_rev(),
         emulator: format!("{} ips={}", opts.emulator, opts.ips),
         link_bytes_per_s: link_bps.round(),
+        cipher_seal_bytes_per_s: seal_bps,
+        cipher_seal_cycles_per_byte: seal_cpb,
         runs: Vec::new(),
     };
     let mut progress = Progress::new("bench", total);

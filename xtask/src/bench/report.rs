@@ -68,6 +68,14 @@ pub fn table(res: &Results) -> String {
         res.git,
         res.link_bytes_per_s / 1e6
     );
+    if let (Some(bps), Some(cpb)) = (res.cipher_seal_bytes_per_s, res.cipher_seal_cycles_per_byte) {
+        let _ = writeln!(
+            t,
+            "secure channel: the source seals {:.3} MB/s ({cpb:.1} cycles/byte, ChaCha20-Poly1305) = {:.1}x the link",
+            bps / 1e6,
+            bps / res.link_bytes_per_s.max(1.0)
+        );
+    }
     let _ = writeln!(
         t,
         "{:>4} {:<8} {:>6} {:>6} {:<8} {:>16} {:>18} {:>4} {:>9} {:>7} {:>7} {:>6}",

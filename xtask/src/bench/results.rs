@@ -28,6 +28,13 @@ pub struct Results {
     pub emulator: String,
     /// The link's throughput measured by netbench in the same run.
     pub link_bytes_per_s: f64,
+    /// The secure channel's sealing rate on the source (`key bench`), in the same run;
+    /// absent in results from before the channel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cipher_seal_bytes_per_s: Option<f64>,
+    /// Cycles per byte of sealing, from the same measurement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cipher_seal_cycles_per_byte: Option<f64>,
     /// Every migration.
     pub runs: Vec<Record>,
 }
@@ -256,6 +263,8 @@ impl From<LegacyResults> for Results {
             git: l.git,
             emulator: l.emulator,
             link_bytes_per_s: l.link_bytes_per_s,
+            cipher_seal_bytes_per_s: None,
+            cipher_seal_cycles_per_byte: None,
             runs,
         }
     }
@@ -459,6 +468,8 @@ pub mod tests {
             git: "abc".into(),
             emulator: "bochs ips=1".into(),
             link_bytes_per_s: link,
+            cipher_seal_bytes_per_s: None,
+            cipher_seal_cycles_per_byte: None,
             runs: vec![
                 Record::new(
                     16,
