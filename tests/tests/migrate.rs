@@ -70,7 +70,12 @@ fn bochs_pair_live_migration_round_trip_with_verification() {
         //    passes its own check on the destination.
         a.command("start verify mem=8 rate=100 check=2", CMD_TIMEOUT)?;
         a.wait_for("[g2] verify: PASS", GUEST_TIMEOUT)?;
-        let vid_b = migrate(a, b, 2, "10.0.0.2", "dirty=ad")?;
+        //    With verify=full the destination also compares every page with the
+        //    source's memory at the freeze.
+        let vid_b = migrate(a, b, 2, "10.0.0.2", "dirty=ad verify=full")?;
+        if !b.log().contains("verify=full: all 2048 pages match") {
+            return Err("verify=full: the destination did not report the comparison".into());
+        }
         b.command(&format!("check {vid_b}"), CMD_TIMEOUT)?;
         b.wait_for(&format!("[g{vid_b}] verify: PASS"), GUEST_TIMEOUT)?;
 

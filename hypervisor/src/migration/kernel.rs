@@ -756,16 +756,23 @@ impl Migrations {
                     dt_commit_wire_us: times.commit_wire_us,
                     dt_resume_us: commit_to_resume_us,
                     downtime_joined: true,
+                    verify_full: inc.receiver.full_check().pages > 0,
                     received_bytes: inc.receiver.bytes,
                     outcome: String::from("ok"),
                     ..Default::default()
                 };
+                let full = inc.receiver.full_check();
                 println!(
-                    "migrate: guest {id} ({}) arrived and resumed ({} bytes in {} ms, downtime {} us)",
+                    "migrate: guest {id} ({}) arrived and resumed ({} bytes in {} ms, downtime {} us{})",
                     stats.image,
                     inc.receiver.bytes,
                     stats.total_us / 1000,
-                    stats.downtime_us
+                    stats.downtime_us,
+                    if full.pages > 0 {
+                        format!(", verify=full: all {} pages match the source's", full.pages)
+                    } else {
+                        String::new()
+                    }
                 );
                 println!("{}", stats.line());
                 if let Some(inc) = self.incoming.take() {
@@ -965,6 +972,13 @@ impl Migrations {
                         ));
                     }
                 }
+                "verify" => {
+                    params.verify_full = match v {
+                        "full" => true,
+                        "sent" => false,
+                        _ => return Err(cmd_err!("unknown verify '{v}' (full, sent)")),
+                    }
+                }
                 "mode" => {
                     params.stop_and_copy = match v {
                         "precopy" => false,
@@ -1010,6 +1024,7 @@ impl Migrations {
             } else {
                 "precopy"
             },
+            verify_full: params.verify_full,
             ..Default::default()
         };
         let chan = SecureChannel::initiator(key, &mut self.rng, time::now_us())
@@ -1022,12 +1037,17 @@ impl Migrations {
             return Err(cmd_err!("cannot connect to {}: {e}", stats.peer));
         }
         println!(
-            "migrate: guest {id} ({}, {} MiB) to {}, dirty tracking {}, downtime target {} ms",
+            "migrate: guest {id} ({}, {} MiB) to {}, dirty tracking {}, downtime target {} ms{}",
             stats.image,
             stats.mem_bytes >> 20,
             stats.peer,
             stats.method,
-            params.downtime_us / 1000
+            params.downtime_us / 1000,
+            if params.verify_full {
+                ", verify=full"
+            } else {
+                ""
+            }
         );
         let source = Source::new(params, hello, stats, time::now_us());
         self.outgoing = Some(Outgoing {

@@ -48,6 +48,19 @@ pub mod reject {
     pub const TIMEOUT: u32 = 5;
     /// The destination's operator cancelled it.
     pub const CANCELLED: u32 = 6;
+    /// `verify=full`: the memory received differs from the source's.
+    pub const MISMATCH: u32 = 7;
+}
+
+/// What `verify=full` found (the Digest messages against the memory held here).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FullCheck {
+    /// Pages compared so far (the next expected Digest page).
+    pub pages: u64,
+    /// Pages whose contents differ from the source's at its freeze.
+    pub mismatched: u64,
+    /// The first of them.
+    pub first_mismatch: Option<u64>,
 }
 
 /// How long the source may take for the whole stream: a fixed allowance plus a floor
@@ -117,6 +130,8 @@ pub struct Receiver<M> {
     pub outcome: Option<Outcome>,
     /// The part of a final REJECT the link could not take yet.
     farewell: Vec<u8>,
+    /// `verify=full` progress.
+    full: FullCheck,
 }
 
 impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
@@ -141,7 +156,13 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
             bytes: 0,
             outcome: None,
             farewell: Vec::new(),
+            full: FullCheck::default(),
         }
+    }
+
+    /// What `verify=full` compared (all zero when the source did not ask for it).
+    pub fn full_check(&self) -> FullCheck {
+        self.full
     }
 
     /// The id of the guest installed here, frozen, waiting for COMMIT.
@@ -336,10 +357,44 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
             (Phase::Stream, Msg::Device(b)) if self.device.is_none() => {
                 self.device = Some(b.to_vec())
             }
+            (Phase::Stream, Msg::Digest { first, hashes }) => {
+                if self.device.is_none() || first != self.full.pages {
+                    return Err(bad(alloc::format!(
+                        "Digest of page {first} out of order (expected {} after the state)",
+                        self.full.pages
+                    )));
+                }
+                for (i, h) in hashes.chunks_exact(8).enumerate() {
+                    let pfn = first + i as u64;
+                    // Hash what this memory holds, not what arrived: an independent check.
+                    let held = wire::full_hash(pfn, page_of(&mut self.mem, pfn, self.pages)?);
+                    if held.to_le_bytes() != h {
+                        self.full.mismatched += 1;
+                        self.full.first_mismatch.get_or_insert(pfn);
+                    }
+                }
+                self.full.pages = first + (hashes.len() / 8) as u64;
+            }
             (Phase::Stream, Msg::End { pages, checksum }) => {
                 let (Some(vcpu), Some(device)) = (self.vcpu.take(), self.device.take()) else {
                     return Err(bad("End before the vCPU and device state".into()));
                 };
+                if self.full.pages != 0 && self.full.pages != self.pages {
+                    return Err(bad(alloc::format!(
+                        "verify=full digest covers {} of {} pages",
+                        self.full.pages,
+                        self.pages
+                    )));
+                }
+                if let Some(first) = self.full.first_mismatch {
+                    return Err((
+                        reject::MISMATCH,
+                        alloc::format!(
+                            "verify=full: {} of {} pages differ from the source's memory at the freeze (first: page {first})",
+                            self.full.mismatched, self.pages
+                        ),
+                    ));
+                }
                 if pages != self.page_msgs {
                     return Err((
                         reject::VERIFY,
@@ -429,6 +484,7 @@ fn name(m: &Msg<'_>) -> &'static str {
         Msg::Vcpu(_) => "Vcpu",
         Msg::Device(_) => "Device",
         Msg::End { .. } => "End",
+        Msg::Digest { .. } => "Digest",
         Msg::Ready => "Ready",
         Msg::Reject { .. } => "Reject",
         Msg::Commit(_) => "Commit",

@@ -7,7 +7,8 @@
 //! ```text
 //!  poll ──► Connecting ──► Precopy(round 0: every page) ──► Precopy(round n: pages
 //!           dirtied in round n-1) ... ──policy says stop──► StopCopy: freeze guest,
-//!           send last dirty pages, vCPU + device state, End{checksum}
+//!           send last dirty pages, vCPU + device state, [Digest of all memory,]
+//!           End{checksum}
 //!           ──► AwaitReady ──READY──► guest marked gone, COMMIT sent ──► AwaitResumed
 //!           ──Resumed (the destination's account of the pause)──► Done
 //!  any error before COMMIT (link closed, timeout, REJECT): tracking off, guest thawed,
@@ -58,6 +59,10 @@ pub struct Params {
     /// Link bandwidth to assume for the downtime estimate (bytes/s) instead of the
     /// measured stream rate.
     pub bandwidth_bps: Option<u64>,
+    /// `verify=full`: at the freeze, hash every page of the guest's real memory (not
+    /// just what was sent) for the destination to compare before READY, so a page
+    /// missed by dirty tracking fails the migration instead of the guest.
+    pub verify_full: bool,
 }
 
 impl Default for Params {
@@ -68,6 +73,7 @@ impl Default for Params {
             stop_and_copy: false,
             timeout_us: 30_000_000,
             bandwidth_bps: None,
+            verify_full: false,
         }
     }
 }
@@ -84,6 +90,8 @@ pub enum Phase {
     Draining,
     /// Guest frozen: sending the last dirty pages.
     StopCopy,
+    /// Guest frozen, state sent: hashing all of its memory for `verify=full`.
+    Digest,
     /// Everything queued; waiting for READY.
     AwaitReady,
     /// READY received, guest handed over: flushing COMMIT.
@@ -369,9 +377,35 @@ impl Source {
                 }
                 self.flush(link, now_us);
             }
+            Phase::Digest => {
+                self.send_digest(g);
+                self.flush(link, now_us);
+            }
             _ => {}
         }
         Ok(())
+    }
+
+    /// Hashes up to one Digest message of the frozen guest's memory per poll; after the
+    /// last, End.
+    fn send_digest(&mut self, g: &mut dyn SourceGuest) {
+        let mut hashes = [0u64; wire::DIGEST_PER_MSG];
+        let first = self.cursor;
+        let n = wire::DIGEST_PER_MSG.min(self.pages - first);
+        for (i, h) in hashes[..n].iter_mut().enumerate() {
+            *h = wire::full_hash((first + i) as u64, g.page(first + i));
+        }
+        let before = self.out.len();
+        if n > 0 {
+            wire::put_digest(&mut self.out, first as u64, &hashes[..n]);
+        }
+        self.cursor += n;
+        if self.cursor >= self.pages {
+            wire::put_end(&mut self.out, self.page_msgs, self.checksum.value());
+            self.stats.last = self.cur;
+            self.phase = Phase::AwaitReady;
+        }
+        self.cur.bytes += (self.out.len() - before) as u64;
     }
 
     fn flush(&mut self, link: &mut dyn Link, now_us: u64) {
@@ -472,10 +506,16 @@ impl Source {
                 let before = self.out.len();
                 wire::put_state(&mut self.out, wire::tag::VCPU, &vcpu);
                 wire::put_state(&mut self.out, wire::tag::DEVICE, &dev);
-                wire::put_end(&mut self.out, self.page_msgs, self.checksum.value());
-                self.cur.bytes += (self.out.len() - before) as u64;
                 self.cur.us = now_us - self.round_started_us;
                 self.cur.round = self.round + 1;
+                if self.params.verify_full {
+                    self.cur.bytes += (self.out.len() - before) as u64;
+                    self.cursor = 0;
+                    self.phase = Phase::Digest;
+                    return;
+                }
+                wire::put_end(&mut self.out, self.page_msgs, self.checksum.value());
+                self.cur.bytes += (self.out.len() - before) as u64;
                 self.stats.last = self.cur;
                 self.phase = Phase::AwaitReady;
             }

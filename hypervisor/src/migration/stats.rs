@@ -93,6 +93,8 @@ pub struct MigrationStats {
     pub received_bytes: u64,
     /// Outcome: "ok" or the error.
     pub outcome: String,
+    /// `verify=full` was asked for (source) or checked (destination).
+    pub verify_full: bool,
 }
 
 impl MigrationStats {
@@ -126,7 +128,7 @@ impl MigrationStats {
             .collect();
         let _ = write!(
             s,
-            "MIGRATION-STATS role={} guest={} image={} mem_bytes={} peer={} method={} mode={} outcome={} total_us={} downtime_us={} dt_freeze_sent_us={} dt_sent_ready_us={} dt_commit_wire_us={} dt_resume_us={} downtime_joined={} rounds={} bytes={} pages={} zero_pages={} final_dirty={} final_bytes={} stop={} throughput_kBps={} per_round={}",
+            "MIGRATION-STATS role={} guest={} image={} mem_bytes={} peer={} method={} mode={} outcome={} total_us={} downtime_us={} dt_freeze_sent_us={} dt_sent_ready_us={} dt_commit_wire_us={} dt_resume_us={} downtime_joined={} rounds={} bytes={} pages={} zero_pages={} final_dirty={} final_bytes={} stop={} throughput_kBps={} verify={} per_round={}",
             self.role,
             self.guest,
             self.image,
@@ -151,6 +153,7 @@ impl MigrationStats {
             self.last.bytes,
             self.stop_reason.map_or("none", StopReason::name),
             self.throughput_kbps(),
+            if self.verify_full { "full" } else { "sent" },
             if per_round.is_empty() { String::from("-") } else { per_round.join(",") },
         );
         s

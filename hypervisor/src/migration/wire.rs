@@ -17,6 +17,7 @@
 //! | 5   | Vcpu      | the vCPU state (at most 4096 bytes)                        | S→D |
 //! | 6   | Device    | the PV-device state (at most 4096 bytes)                   | S→D |
 //! | 7   | End       | pages u64, checksum u64                                    | S→D |
+//! | 8   | Digest    | first pfn u64, then 1..=128 hashes u64 of consecutive pages of the guest's memory at the freeze (`verify=full`; between Device and End, covering every page in order) | S→D |
 //! | 16  | Ready     | empty: the destination holds and has checked everything    | D→S |
 //! | 17  | Reject    | reason code u32, message (at most 200 bytes)               | D→S |
 //! | 18  | Commit    | the source has given the guest up; its part of the pause: freeze→state sent u64, state sent→READY u64, READY→COMMIT u64 (µs, source clock) | S→D |
@@ -31,7 +32,8 @@
 //!    Page/ZeroPage x all, RoundEnd(0) ────►  write pages
 //!    Page/ZeroPage x dirty, RoundEnd(n) ──►  ...
 //!    [guest frozen] last pages, Vcpu,
-//!    Device, End(checksum) ───────────────►  check checksum and state
+//!    Device, [Digest x pages/128,]
+//!    End(checksum) ───────────────────────►  check digests, checksum and state
 //!                       ◄───────────────── Ready   (guest built, NOT running)
 //!    [guest gone] Commit(times) ──────────►  resume guest (clock += the pause)
 //!                       ◄───────────────── Resumed(times)  (first instruction ran)
@@ -85,6 +87,7 @@ pub mod tag {
     pub const VCPU: u8 = 5;
     pub const DEVICE: u8 = 6;
     pub const END: u8 = 7;
+    pub const DIGEST: u8 = 8;
     pub const READY: u8 = 16;
     pub const REJECT: u8 = 17;
     pub const COMMIT: u8 = 18;
@@ -158,6 +161,13 @@ pub enum Msg<'a> {
     Vcpu(&'a [u8]),
     /// PV-device state.
     Device(&'a [u8]),
+    /// Hashes of the guest's real memory at the freeze (`verify=full`).
+    Digest {
+        /// Page of the first hash.
+        first: u64,
+        /// 8-byte little-endian hashes ([`full_hash`]) of pages `first..`.
+        hashes: &'a [u8],
+    },
     /// Stream end.
     End {
         /// Page messages in the whole stream.
@@ -354,6 +364,7 @@ fn length_ok(t: u8, len: usize) -> Result<bool, WireError> {
         tag::ZERO | tag::ROUND_END => len == 8,
         tag::VCPU | tag::DEVICE => len <= MAX_STATE,
         tag::END => len == 16,
+        tag::DIGEST => len > 8 && len <= 8 + 8 * DIGEST_PER_MSG && (len - 8).is_multiple_of(8),
         tag::READY => len == 0,
         tag::COMMIT | tag::RESUMED => len == 24,
         tag::REJECT | tag::ABORT => (4..=4 + MAX_REASON).contains(&len),
@@ -523,6 +534,10 @@ fn parse(t: u8, p: &[u8]) -> Result<Msg<'_>, WireError> {
             pages: u64_at(p, 0),
             checksum: u64_at(p, 8),
         },
+        tag::DIGEST => Msg::Digest {
+            first: u64_at(p, 0),
+            hashes: &p[8..],
+        },
         tag::READY => Msg::Ready,
         tag::COMMIT => Msg::Commit(CommitTimes {
             freeze_to_sent_us: u64_at(p, 0),
@@ -556,6 +571,31 @@ pub fn page_hash(pfn: u64, data: &[u8]) -> u64 {
         h = (h ^ w).wrapping_mul(0x0000_0100_0000_01B3).rotate_left(5);
     }
     h
+}
+
+/// Hashes per Digest message: small, so that checking one costs the destination a few
+/// milliseconds of the emulated CPU, not the whole main loop.
+pub const DIGEST_PER_MSG: usize = 128;
+
+/// The `verify=full` hash of page `pfn` holding `data`: the same value the stream
+/// checksum uses for a page sent with these contents.
+pub fn full_hash(pfn: u64, data: &[u8]) -> u64 {
+    if is_zero(data) {
+        zero_hash(pfn)
+    } else {
+        page_hash(pfn, data)
+    }
+}
+
+/// Appends a Digest of `hashes` for pages `first..first + hashes.len()` (at most
+/// [`DIGEST_PER_MSG`]).
+pub fn put_digest(out: &mut Vec<u8>, first: u64, hashes: &[u64]) {
+    debug_assert!(!hashes.is_empty() && hashes.len() <= DIGEST_PER_MSG);
+    header(out, tag::DIGEST, 8 + 8 * hashes.len());
+    out.extend_from_slice(&first.to_le_bytes());
+    for h in hashes {
+        out.extend_from_slice(&h.to_le_bytes());
+    }
 }
 
 /// Hash of a zero page (cheap: no data to read).
@@ -833,7 +873,7 @@ mod tests {
         put_hello(&mut h, &hello());
         // Tag 0 (a zeroed header) and unknown tags.
         assert_eq!(first_error(&[0; HEADER]), WireError::BadTag(0));
-        assert_eq!(first_error(&[8, 0, 0, 0, 0, 0, 0, 0]), WireError::BadTag(8));
+        assert_eq!(first_error(&[9, 0, 0, 0, 0, 0, 0, 0]), WireError::BadTag(9));
         assert_eq!(
             first_error(&[0xFF, 0, 0, 0, 0, 0, 0, 0]),
             WireError::BadTag(0xFF)
@@ -870,6 +910,9 @@ mod tests {
             (tag::PAGE, 8),
             (tag::ZERO, 16),
             (tag::END, 8),
+            (tag::DIGEST, 8),
+            (tag::DIGEST, 8 + 12),
+            (tag::DIGEST, 8 + 8 * DIGEST_PER_MSG as u32 + 8),
             (tag::READY, 1),
             (tag::REJECT, 3),
             (tag::REJECT, 4 + MAX_REASON as u32 + 1),
@@ -887,6 +930,27 @@ mod tests {
         let last = s.len() - 1;
         s[last] = 0xC0;
         assert_eq!(first_error(&s), WireError::BadField("reason"));
+    }
+
+    #[test]
+    fn digest_round_trips() {
+        let hashes: Vec<u64> = (0..DIGEST_PER_MSG as u64).map(|i| i * 0x0101).collect();
+        let mut s = Vec::new();
+        put_digest(&mut s, 256, &hashes);
+        let mut d = Decoder::new();
+        let (used, ready) = d.push(&s).unwrap();
+        assert!(ready && used == s.len());
+        match d.take().unwrap() {
+            Msg::Digest { first, hashes: h } => {
+                assert_eq!(first, 256);
+                let got: Vec<u64> = h.chunks_exact(8).map(|c| u64_at(c, 0)).collect();
+                assert_eq!(got, hashes);
+            }
+            m => panic!("{m:?}"),
+        }
+        // The full hash of a zero page is the checksum's zero-page hash.
+        assert_eq!(full_hash(9, &[0; PAGE]), zero_hash(9));
+        assert_eq!(full_hash(9, &[1; PAGE]), page_hash(9, &[1; PAGE]));
     }
 
     #[test]
