@@ -9,6 +9,7 @@ mod deps;
 mod plot;
 mod progress;
 mod run;
+mod soak;
 mod test;
 
 use std::path::PathBuf;
@@ -55,6 +56,12 @@ enum Cmd {
     /// Writes a table to stdout and results.json (schema-versioned), results.csv,
     /// results.txt, downtime.svg, total.svg and rounds.svg to the output directory.
     Bench(bench::BenchArgs),
+    /// Migrate three guests back and forth N times with verify=full, checking after
+    /// every migration that each runs on exactly one side, passes its own check, and
+    /// that both hypervisors return to their idle memory, frames and sockets.
+    ///
+    /// Writes out/soak/soak.csv, soak.json and summary.txt.
+    Soak(soak::SoakArgs),
     /// Fuzz the migration channel's handshake and records, the stream decoder and the
     /// receiver state machine (host, release build; prints its seed and inputs/s).
     Fuzz {
@@ -151,6 +158,7 @@ fn main() -> ExitCode {
         Cmd::Demo(p) => demo::run(&BootOpts::new(&p.emu, true)),
         Cmd::Test(t) => test::run(&t),
         Cmd::Bench(b) => bench::run(&b),
+        Cmd::Soak(s) => soak::run(&s),
         Cmd::Fuzz { iterations, seed } => fuzz(iterations, seed),
         Cmd::Completions { shell } => {
             // Into a buffer first: generating straight to stdout panics on a closed pipe.
@@ -223,6 +231,7 @@ mod tests {
             "bench --from docs/bench/results.json --out docs/bench",
             "build",
             "completions bash",
+            "soak --migrations 20 --seed 5",
         ] {
             let args = std::iter::once("xtask").chain(line.split(' '));
             if let Err(e) = Cli::try_parse_from(args) {

@@ -1,0 +1,424 @@
+//! `cargo xtask soak`: many migrations back and forth, each one checked.
+//!
+//! Boots a pair and starts three guests on A: the verify guest (its memory under a
+//! checkable invariant), a counter (a sequence with no gap allowed) and a dirtier (a
+//! working set rewritten at a seeded rate). Then it migrates one guest at a time to the
+//! other side, `N` times, choosing the guest, the dirty tracking (PML, A/D, WP) or
+//! stop-and-copy from the seed, always with `verify=full` (the hypervisors compare every
+//! page). After every migration it checks:
+//!
+//! * the guest runs on exactly one side (never both, never neither);
+//! * its migration count went up by one (or stayed, if the migration was refused);
+//! * verify and dirtier pass their own check where they run; the counter continues
+//!   with the next number;
+//! * both hypervisors come back to their idle level: free frames plus the guests'
+//!   frames, heap minus the guests' heap (within a small tolerance for caches such as
+//!   ARP), open sockets, no migration in flight.
+//!
+//! It writes one row per migration to out/soak/soak.csv and soak.json, and prints a
+//! summary; it fails if any invariant broke.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use hv_tools::console::Console;
+use hv_tools::session;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::progress::Progress;
+use crate::{out_dir, run, BootOpts, EmuArgs};
+
+/// `cargo xtask soak` options.
+#[derive(Clone, Debug, Args)]
+pub struct SoakArgs {
+    /// Migrations to run.
+    #[arg(long, default_value_t = 100)]
+    pub migrations: u32,
+    /// Seed for every random choice (default: from the clock; printed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[command(flatten)]
+    pub emu: EmuArgs,
+}
+
+const CMD: Duration = Duration::from_secs(120);
+const MIGRATE: Duration = Duration::from_secs(600);
+/// Heap that may differ from the idle level without counting as a leak: caches that
+/// settle (ARP entries, socket-set slots). A leak per migration would exceed it fast.
+const HEAP_SLACK: i64 = 16 * 1024;
+
+/// One guest of the soak.
+#[derive(Clone, Debug)]
+struct Guest {
+    image: &'static str,
+    /// 0 = A, 1 = B.
+    side: usize,
+    id: u32,
+    migrations: u64,
+}
+
+/// One migration's record (soak.csv / soak.json).
+#[derive(Clone, Debug, Default, Serialize)]
+struct Row {
+    n: u32,
+    image: String,
+    from: String,
+    to: String,
+    options: String,
+    /// `ok`, or the reason it was refused (the guest stayed on its source).
+    outcome: String,
+    completed: bool,
+    downtime_us: u64,
+    total_us: u64,
+    bytes: u64,
+    /// Invariants that broke after this migration (empty when all held).
+    violations: String,
+}
+
+/// A side's level with the guests' own share taken out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Level {
+    frames: i64,
+    heap: i64,
+    sockets: i64,
+}
+
+fn rng_seed(seed: Option<u64>) -> u64 {
+    seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+    })
+}
+
+/// The `mem` figures, waiting (bounded) until no migration is in flight and no socket
+/// lingers, so a level is comparable.
+fn level(c: &mut Console) -> Result<Level, String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = c.command("mem", CMD)?;
+        let line = out
+            .lines()
+            .find_map(|l| l.trim_start().strip_prefix("MEM "))
+            .ok_or_else(|| format!("no MEM line:\n{out}"))?;
+        let kv = session::parse_kv(line);
+        let n = |k: &str| kv.get(k).and_then(|v| v.parse::<i64>().ok()).unwrap_or(-1);
+        let (mut gframes, mut gheap) = (0, 0);
+        for l in out.lines() {
+            // "  guest 3    4112 frames (16448 KiB: ...), 1234 bytes of heap"
+            let w: Vec<&str> = l.split_whitespace().collect();
+            if w.first() == Some(&"guest") && w.get(3) == Some(&"frames") {
+                gframes += w[2].parse::<i64>().unwrap_or(0);
+                let heap = l
+                    .rsplit(", ")
+                    .next()
+                    .and_then(|t| t.split_whitespace().next())
+                    .and_then(|t| t.parse::<i64>().ok());
+                gheap += heap.unwrap_or(0);
+            }
+        }
+        let settled = n("migrations") == 0 && n("lingering") == 0;
+        if settled || Instant::now() > deadline {
+            return Ok(Level {
+                frames: n("frames_free") + gframes,
+                heap: n("heap_used") - gheap,
+                sockets: n("sockets"),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The rows of `vms` naming `image`: (id, state, migrations).
+fn listed(c: &mut Console, image: &str) -> Result<Vec<(u32, String, u64)>, String> {
+    let out = c.command("vms", CMD)?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.get(1) == Some(&image)).then(|| {
+                (
+                    w[0].parse().unwrap_or(0),
+                    w.get(2).unwrap_or(&"?").to_string(),
+                    w.get(6).and_then(|m| m.parse().ok()).unwrap_or(0),
+                )
+            })
+        })
+        .collect())
+}
+
+/// Asks a verify or dirtier guest to check itself; Ok(false) on FAIL.
+fn self_check(c: &mut Console, id: u32) -> Result<bool, String> {
+    c.command(&format!("check {id}"), CMD)?;
+    let pass = format!("[g{id}] verify: PASS");
+    let fail = format!("[g{id}] verify: FAIL");
+    let (i, _) = c.wait_any(&[pass.as_str(), fail.as_str()], CMD)?;
+    Ok(i == 0)
+}
+
+fn start(c: &mut Console, args: &str, image: &'static str) -> Result<Guest, String> {
+    let id = session::start(c, args)?;
+    Ok(Guest {
+        image,
+        side: 0,
+        id,
+        migrations: 0,
+    })
+}
+
+/// `cargo xtask soak`.
+pub fn run(args: &SoakArgs) -> Result<(), String> {
+    let seed = rng_seed(args.seed);
+    let mut rng = StdRng::seed_from_u64(seed);
+    eprintln!(
+        "soak: {} migrations, seed {seed} (replay with --seed {seed})",
+        args.migrations
+    );
+    let opts = BootOpts::new(&args.emu, true);
+    let mut lab = run::boot(&opts, "soak")?;
+    let dir = out_dir().join("soak");
+    fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let (a, b) = lab.instances.split_at_mut(1);
+    let mut cons = [&mut a[0].console, &mut b[0].console];
+    const NAME: [&str; 2] = ["A", "B"];
+    const IP: [&str; 2] = ["10.0.0.1", "10.0.0.2"];
+
+    let verify_rate = rng.random_range(50..400);
+    let dirtier_rate = rng.random_range(50..800);
+    let mut guests = [
+        start(
+            cons[0],
+            &format!("verify mem=16 rate={verify_rate} check=3600"),
+            "verify",
+        )?,
+        start(cons[0], "counter period=200", "counter")?,
+        start(
+            cons[0],
+            &format!("dirtier mem=16 pages=512 rate={dirtier_rate}"),
+            "dirtier",
+        )?,
+    ];
+    eprintln!("soak: verify rate {verify_rate} pages/s, dirtier rate {dirtier_rate} pages/s");
+    std::thread::sleep(Duration::from_secs(2));
+    let idle = [level(cons[0])?, level(cons[1])?];
+
+    let mut rows = Vec::new();
+    let mut progress = Progress::new("soak", u64::from(args.migrations));
+    for n in 1..=args.migrations {
+        let gi = rng.random_range(0..guests.len());
+        let g = guests[gi].clone();
+        let (src, dst) = (g.side, 1 - g.side);
+        let options = match rng.random_range(0..4) {
+            0 => "dirty=pml",
+            1 => "dirty=ad",
+            2 => "dirty=wp",
+            _ => "mode=stop",
+        }
+        .to_string()
+            + " verify=full";
+        progress.start(&format!(
+            "{} {} -> {} ({options})",
+            g.image, NAME[src], NAME[dst]
+        ));
+        let mut row = Row {
+            n,
+            image: g.image.into(),
+            from: NAME[src].into(),
+            to: NAME[dst].into(),
+            options: options.clone(),
+            ..Default::default()
+        };
+        let counter_before = session::counter_values(&cons[src].log(), g.id)
+            .last()
+            .copied();
+        let dst_mark = cons[dst].log().len();
+        let (s, d) = if src == 0 {
+            let (x, y) = cons.split_at_mut(1);
+            (&mut *x[0], &mut *y[0])
+        } else {
+            let (x, y) = cons.split_at_mut(1);
+            (&mut *y[0], &mut *x[0])
+        };
+        let mut violations = Vec::new();
+        match session::migrate(s, d, g.id, IP[dst], &options, MIGRATE) {
+            Ok(m) => {
+                let k = |key: &str| m.stats.get(key).and_then(|v| v.parse().ok()).unwrap_or(0);
+                row.outcome = "ok".into();
+                row.completed = true;
+                row.downtime_us = k("downtime_us");
+                row.total_us = k("total_us");
+                row.bytes = k("bytes");
+                guests[gi] = Guest {
+                    side: dst,
+                    id: m.new_id,
+                    migrations: g.migrations + 1,
+                    ..g.clone()
+                };
+            }
+            Err(e) if e.starts_with("migration failed") => {
+                // Refused or aborted: the guest must still run on its source.
+                row.outcome = e.replace('\n', " ");
+            }
+            Err(e) => return Err(format!("migration {n}: {e}")),
+        }
+        // Exactly one side runs it, with the expected migration count.
+        let g2 = guests[gi].clone();
+        let here = listed(cons[g2.side], g2.image)?;
+        let there = listed(cons[1 - g2.side], g2.image)?;
+        match (here.as_slice(), there.as_slice()) {
+            ([(id, state, migr)], []) if *id == g2.id => {
+                if !matches!(state.as_str(), "running" | "halted") {
+                    violations.push(format!("{} is {state} on {}", g2.image, NAME[g2.side]));
+                }
+                if *migr != g2.migrations {
+                    violations.push(format!(
+                        "{} migration count {migr}, expected {}",
+                        g2.image, g2.migrations
+                    ));
+                }
+            }
+            (_, [_, ..]) if !here.is_empty() => {
+                violations.push(format!("{} listed on both sides (split brain)", g2.image))
+            }
+            ([], []) => violations.push(format!("{} lost: on neither side", g2.image)),
+            _ => violations.push(format!(
+                "{}: expected id {} on {}, found {here:?} there and {there:?} on the other side",
+                g2.image, g2.id, NAME[g2.side]
+            )),
+        }
+        // The guest's own checks where it runs now.
+        let c = &mut *cons[g2.side];
+        match g2.image {
+            "counter" if row.completed => {
+                c.wait_for(&format!("[g{}] counter ", g2.id), CMD)?;
+                c.wait_for("\n", CMD)?;
+                let first = session::counter_values(&c.log()[dst_mark..], g2.id)
+                    .first()
+                    .copied();
+                if let (Some(b4), Some(f)) = (counter_before, first) {
+                    if f != b4 + 1 {
+                        violations.push(format!("counter gap: {b4} then {f}"));
+                    }
+                }
+            }
+            "verify" | "dirtier" if !self_check(c, g2.id)? => {
+                violations.push(format!("{} failed its check", g2.image));
+            }
+            _ => {}
+        }
+        // Both hypervisors back at their idle level.
+        for side in 0..2 {
+            let l = level(cons[side])?;
+            let i = idle[side];
+            if l.frames != i.frames || l.sockets != i.sockets || l.heap > i.heap + HEAP_SLACK {
+                violations.push(format!(
+                    "{}: level {l:?}, idle {i:?} (frames/sockets must match, heap within {HEAP_SLACK})",
+                    NAME[side]
+                ));
+            }
+        }
+        row.violations = violations.join("; ");
+        if !violations.is_empty() {
+            progress.line(&format!("soak: migration {n}: {}", row.violations));
+        }
+        rows.push(row);
+        progress.finish_one();
+    }
+    progress.finish();
+    drop(lab);
+    write_rows(&dir, &rows)?;
+    let summary = summarize(seed, &rows);
+    print!("{summary}");
+    fs::write(dir.join("summary.txt"), &summary).map_err(|e| e.to_string())?;
+    if rows.iter().any(|r| !r.violations.is_empty()) {
+        return Err(format!(
+            "soak: invariants broke (see {})",
+            dir.join("soak.csv").display()
+        ));
+    }
+    Ok(())
+}
+
+fn write_rows(dir: &std::path::Path, rows: &[Row]) -> Result<(), String> {
+    let mut w = csv::Writer::from_path(dir.join("soak.csv")).map_err(|e| e.to_string())?;
+    for r in rows {
+        w.serialize(r).map_err(|e| e.to_string())?;
+    }
+    w.flush().map_err(|e| e.to_string())?;
+    let json = serde_json::to_string_pretty(rows).map_err(|e| e.to_string())?;
+    fs::write(dir.join("soak.json"), json).map_err(|e| e.to_string())
+}
+
+/// The summary: counts of each outcome and invariant, downtime spread.
+fn summarize(seed: u64, rows: &[Row]) -> String {
+    let count = |f: &dyn Fn(&Row) -> bool| rows.iter().filter(|r| f(r)).count();
+    let has = |r: &Row, what: &str| r.violations.contains(what);
+    let mut dts: Vec<u64> = rows
+        .iter()
+        .filter(|r| r.completed)
+        .map(|r| r.downtime_us)
+        .collect();
+    dts.sort_unstable();
+    let pick = |q: f64| {
+        dts.get(((dts.len() as f64 - 1.0) * q).round() as usize)
+            .map_or("-".to_string(), |v| format!("{:.1}", *v as f64 / 1000.0))
+    };
+    let mut by_opt: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in rows.iter().filter(|r| r.completed) {
+        *by_opt.entry(r.options.as_str()).or_default() += 1;
+    }
+    format!(
+        "soak summary (seed {seed}):\n  attempted {}\n  completed {}\n  refused or aborted (guest kept on its source) {}\n  lost guests {}\n  guests running twice {}\n  pages mismatched (verify=full rejections) {}\n  failed guest checks or counter gaps {}\n  level changes (frames, sockets or heap leaked) {}\n  downtime ms min/median/max {}/{}/{}\n  completed by options {by_opt:?}\n",
+        rows.len(),
+        count(&|r| r.completed),
+        count(&|r| !r.completed),
+        count(&|r| has(r, "lost")),
+        count(&|r| has(r, "split brain")),
+        count(&|r| r.outcome.contains("differ from the source")),
+        count(&|r| has(r, "failed its check") || has(r, "counter gap")),
+        count(&|r| has(r, "level")),
+        pick(0.0),
+        pick(0.5),
+        pick(1.0),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_counts_each_kind() {
+        let ok = Row {
+            completed: true,
+            outcome: "ok".into(),
+            downtime_us: 3000,
+            options: "dirty=pml verify=full".into(),
+            ..Default::default()
+        };
+        let lost = Row {
+            violations: "verify lost: on neither side".into(),
+            ..ok.clone()
+        };
+        let refused = Row {
+            completed: false,
+            outcome:
+                "migration failed: verify=full: 1 of 4096 pages differ from the source's memory"
+                    .into(),
+            ..Default::default()
+        };
+        let s = summarize(7, &[ok.clone(), lost, refused]);
+        assert!(s.contains("attempted 3"), "{s}");
+        assert!(s.contains("completed 2"), "{s}");
+        assert!(s.contains("lost guests 1"), "{s}");
+        assert!(
+            s.contains("pages mismatched (verify=full rejections) 1"),
+            "{s}"
+        );
+        assert!(s.contains("downtime ms min/median/max 3.0/3.0/3.0"), "{s}");
+    }
+}
