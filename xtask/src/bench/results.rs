@@ -54,7 +54,7 @@ pub struct Record {
     pub workload: String,
     /// Dirty tracking asked for: `pml`, `ad`, `wp`, or `none` for stop-and-copy.
     pub method: String,
-    /// `precopy` or `stop`.
+    /// `precopy`, `precopy+full` (with `verify=full`) or `stop`.
     pub mode: String,
     /// 1-based repeat of this configuration.
     pub repeat: u32,
@@ -87,8 +87,12 @@ pub struct Key {
 
 impl fmt::Display for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let full;
         let method = if self.mode == "stop" {
             "stop"
+        } else if self.mode == "precopy+full" {
+            full = format!("{}+full", self.method);
+            &full
         } else {
             &self.method
         };
