@@ -265,6 +265,7 @@ fn random_msgs(rng: &mut Rng) -> Vec<Vec<u8>> {
 
 fn hello(pages: usize) -> Hello {
     Hello {
+        flags: 0,
         mem_bytes: (pages * PAGE) as u64,
         migrations: 1,
         time_ns: 5,

@@ -18,6 +18,7 @@ pub struct TestStream {
 
 fn hello(mem_mib: u64) -> Hello {
     Hello {
+        flags: 0,
         mem_bytes: mem_mib << 20,
         migrations: 0,
         time_ns: 0,
@@ -59,6 +60,7 @@ pub fn malformed() -> Vec<TestStream> {
     wire::put_hello(
         &mut s,
         &Hello {
+            flags: 0,
             mem_bytes: 1 << 40,
             ..hello(4)
         },

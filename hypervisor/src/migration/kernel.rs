@@ -825,8 +825,17 @@ impl Migrations {
         let rounds = &out.source.stats.rounds;
         while out.printed_round < rounds.len() {
             let r = rounds[out.printed_round];
+            let delta = if r.delta_pages > 0 {
+                format!(
+                    ", {} as deltas saving {} KiB",
+                    r.delta_pages,
+                    r.delta_saved / 1024
+                )
+            } else {
+                String::new()
+            };
             println!(
-                "migrate: round {}: {} pages ({} zero), {} KiB, dirty left {}, {} kB/s",
+                "migrate: round {}: {} pages ({} zero{delta}), {} KiB, dirty left {}, {} kB/s",
                 r.round,
                 r.pages,
                 r.zero_pages,
@@ -972,6 +981,10 @@ impl Migrations {
                         ));
                     }
                 }
+                "cache" => {
+                    params.cache_bytes =
+                        (args::parse_in_range("cache (MiB)", v, 0, 256)? as usize) << 20;
+                }
                 "verify" => {
                     params.verify_full = match v {
                         "full" => true,
@@ -1002,6 +1015,7 @@ impl Migrations {
             }
         }
         let hello = Hello {
+            flags: 0,
             mem_bytes: vm.mem_bytes,
             migrations: vm.migrations,
             time_ns: vm.guest_time_ns(),

@@ -11,6 +11,7 @@
 //! link and a fake guest that keeps dirtying pages); `crate::kernel` binds it to
 //! smoltcp TCP sockets and real guests.
 
+pub mod delta;
 pub mod kernel;
 pub mod link;
 pub mod receiver;

@@ -339,6 +339,22 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
                 self.checksum.set(pfn as usize, wire::page_hash(pfn, data));
                 self.page_msgs += 1;
             }
+            (Phase::Stream, Msg::DeltaPage { pfn, delta }) => {
+                if self
+                    .hello
+                    .as_ref()
+                    .is_none_or(|h| h.flags & wire::hello_flags::DELTA == 0)
+                {
+                    return Err(bad(
+                        "DeltaPage in a stream whose Hello did not announce deltas".into(),
+                    ));
+                }
+                let page = page_of(&mut self.mem, pfn, self.pages)?;
+                super::delta::apply(page, delta)
+                    .map_err(|e| bad(alloc::format!("page {pfn}: {e}")))?;
+                self.checksum.set(pfn as usize, wire::page_hash(pfn, page));
+                self.page_msgs += 1;
+            }
             (Phase::Stream, Msg::ZeroPage { pfn }) => {
                 page_of(&mut self.mem, pfn, self.pages)?.fill(0);
                 self.checksum.set(pfn as usize, wire::zero_hash(pfn));
@@ -485,6 +501,7 @@ fn name(m: &Msg<'_>) -> &'static str {
         Msg::Device(_) => "Device",
         Msg::End { .. } => "End",
         Msg::Digest { .. } => "Digest",
+        Msg::DeltaPage { .. } => "DeltaPage",
         Msg::Ready => "Ready",
         Msg::Reject { .. } => "Reject",
         Msg::Commit(_) => "Commit",

@@ -59,6 +59,9 @@ pub struct Params {
     /// Link bandwidth to assume for the downtime estimate (bytes/s) instead of the
     /// measured stream rate.
     pub bandwidth_bps: Option<u64>,
+    /// Delta compression of re-sent pages: bytes of previously sent pages kept to
+    /// encode the next version against (0: off).
+    pub cache_bytes: usize,
     /// `verify=full`: at the freeze, hash every page of the guest's real memory (not
     /// just what was sent) for the destination to compare before READY, so a page
     /// missed by dirty tracking fails the migration instead of the guest.
@@ -73,6 +76,7 @@ impl Default for Params {
             stop_and_copy: false,
             timeout_us: 30_000_000,
             bandwidth_bps: None,
+            cache_bytes: 0,
             verify_full: false,
         }
     }
@@ -144,6 +148,8 @@ pub struct Source {
     last_queued: usize,
     reply: wire::Decoder,
     farewell: Vec<u8>,
+    cache: super::delta::DeltaCache,
+    delta_buf: Vec<u8>,
     hello: Hello,
     /// The figures, complete when the migration finishes.
     pub stats: MigrationStats,
@@ -174,7 +180,10 @@ fn count(bits: &[u64]) -> u64 {
 
 impl Source {
     /// Prepares a migration of a guest described by `hello` (memory size, name, ...).
-    pub fn new(params: Params, hello: Hello, stats: MigrationStats, now_us: u64) -> Self {
+    pub fn new(params: Params, mut hello: Hello, stats: MigrationStats, now_us: u64) -> Self {
+        if params.cache_bytes > 0 {
+            hello.flags |= wire::hello_flags::DELTA;
+        }
         let pages = (hello.mem_bytes / wire::PAGE as u64) as usize;
         Self {
             params,
@@ -198,6 +207,8 @@ impl Source {
             last_queued: 0,
             reply: wire::Decoder::new(),
             farewell: Vec::new(),
+            cache: super::delta::DeltaCache::new(params.cache_bytes),
+            delta_buf: Vec::new(),
             hello,
             stats,
         }
@@ -452,8 +463,20 @@ impl Source {
                 wire::put_zero(&mut self.out, pfn as u64);
                 self.checksum.set(pfn, wire::zero_hash(pfn as u64));
                 self.cur.zero_pages += 1;
+                self.cache.sent_zero(pfn);
             } else {
-                wire::put_page(&mut self.out, pfn as u64, data);
+                // Pages re-sent after round 0 have proved hot: cache them, and send
+                // later versions as deltas when that is smaller (as QEMU's XBZRLE).
+                self.delta_buf.clear();
+                let resent =
+                    !self.params.stop_and_copy && (self.round > 0 || self.phase == Phase::StopCopy);
+                if resent && self.cache.encode_and_update(pfn, data, &mut self.delta_buf) {
+                    wire::put_delta(&mut self.out, pfn as u64, &self.delta_buf);
+                    self.cur.delta_pages += 1;
+                    self.cur.delta_saved += (wire::PAGE - self.delta_buf.len()) as u64;
+                } else {
+                    wire::put_page(&mut self.out, pfn as u64, data);
+                }
                 self.checksum.set(pfn, wire::page_hash(pfn as u64, data));
             }
             self.cur.bytes += (self.out.len() - before) as u64;

@@ -21,6 +21,10 @@ pub struct RoundStats {
     pub us: u64,
     /// Dirty pages found at the end of the round (what the next round must send).
     pub dirty_after: u64,
+    /// Pages sent as deltas against their previous version (`cache=`).
+    pub delta_pages: u64,
+    /// Bytes those deltas saved against full pages.
+    pub delta_saved: u64,
 }
 
 /// Why pre-copy stopped.
@@ -128,7 +132,7 @@ impl MigrationStats {
             .collect();
         let _ = write!(
             s,
-            "MIGRATION-STATS role={} guest={} image={} mem_bytes={} peer={} method={} mode={} outcome={} total_us={} downtime_us={} dt_freeze_sent_us={} dt_sent_ready_us={} dt_commit_wire_us={} dt_resume_us={} downtime_joined={} rounds={} bytes={} pages={} zero_pages={} final_dirty={} final_bytes={} stop={} throughput_kBps={} verify={} per_round={}",
+            "MIGRATION-STATS role={} guest={} image={} mem_bytes={} peer={} method={} mode={} outcome={} total_us={} downtime_us={} dt_freeze_sent_us={} dt_sent_ready_us={} dt_commit_wire_us={} dt_resume_us={} downtime_joined={} rounds={} bytes={} pages={} zero_pages={} final_dirty={} final_bytes={} stop={} throughput_kBps={} verify={} delta_pages={} delta_saved={} per_round={}",
             self.role,
             self.guest,
             self.image,
@@ -154,6 +158,8 @@ impl MigrationStats {
             self.stop_reason.map_or("none", StopReason::name),
             self.throughput_kbps(),
             if self.verify_full { "full" } else { "sent" },
+            self.rounds.iter().chain([&self.last]).map(|r| r.delta_pages).sum::<u64>(),
+            self.rounds.iter().chain([&self.last]).map(|r| r.delta_saved).sum::<u64>(),
             if per_round.is_empty() { String::from("-") } else { per_round.join(",") },
         );
         s
@@ -391,6 +397,7 @@ mod tests {
             bytes: 30_000,
             us: 1000,
             dirty_after: 2,
+            ..Default::default()
         });
         s.last = RoundStats {
             pages: 2,

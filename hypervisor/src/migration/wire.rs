@@ -10,13 +10,14 @@
 //! | tag | message   | payload                                                    | dir |
 //! |-----|-----------|------------------------------------------------------------|-----|
 //! | 0   | (invalid) | never sent: a zeroed header is an error                    |     |
-//! | 1   | Hello     | magic "HVMIGR01", version u16, rsvd u16, flags u32, memory bytes u64, migrations u64, guest time ns u64, name len u16, args len u16, name, args | S→D |
+//! | 1   | Hello     | magic "HVMIGR01", version u16, rsvd u16, flags u32 (1 = may send DeltaPage), memory bytes u64, migrations u64, guest time ns u64, name len u16, args len u16, name, args | S→D |
 //! | 2   | Page      | pfn u64, 4096 bytes                                        | S→D |
 //! | 3   | ZeroPage  | pfn u64 (a page of zeros: header only)                     | S→D |
 //! | 4   | RoundEnd  | round u32, pages u32                                       | S→D |
 //! | 5   | Vcpu      | the vCPU state (at most 4096 bytes)                        | S→D |
 //! | 6   | Device    | the PV-device state (at most 4096 bytes)                   | S→D |
 //! | 7   | End       | pages u64, checksum u64                                    | S→D |
+//! | 9   | DeltaPage | pfn u64, then a delta against the page's previous version ([`super::delta`]), at most 4032 bytes; only when Hello announced it | S→D |
 //! | 8   | Digest    | first pfn u64, then 1..=128 hashes u64 of consecutive pages of the guest's memory at the freeze (`verify=full`; between Device and End, covering every page in order) | S→D |
 //! | 16  | Ready     | empty: the destination holds and has checked everything    | D→S |
 //! | 17  | Reject    | reason code u32, message (at most 200 bytes)               | D→S |
@@ -88,6 +89,7 @@ pub mod tag {
     pub const DEVICE: u8 = 6;
     pub const END: u8 = 7;
     pub const DIGEST: u8 = 8;
+    pub const DELTA: u8 = 9;
     pub const READY: u8 = 16;
     pub const REJECT: u8 = 17;
     pub const COMMIT: u8 = 18;
@@ -118,9 +120,19 @@ pub struct ResumedTimes {
     pub downtime_us: u64,
 }
 
+/// Hello flags: what the source may send beyond the base stream.
+pub mod hello_flags {
+    /// DeltaPage messages (re-sent pages as deltas, `cache=` on the source).
+    pub const DELTA: u32 = 1;
+    /// Every flag this version knows; a Hello with others is refused.
+    pub const KNOWN: u32 = DELTA;
+}
+
 /// The guest's configuration, sent first.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Hello {
+    /// [`hello_flags`] the source uses in this stream.
+    pub flags: u32,
     /// Guest memory in bytes (a multiple of the page size).
     pub mem_bytes: u64,
     /// How many times the guest has migrated before this one.
@@ -144,6 +156,13 @@ pub enum Msg<'a> {
         pfn: u64,
         /// Its 4096 bytes.
         data: &'a [u8],
+    },
+    /// A page as a delta against the version the destination holds.
+    DeltaPage {
+        /// Guest frame number.
+        pfn: u64,
+        /// The encoded delta ([`super::delta::apply`]).
+        delta: &'a [u8],
     },
     /// A page of zeros.
     ZeroPage {
@@ -247,7 +266,8 @@ pub fn put_hello(out: &mut Vec<u8>, h: &Hello) {
     header(out, tag::HELLO, HELLO_FIXED + name.len() + args.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
-    out.extend_from_slice(&[0; 6]);
+    out.extend_from_slice(&[0; 2]);
+    out.extend_from_slice(&h.flags.to_le_bytes());
     out.extend_from_slice(&h.mem_bytes.to_le_bytes());
     out.extend_from_slice(&h.migrations.to_le_bytes());
     out.extend_from_slice(&h.time_ns.to_le_bytes());
@@ -263,6 +283,13 @@ pub fn put_page(out: &mut Vec<u8>, pfn: u64, data: &[u8]) {
     header(out, tag::PAGE, 8 + PAGE);
     out.extend_from_slice(&pfn.to_le_bytes());
     out.extend_from_slice(data);
+}
+
+/// Appends a DeltaPage.
+pub fn put_delta(out: &mut Vec<u8>, pfn: u64, delta: &[u8]) {
+    header(out, tag::DELTA, 8 + delta.len());
+    out.extend_from_slice(&pfn.to_le_bytes());
+    out.extend_from_slice(delta);
 }
 
 /// Appends a ZeroPage.
@@ -364,6 +391,7 @@ fn length_ok(t: u8, len: usize) -> Result<bool, WireError> {
         tag::ZERO | tag::ROUND_END => len == 8,
         tag::VCPU | tag::DEVICE => len <= MAX_STATE,
         tag::END => len == 16,
+        tag::DELTA => (8..=8 + super::delta::MAX_DELTA).contains(&len),
         tag::DIGEST => len > 8 && len <= 8 + 8 * DIGEST_PER_MSG && (len - 8).is_multiple_of(8),
         tag::READY => len == 0,
         tag::COMMIT | tag::RESUMED => len == 24,
@@ -490,8 +518,12 @@ fn parse(t: u8, p: &[u8]) -> Result<Msg<'_>, WireError> {
             if version != VERSION {
                 return Err(WireError::BadVersion(version));
             }
-            if p[10..16] != [0; 6] {
+            if p[10..12] != [0; 2] {
                 return Err(WireError::BadField("reserved Hello bytes"));
+            }
+            let flags = u32_at(p, 12);
+            if flags & !hello_flags::KNOWN != 0 {
+                return Err(WireError::BadField("unknown Hello flags"));
             }
             let mem_bytes = u64_at(p, 16);
             if mem_bytes == 0 || !mem_bytes.is_multiple_of(PAGE as u64) {
@@ -512,6 +544,7 @@ fn parse(t: u8, p: &[u8]) -> Result<Msg<'_>, WireError> {
                 return Err(WireError::BadField("arguments (printable ASCII only)"));
             }
             Msg::Hello(Hello {
+                flags,
                 mem_bytes,
                 migrations: u64_at(p, 24),
                 time_ns: u64_at(p, 32),
@@ -533,6 +566,10 @@ fn parse(t: u8, p: &[u8]) -> Result<Msg<'_>, WireError> {
         tag::END => Msg::End {
             pages: u64_at(p, 0),
             checksum: u64_at(p, 8),
+        },
+        tag::DELTA => Msg::DeltaPage {
+            pfn: u64_at(p, 0),
+            delta: &p[8..],
         },
         tag::DIGEST => Msg::Digest {
             first: u64_at(p, 0),
@@ -659,6 +696,7 @@ mod tests {
 
     fn hello() -> Hello {
         Hello {
+            flags: 0,
             mem_bytes: 16 * PAGE as u64,
             migrations: 2,
             time_ns: 123_456_789,
@@ -873,7 +911,10 @@ mod tests {
         put_hello(&mut h, &hello());
         // Tag 0 (a zeroed header) and unknown tags.
         assert_eq!(first_error(&[0; HEADER]), WireError::BadTag(0));
-        assert_eq!(first_error(&[9, 0, 0, 0, 0, 0, 0, 0]), WireError::BadTag(9));
+        assert_eq!(
+            first_error(&[10, 0, 0, 0, 0, 0, 0, 0]),
+            WireError::BadTag(10)
+        );
         assert_eq!(
             first_error(&[0xFF, 0, 0, 0, 0, 0, 0, 0]),
             WireError::BadTag(0xFF)
@@ -890,7 +931,7 @@ mod tests {
         s[HEADER + 8] = 1;
         assert_eq!(first_error(&s), WireError::BadVersion(1));
         let mut s = h.clone();
-        s[HEADER + 12] = 1;
+        s[HEADER + 10] = 1; // reserved
         assert!(matches!(first_error(&s), WireError::BadField(_)));
         for mem in [0u64, 4095, 4097] {
             let mut s = h.clone();
@@ -904,6 +945,10 @@ mod tests {
         let mut s = h.clone();
         s[HEADER + HELLO_FIXED] = 0xFF;
         assert_eq!(first_error(&s), WireError::BadField("name"));
+        // A Hello with a flag this version does not know.
+        let mut s = h.clone();
+        s[HEADER + 12] = 0x80;
+        assert_eq!(first_error(&s), WireError::BadField("unknown Hello flags"));
         // Lengths that do not fit their message.
         for (t, len) in [
             (tag::PAGE, 8 + PAGE as u32 - 1),
@@ -911,6 +956,8 @@ mod tests {
             (tag::ZERO, 16),
             (tag::END, 8),
             (tag::DIGEST, 8),
+            (tag::DELTA, 7),
+            (tag::DELTA, 8 + super::super::delta::MAX_DELTA as u32 + 1),
             (tag::DIGEST, 8 + 12),
             (tag::DIGEST, 8 + 8 * DIGEST_PER_MSG as u32 + 8),
             (tag::READY, 1),
@@ -973,6 +1020,7 @@ mod tests {
     #[test]
     fn long_text_is_cut_at_a_character_boundary() {
         let h = Hello {
+            flags: 0,
             name: "n".repeat(40),
             args: "a".repeat(300),
             ..hello()

@@ -120,6 +120,17 @@ fn matrix(quick: bool) -> Vec<Config> {
         mode: "precopy+full",
         ws: None,
     });
+    // Delta compression of re-sent pages against the same run without it, at half
+    // the link (the dirtier rewrites one word per page write: deltas are small).
+    for mode in ["precopy", "precopy+delta"] {
+        v.push(Config {
+            mem_mib: mems[0],
+            level: LEVELS[3],
+            method: "pml",
+            mode,
+            ws: Some(1024),
+        });
+    }
     // The working-set dimension: the same dirty rate concentrated on fewer pages.
     let mem_mib = if quick { 16 } else { 32 };
     let sets: &[u64] = if quick { &[256] } else { &[256, 1024, 4096] };
@@ -314,6 +325,7 @@ fn migrate_once(
     let opts = match cfg.mode {
         "stop" => "mode=stop".to_string(),
         "precopy+full" => format!("dirty={} verify=full", cfg.method),
+        "precopy+delta" => format!("dirty={} cache=8", cfg.method),
         _ => format!("dirty={}", cfg.method),
     };
     let m = session::migrate(a, b, id, "10.0.0.2", &opts, Duration::from_secs(900))?;
@@ -488,8 +500,8 @@ mod tests {
 
     #[test]
     fn quick_matrix_is_small() {
-        assert_eq!(matrix(true).len(), 6);
-        assert_eq!(matrix(false).len(), 2 * 4 * 4 + 1 + 3);
+        assert_eq!(matrix(true).len(), 8);
+        assert_eq!(matrix(false).len(), 2 * 4 * 4 + 1 + 2 + 3);
     }
 
     #[test]

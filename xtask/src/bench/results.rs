@@ -54,7 +54,8 @@ pub struct Record {
     pub workload: String,
     /// Dirty tracking asked for: `pml`, `ad`, `wp`, or `none` for stop-and-copy.
     pub method: String,
-    /// `precopy`, `precopy+full` (with `verify=full`) or `stop`.
+    /// `precopy`, `precopy+full` (with `verify=full`), `precopy+delta` (with
+    /// `cache=`, delta compression) or `stop`.
     pub mode: String,
     /// 1-based repeat of this configuration.
     pub repeat: u32,
@@ -90,8 +91,8 @@ impl fmt::Display for Key {
         let full;
         let method = if self.mode == "stop" {
             "stop"
-        } else if self.mode == "precopy+full" {
-            full = format!("{}+full", self.method);
+        } else if let Some(extra) = self.mode.strip_prefix("precopy+") {
+            full = format!("{}+{extra}", self.method);
             &full
         } else {
             &self.method

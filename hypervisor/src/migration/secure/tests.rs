@@ -784,6 +784,7 @@ fn host() -> Host {
 
 fn hello(pages: usize) -> Hello {
     Hello {
+        flags: 0,
         mem_bytes: (pages * PAGE) as u64,
         migrations: 0,
         time_ns: 1,
