@@ -52,8 +52,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub use self::switch::{
-    Core, Cut, Faults, HubError, LinkConfig, Nanos, Partition, PortCounters, Trigger,
-    DEFAULT_QUEUE, DEFAULT_RATE,
+    parse_duration, Core, Cut, Faults, HubError, LinkConfig, Nanos, Partition, PortCounters,
+    Trigger, DEFAULT_QUEUE, DEFAULT_RATE,
 };
 
 /// How long a receiver thread blocks before it checks whether the hub is stopping.
@@ -62,6 +62,8 @@ const RECV_POLL: Duration = Duration::from_millis(50);
 const IDLE_WAIT: Duration = Duration::from_millis(500);
 /// How long a handle call waits for the scheduler's answer.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Receive buffer asked for on the hub's sockets (about 1800 full frames).
+const HUB_RCVBUF: usize = 4 << 20;
 /// Largest datagram (the UDP maximum), so no frame is truncated.
 const MAX_DATAGRAM: usize = 65_536;
 
@@ -89,8 +91,9 @@ impl Member {
     }
 }
 
-/// How the hub's network behaves. The default is a fast, faultless switch.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// How the hub's network behaves. The default is a fast, faultless switch with
+/// back-pressure towards its members.
+#[derive(Clone, Debug, PartialEq)]
 pub struct HubConfig {
     /// Every port's link, unless overridden in `port_links`.
     pub link: LinkConfig,
@@ -107,7 +110,46 @@ pub struct HubConfig {
     pub seed: Option<u64>,
     /// File the counters are written to when the hub stops (they go to stderr as well).
     pub report: Option<PathBuf>,
+    /// Back-pressure: pause a port while its member's socket holds this many frames or
+    /// more (`None`: off). See [`DEFAULT_BACKPRESSURE`].
+    pub backpressure: Option<u32>,
 }
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            link: LinkConfig::default(),
+            faults: Faults::default(),
+            port_links: Vec::new(),
+            port_faults: Vec::new(),
+            partitions: Vec::new(),
+            seed: None,
+            report: None,
+            backpressure: Some(DEFAULT_BACKPRESSURE),
+        }
+    }
+}
+
+/// Frames a member's socket may hold before the hub pauses the port towards it.
+///
+/// A Bochs member reads one datagram per emulated millisecond, and how fast emulated time
+/// runs against wall time depends on the host's load (measured here: 430 to 2000 frames
+/// per wall second), so no fixed line rate is both safe and fast. Like an Ethernet PAUSE
+/// frame, back-pressure stops the port while the member's buffer is full: the hub reads
+/// the member socket's occupancy from Linux's `/proc/net/udp` (its `rx_queue`, in buffer
+/// bytes of [`SOCKET_FRAME_COST`] per full frame) and lets only that many more frames go,
+/// so the member's socket never overflows and frames wait in the hub's queue instead,
+/// where a full queue drops at the tail and counts it. 32 full frames take 72 KiB of the
+/// default 208 KiB socket buffer: a full frame's worth of margin for smaller frames (which
+/// cost less) and well inside the limit.
+pub const DEFAULT_BACKPRESSURE: u32 = 32;
+/// Socket buffer bytes a full 1514-byte frame uses on Linux loopback (its skb truesize,
+/// measured: 2304).
+pub const SOCKET_FRAME_COST: u64 = 2304;
+/// How often the members' socket occupancy is re-read while a port waits for credit:
+/// a Bochs member drains about one frame per millisecond, and one read of
+/// `/proc/net/udp` costs ~0.1 ms of CPU.
+const BACKPRESSURE_POLL: Duration = Duration::from_millis(1);
 
 /// Namespace of [`Hub::start`].
 pub enum Hub {}
@@ -136,13 +178,7 @@ impl Hub {
         }
         let mut sockets = Vec::new();
         for m in &members {
-            let s = UdpSocket::bind(m.hub_addr).map_err(|e| HubError::Bind {
-                addr: m.hub_addr.to_string(),
-                error: e.to_string(),
-            })?;
-            s.set_read_timeout(Some(RECV_POLL))
-                .map_err(|e| HubError::Io(format!("socket option: {e}")))?;
-            sockets.push(s);
+            sockets.push(bind(m.hub_addr)?);
         }
         let summary = summary(&members, &config, seed);
         eprintln!("{summary}");
@@ -165,6 +201,7 @@ impl Hub {
             receivers.push(r);
         }
         let dests: Vec<SocketAddr> = members.iter().map(|m| m.member_addr).collect();
+        core.set_backpressure(config.backpressure);
         let scheduler = std::thread::Builder::new()
             .name("hub".into())
             .spawn(move || schedule(core, rx, send_socks, dests, epoch))
@@ -182,12 +219,38 @@ impl Hub {
     }
 }
 
+/// Binds a member's hub address with a large receive buffer: a sending Bochs emits a
+/// whole TCP window at once, and what the kernel drops before the hub reads it would be
+/// loss the hub cannot count (it shows as `hub-drop` in the report if it happens anyway).
+fn bind(addr: SocketAddr) -> Result<UdpSocket, HubError> {
+    let io = |e: std::io::Error| HubError::Io(format!("socket {addr}: {e}"));
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )
+    .map_err(io)?;
+    // The kernel caps it at net.core.rmem_max; what it grants is enough here.
+    let _ = s.set_recv_buffer_size(HUB_RCVBUF);
+    s.bind(&addr.into()).map_err(|e| HubError::Bind {
+        addr: addr.to_string(),
+        error: e.to_string(),
+    })?;
+    let s: UdpSocket = s.into();
+    s.set_read_timeout(Some(RECV_POLL)).map_err(io)?;
+    Ok(s)
+}
+
 fn summary(members: &[Member], config: &HubConfig, seed: u64) -> String {
     let mut s = format!(
-        "hub: {} ports, seed {seed} (replay with the same seed), link {} B/s queue {} frames, faults: {}",
+        "hub: {} ports, seed {seed} (replay with the same seed), link {} B/s queue {} frames, \
+         back-pressure {}, faults: {}",
         members.len(),
         config.link.rate,
         config.link.queue,
+        config
+            .backpressure
+            .map_or("off".to_string(), |n| format!("at {n} frames")),
         config.faults
     );
     for (p, l) in &config.port_links {
@@ -233,6 +296,22 @@ fn since(epoch: Instant) -> Nanos {
     epoch.elapsed().as_nanos() as Nanos
 }
 
+/// Gives every port the credit its member's socket has room for, from one read of
+/// `/proc/net/udp`. A member whose socket is not found (not up yet, or not Linux) gets the
+/// whole allowance.
+fn refresh_credit(core: &mut Core, dests: &[SocketAddr], limit: u32) {
+    let table = fs::read_to_string("/proc/net/udp").unwrap_or_default();
+    for (p, d) in dests.iter().enumerate() {
+        let held = udp_column(&table, d.port(), |f| {
+            let rx = f[4].split_once(':')?.1;
+            u64::from_str_radix(rx, 16).ok()
+        })
+        .unwrap_or(0);
+        let frames = held.div_ceil(SOCKET_FRAME_COST).min(u64::from(limit)) as u32;
+        core.set_credit(p, Some(limit - frames));
+    }
+}
+
 /// The scheduler: owns the core, sends what it releases, sleeps until its next deadline.
 fn schedule(
     mut core: Core,
@@ -242,17 +321,30 @@ fn schedule(
     epoch: Instant,
 ) -> Core {
     let mut out = Vec::new();
+    if let Some(limit) = core.backpressure() {
+        refresh_credit(&mut core, &dests, limit);
+    }
+    let mut credit_read = Instant::now();
     loop {
+        if let Some(limit) = core.backpressure() {
+            if core.paused() && credit_read.elapsed() >= BACKPRESSURE_POLL {
+                refresh_credit(&mut core, &dests, limit);
+                credit_read = Instant::now();
+            }
+        }
         core.poll(since(epoch), &mut out);
         for (p, frame) in out.drain(..) {
             if socks[p].send_to(&frame, dests[p]).is_err() {
                 core.note_send_error(p);
             }
         }
-        let wait = match core.next_wake() {
+        let mut wait = match core.next_wake() {
             Some(t) => Duration::from_nanos(t.saturating_sub(since(epoch))),
             None => IDLE_WAIT,
         };
+        if core.paused() {
+            wait = wait.min(BACKPRESSURE_POLL.saturating_sub(credit_read.elapsed()));
+        }
         let event = if wait.is_zero() {
             rx.try_recv().map_err(|e| match e {
                 mpsc::TryRecvError::Empty => RecvTimeoutError::Timeout,
@@ -337,6 +429,18 @@ impl HubHandle {
         self.call(move |c, _| c.set_link(None, link))?
     }
 
+    /// Changes the back-pressure limit (see [`HubConfig::backpressure`]); `None` turns it
+    /// off. A new limit applies from the next read of the members' sockets.
+    pub fn set_backpressure(&self, limit: Option<u32>) -> Result<(), HubError> {
+        self.call(move |c, _| {
+            c.set_backpressure(limit);
+            // Start from a conservative credit; the next read refills it.
+            for p in 0..c.ports() {
+                c.set_credit(p, limit.map(|_| 0));
+            }
+        })
+    }
+
     /// Cuts `port` off now, until [`HubHandle::heal`].
     pub fn partition(&self, port: usize) -> Result<(), HubError> {
         self.schedule(Partition {
@@ -391,6 +495,21 @@ impl HubHandle {
             .collect()
     }
 
+    /// Datagrams the hub's own socket for each member dropped before the hub read them
+    /// (should stay 0: the sockets have a large buffer and a thread each).
+    pub fn hub_drops(&self) -> Vec<Option<u64>> {
+        let table = fs::read_to_string("/proc/net/udp").unwrap_or_default();
+        self.members
+            .iter()
+            .map(|m| udp_drops(&table, m.hub_addr.port()))
+            .collect()
+    }
+
+    /// Frames waiting in each port's egress queue now.
+    pub fn queued(&self) -> Result<Vec<usize>, HubError> {
+        self.call(|c, _| (0..c.ports()).map(|p| c.queued(p)).collect())
+    }
+
     /// The counters as a table, with the seed and the members' own drops.
     pub fn report(&self) -> Result<String, HubError> {
         Ok(format_report(
@@ -398,6 +517,7 @@ impl HubHandle {
             &self.members,
             &self.counters()?,
             &self.member_drops(),
+            &self.hub_drops(),
         ))
     }
 
@@ -413,13 +533,14 @@ impl HubHandle {
         };
         // Sample the members' sockets while they may still be open.
         let drops = self.member_drops();
+        let hub_drops = self.hub_drops();
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.events.send(Event::Stop);
         let counters = scheduler.join().map(|c| c.counters()).unwrap_or_default();
         for r in self.receivers.drain(..) {
             let _ = r.join();
         }
-        let text = format_report(&self.summary, &self.members, &counters, &drops);
+        let text = format_report(&self.summary, &self.members, &counters, &drops, &hub_drops);
         eprint!("{text}");
         if let Some(path) = &self.report {
             if let Err(e) = fs::write(path, &text) {
@@ -436,17 +557,30 @@ impl Drop for HubHandle {
     }
 }
 
-/// The `drops` column of the socket bound to local `port` in a `/proc/net/udp` table.
-fn udp_drops(table: &str, port: u16) -> Option<u64> {
+/// Datagrams dropped so far by the (IPv4) UDP socket bound to local `port` on this
+/// machine because its buffer was full (Linux `/proc/net/udp`); `None` if no such socket.
+/// Works for any hub, `bxhub` included, which is how the two are compared.
+pub fn udp_socket_drops(port: u16) -> Option<u64> {
+    udp_drops(&fs::read_to_string("/proc/net/udp").ok()?, port)
+}
+
+/// A column of the socket bound to local `port` in a `/proc/net/udp` table, via `get`
+/// on its whitespace-separated fields.
+fn udp_column(table: &str, port: u16, get: impl Fn(&[&str]) -> Option<u64>) -> Option<u64> {
     let local = format!(":{port:04X}");
     table.lines().skip(1).find_map(|l| {
         let f: Vec<&str> = l.split_whitespace().collect();
         if f.len() > 12 && f[1].ends_with(&local) {
-            f[12].parse().ok()
+            get(&f)
         } else {
             None
         }
     })
+}
+
+/// The `drops` column of the socket bound to local `port` in a `/proc/net/udp` table.
+fn udp_drops(table: &str, port: u16) -> Option<u64> {
+    udp_column(table, port, |f| f[12].parse().ok())
 }
 
 /// The counters table.
@@ -455,11 +589,12 @@ pub fn format_report(
     members: &[Member],
     counters: &[PortCounters],
     member_drops: &[Option<u64>],
+    hub_drops: &[Option<u64>],
 ) -> String {
     let mut s = format!("{summary}\n");
     let _ = writeln!(
         s,
-        "{:>4} {:<12} {:>9} {:>11} {:>9} {:>11} {:>7} {:>7} {:>7} {:>6} {:>6} {:>5} {:>5} {:>4} {:>6} {:>8}",
+        "{:>4} {:<12} {:>9} {:>11} {:>9} {:>11} {:>7} {:>7} {:>7} {:>6} {:>6} {:>5} {:>5} {:>4} {:>6} {:>7} {:>8} {:>8}",
         "port",
         "member",
         "frm-in",
@@ -475,18 +610,22 @@ pub fn format_report(
         "err",
         "cuts",
         "q-peak",
+        "paused",
+        "hub-drop",
         "rcv-drop"
     );
     for (i, c) in counters.iter().enumerate() {
         let name = members.get(i).map_or("?", |m| m.name.as_str());
-        let drops = member_drops
-            .get(i)
-            .copied()
-            .flatten()
-            .map_or("-".to_string(), |d| d.to_string());
+        let show = |v: &[Option<u64>]| {
+            v.get(i)
+                .copied()
+                .flatten()
+                .map_or("-".to_string(), |d| d.to_string())
+        };
+        let (drops, hub_drop) = (show(member_drops), show(hub_drops));
         let _ = writeln!(
             s,
-            "{i:>4} {name:<12} {:>9} {:>11} {:>9} {:>11} {:>7} {:>7} {:>7} {:>6} {:>6} {:>5} {:>5} {:>4} {:>6} {drops:>8}",
+            "{i:>4} {name:<12} {:>9} {:>11} {:>9} {:>11} {:>7} {:>7} {:>7} {:>6} {:>6} {:>5} {:>5} {:>4} {:>6} {:>7} {hub_drop:>8} {drops:>8}",
             c.frames_in,
             c.bytes_in,
             c.frames_out,
@@ -500,11 +639,13 @@ pub fn format_report(
             c.send_errors,
             c.cuts,
             c.queue_peak,
+            c.paused,
         );
     }
     s.push_str(
         "(in = from the member, out = to it; q-drop: egress queue full, f-drop: loss fault, \
-         p-drop: partition; rcv-drop: dropped by the member's own full socket)\n",
+         p-drop: partition; paused: waits for the member (back-pressure); hub-drop: \
+         dropped by the hub's own socket; rcv-drop: dropped by the member's own full socket)\n",
     );
     s
 }
@@ -610,6 +751,41 @@ mod tests {
             took >= Duration::from_millis(95) && took < Duration::from_millis(400),
             "{took:?}"
         );
+    }
+
+    #[test]
+    fn back_pressure_keeps_a_slow_members_socket_from_overflowing() {
+        let p = pair(HubConfig {
+            backpressure: Some(8),
+            ..HubConfig::default()
+        });
+        // Far more than member 1's socket buffer holds (about 92 full frames).
+        for i in 0..200u8 {
+            p.send(0, &frame(1, i, 1514));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(p.hub.queued().unwrap()[1], 192, "the rest waits in the hub");
+        assert_eq!(p.hub.member_drops()[1], Some(0));
+        for i in 0..200u8 {
+            assert_eq!(p.recv(1).map(|f| f[14]), Some(i));
+        }
+        let k = p.hub.counters().unwrap()[1];
+        assert_eq!((k.frames_out, k.dropped_queue), (200, 0));
+        assert!(k.paused > 0);
+        assert_eq!(p.hub.member_drops()[1], Some(0));
+    }
+
+    #[test]
+    fn without_back_pressure_a_burst_overflows_the_member() {
+        let p = pair(HubConfig {
+            backpressure: None,
+            ..HubConfig::default()
+        });
+        for i in 0..200u8 {
+            p.send(0, &frame(1, i, 1514));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(p.hub.member_drops()[1].is_some_and(|d| d > 50));
     }
 
     #[test]

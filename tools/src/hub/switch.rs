@@ -286,6 +286,77 @@ pub struct Partition {
     pub heal_after: Option<Duration>,
 }
 
+/// Parses a duration with a unit: `250ms`, `2.5s`, `100us`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = s.strip_suffix("us") {
+        (n, 1e-6)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else {
+        return Err(format!("duration '{s}' needs a unit (us, ms, s)"));
+    };
+    match num.parse::<f64>() {
+        Ok(v) if v >= 0.0 && v.is_finite() => Ok(Duration::from_secs_f64(v * scale)),
+        _ => Err(format!("bad duration '{s}'")),
+    }
+}
+
+impl std::str::FromStr for Partition {
+    type Err = String;
+
+    /// `CUT[@TRIGGER][+HEAL]`: CUT is a port (`1`) or a link (`0-1`); TRIGGER a time
+    /// (`2.5s`, `300ms`) or bytes from a port (`b0:1000000`), at once when absent; HEAL a
+    /// duration, never (until commanded) when absent. `1@b0:1000000+2s` cuts port 1 once
+    /// port 0 has sent 1,000,000 bytes and heals it 2 s later.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = |why: &str| {
+            format!(
+                "partition '{s}': {why} (CUT[@TRIGGER][+HEAL], e.g. 1@2s+500ms, 0-1@b0:1000000)"
+            )
+        };
+        let (rest, heal_after) = match s.split_once('+') {
+            Some((r, h)) => (r, Some(parse_duration(h).map_err(|e| bad(&e))?)),
+            None => (s, None),
+        };
+        let (cut, trigger) = match rest.split_once('@') {
+            Some((c, t)) => (c, Some(t)),
+            None => (rest, None),
+        };
+        let port = |p: &str| {
+            p.parse::<usize>()
+                .map_err(|_| bad(&format!("bad port '{p}'")))
+        };
+        let cut = match cut.split_once('-') {
+            Some((a, b)) => Cut::Link(port(a)?, port(b)?),
+            None => Cut::Port(port(cut)?),
+        };
+        let trigger = match trigger {
+            None => Trigger::Now,
+            Some(t) => match t.strip_prefix('b') {
+                Some(b) => {
+                    let (from, bytes) = b
+                        .split_once(':')
+                        .ok_or_else(|| bad("bytes trigger is bPORT:BYTES"))?;
+                    Trigger::AfterBytes {
+                        from: port(from)?,
+                        bytes: bytes
+                            .parse()
+                            .map_err(|_| bad(&format!("bad byte count '{bytes}'")))?,
+                    }
+                }
+                None => Trigger::After(parse_duration(t).map_err(|e| bad(&e))?),
+            },
+        };
+        Ok(Self {
+            cut,
+            trigger,
+            heal_after,
+        })
+    }
+}
+
 /// Per-port counters. "In" is what the member sent to the hub, "out" what the hub
 /// delivered to the member.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -317,6 +388,9 @@ pub struct PortCounters {
     pub cuts: u64,
     /// Most frames ever waiting in the egress queue at once.
     pub queue_peak: u64,
+    /// Times the port paused with frames waiting because its member's buffer was full
+    /// (back-pressure).
+    pub paused: u64,
 }
 
 /// A frame waiting in an egress queue.
@@ -381,6 +455,9 @@ struct Port {
     flight: VecDeque<Flight>,
     /// When the serializer is free for the next frame.
     next_free: Nanos,
+    /// Frames the member can still take (back-pressure from the I/O layer); `None` when
+    /// the member's buffer is not watched. At 0 the port is paused: frames wait queued.
+    credit: Option<u32>,
     c: PortCounters,
 }
 
@@ -408,6 +485,9 @@ struct MacEntry {
 /// The switch: MAC table, ports, partitions.
 #[derive(Debug)]
 pub struct Core {
+    /// Frames a member's socket may hold before its port pauses (`None`: no
+    /// back-pressure); the I/O layer turns it into credits.
+    backpressure: Option<u32>,
     ports: Vec<Port>,
     macs: Vec<MacEntry>,
     cuts: Vec<CutEntry>,
@@ -443,10 +523,12 @@ impl Core {
                 held: Vec::new(),
                 flight: VecDeque::new(),
                 next_free: 0,
+                credit: None,
                 c: PortCounters::default(),
             })
             .collect();
         Ok(Self {
+            backpressure: None,
             ports,
             macs: Vec::with_capacity(MAC_TABLE_MAX),
             cuts: Vec::new(),
@@ -522,6 +604,37 @@ impl Core {
     /// Frames waiting in `port`'s egress queue now.
     pub fn queued(&self, port: usize) -> usize {
         self.ports.get(port).map_or(0, |p| p.queue.len())
+    }
+
+    /// Sets the back-pressure limit (frames a member's socket may hold). `None` turns
+    /// it off and lets every port run free.
+    pub fn set_backpressure(&mut self, limit: Option<u32>) {
+        self.backpressure = limit;
+        if limit.is_none() {
+            self.ports.iter_mut().for_each(|p| p.credit = None);
+        }
+    }
+
+    /// The back-pressure limit.
+    pub fn backpressure(&self) -> Option<u32> {
+        self.backpressure
+    }
+
+    /// Sets how many more frames `port`'s member can take before the port pauses
+    /// (`None`: no back-pressure). The I/O layer refreshes it from the member's socket
+    /// occupancy; each frame serialized uses one.
+    pub fn set_credit(&mut self, port: usize, credit: Option<u32>) {
+        if let Some(p) = self.ports.get_mut(port) {
+            p.credit = credit;
+        }
+    }
+
+    /// Whether some port has frames queued but no credit: the caller must refresh the
+    /// credits to make progress.
+    pub fn paused(&self) -> bool {
+        self.ports
+            .iter()
+            .any(|p| p.credit == Some(0) && !p.queue.is_empty())
     }
 
     /// Counts a send the OS refused.
@@ -801,10 +914,16 @@ impl Core {
                     i += 1;
                 }
             }
-            while p.next_free <= now {
+            while p.next_free <= now && p.credit != Some(0) {
                 let Some(item) = p.queue.pop_front() else {
                     break;
                 };
+                if let Some(c) = p.credit.as_mut() {
+                    *c -= 1;
+                }
+                if p.credit == Some(0) && !p.queue.is_empty() {
+                    p.c.paused += 1;
+                }
                 let start = p.next_free.max(now.saturating_sub(CATCH_UP));
                 let done = start + p.link.tx_time(item.frame.len());
                 p.next_free = done;
@@ -844,7 +963,8 @@ impl Core {
     /// held frame to release, a partition to start or heal); `None` when idle.
     pub fn next_wake(&self) -> Option<Nanos> {
         let ports = self.ports.iter().flat_map(|p| {
-            let serialize = (!p.queue.is_empty()).then_some(p.next_free);
+            // A paused port has no deadline of its own: its credit comes from outside.
+            let serialize = (!p.queue.is_empty() && p.credit != Some(0)).then_some(p.next_free);
             let deliver = p.flight.front().map(|f| f.at);
             let held = p.held.iter().map(|h| h.deadline).min();
             [serialize, deliver, held]
@@ -1376,6 +1496,66 @@ mod tests {
         assert_eq!(c.add_partition(0, p), Err(HubError::TooManyPartitions));
         c.clear_partitions();
         assert_eq!(c.partitions(), 0);
+    }
+
+    #[test]
+    fn back_pressure_pauses_a_port_until_credit_returns() {
+        let mut c = core(2);
+        c.set_credit(1, Some(2));
+        for i in 0..5 {
+            c.ingress(0, 0, &frame(BCAST, mac(1), 100, i));
+        }
+        let got = run(&mut c, 0, 5 * MS, MS);
+        assert_eq!(got.len(), 2, "two frames of credit");
+        assert!(c.paused());
+        assert_eq!(
+            c.next_wake(),
+            None,
+            "a paused port waits for credit, not time"
+        );
+        assert_eq!(c.queued(1), 3);
+        c.set_credit(1, Some(10));
+        let tags: Vec<u8> = run(&mut c, 6 * MS, 8 * MS, MS)
+            .iter()
+            .map(|g| g.2)
+            .collect();
+        assert_eq!(tags, vec![2, 3, 4]);
+        assert!(!c.paused());
+        let k = c.counters()[1];
+        assert_eq!((k.paused, k.dropped_queue), (1, 0));
+        // Without back-pressure the port runs free again.
+        c.set_credit(1, None);
+        c.ingress(9 * MS, 0, &frame(BCAST, mac(1), 100, 9));
+        assert_eq!(drain(&mut c, 10 * MS), vec![(1, 9)]);
+    }
+
+    #[test]
+    fn partition_specs_parse() {
+        let p: Partition = "1@b0:1000000+2s".parse().unwrap();
+        assert_eq!(
+            p,
+            Partition {
+                cut: Cut::Port(1),
+                trigger: Trigger::AfterBytes {
+                    from: 0,
+                    bytes: 1_000_000
+                },
+                heal_after: Some(Duration::from_secs(2)),
+            }
+        );
+        let p: Partition = "0-1@2.5s".parse().unwrap();
+        assert_eq!(p.cut, Cut::Link(0, 1));
+        assert_eq!(p.trigger, Trigger::After(Duration::from_millis(2500)));
+        assert_eq!(p.heal_after, None);
+        let p: Partition = "2+300ms".parse().unwrap();
+        assert_eq!(p.trigger, Trigger::Now);
+        assert_eq!(p.heal_after, Some(Duration::from_millis(300)));
+        for bad in ["", "x", "1@", "1@5", "1@b0", "1@b0:x", "1+", "a-1"] {
+            let e = bad.parse::<Partition>().unwrap_err();
+            assert!(e.starts_with("partition '"), "{e}");
+        }
+        assert_eq!(parse_duration("100us"), Ok(Duration::from_micros(100)));
+        assert!(parse_duration("-1s").is_err());
     }
 
     #[test]
