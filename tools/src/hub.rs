@@ -147,9 +147,10 @@ pub const DEFAULT_BACKPRESSURE: u32 = 32;
 /// measured: 2304).
 pub const SOCKET_FRAME_COST: u64 = 2304;
 /// How often the members' socket occupancy is re-read while a port waits for credit:
-/// a Bochs member drains about one frame per millisecond, and one read of
-/// `/proc/net/udp` costs ~0.1 ms of CPU.
-const BACKPRESSURE_POLL: Duration = Duration::from_millis(1);
+/// a Bochs member drains about one frame per emulated millisecond, so in 2 ms it takes
+/// only a few of the [`DEFAULT_BACKPRESSURE`] frames it holds and never runs dry, and
+/// one read of `/proc/net/udp` costs ~0.1 ms of CPU.
+const BACKPRESSURE_POLL: Duration = Duration::from_millis(2);
 
 /// Namespace of [`Hub::start`].
 pub enum Hub {}
@@ -510,6 +511,12 @@ impl HubHandle {
         self.call(|c, _| (0..c.ports()).map(|p| c.queued(p)).collect())
     }
 
+    /// CPU time the scheduler thread has used so far (Linux; `None` elsewhere): the hub
+    /// shares the machine's cores with the emulators, so its cost is reported.
+    pub fn cpu_time(&self) -> Result<Option<Duration>, HubError> {
+        self.call(|_, _| thread_cpu_time())
+    }
+
     /// The counters as a table, with the seed and the members' own drops.
     pub fn report(&self) -> Result<String, HubError> {
         Ok(format_report(
@@ -518,7 +525,7 @@ impl HubHandle {
             &self.counters()?,
             &self.member_drops(),
             &self.hub_drops(),
-        ))
+        ) + &cpu_line(self.cpu_time()?))
     }
 
     /// Stops the hub and returns its final counters (also written to the report file
@@ -534,13 +541,15 @@ impl HubHandle {
         // Sample the members' sockets while they may still be open.
         let drops = self.member_drops();
         let hub_drops = self.hub_drops();
+        let cpu = self.cpu_time().ok().flatten();
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.events.send(Event::Stop);
         let counters = scheduler.join().map(|c| c.counters()).unwrap_or_default();
         for r in self.receivers.drain(..) {
             let _ = r.join();
         }
-        let text = format_report(&self.summary, &self.members, &counters, &drops, &hub_drops);
+        let text = format_report(&self.summary, &self.members, &counters, &drops, &hub_drops)
+            + &cpu_line(cpu);
         eprint!("{text}");
         if let Some(path) = &self.report {
             if let Err(e) = fs::write(path, &text) {
@@ -555,6 +564,26 @@ impl Drop for HubHandle {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// CPU time (user + system) of the calling thread, from `/proc/thread-self/stat`.
+fn thread_cpu_time() -> Option<Duration> {
+    let stat = fs::read_to_string("/proc/thread-self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) start at the state, field 3;
+    // utime and stime are fields 14 and 15, in USER_HZ ticks (100 per second on Linux).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
+fn cpu_line(cpu: Option<Duration>) -> String {
+    cpu.map_or(String::new(), |c| {
+        format!(
+            "hub: the scheduler thread used {:.2} s of CPU\n",
+            c.as_secs_f64()
+        )
+    })
 }
 
 /// Datagrams dropped so far by the (IPv4) UDP socket bound to local `port` on this
