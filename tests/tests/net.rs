@@ -1,6 +1,8 @@
 //! Network scenario on a linked Bochs pair: both e1000s come up with their MAC-derived
 //! addresses, ping works both ways, `netbench` moves 2 MiB with every byte verified by
-//! the peer's sink, and unreachable peers and bad arguments end in one-line errors.
+//! the peer's sink, unreachable peers and bad arguments end in one-line errors, and the
+//! lab's hub cuts and heals a port on command. A second scenario runs netbench through
+//! hub links of several settings and counts the frames Bochs' receiving socket dropped.
 
 use std::time::Duration;
 
@@ -87,6 +89,23 @@ fn bochs_pair_ping_and_verified_netbench() {
         // The stack still works after the errors.
         let out = c.command("ping 10.0.0.2 1", CMD_TIMEOUT)?;
         expect(&out, "1 sent, 1 received")?;
+
+        // The hub cuts B off on command and plugs it back in.
+        let hub = lab.hub.as_ref().ok_or("the lab has no hub")?;
+        hub.partition(1).map_err(|e| e.to_string())?;
+        let out = lab.instances[0]
+            .console
+            .command("ping 10.0.0.2 1", CMD_TIMEOUT)?;
+        expect(&out, "error: ping: no reply from 10.0.0.2")?;
+        hub.heal(1).map_err(|e| e.to_string())?;
+        let out = lab.instances[0]
+            .console
+            .command("ping 10.0.0.2 1", CMD_TIMEOUT)?;
+        expect(&out, "1 sent, 1 received")?;
+        let k = hub.counters().map_err(|e| e.to_string())?;
+        if k[1].cuts != 1 || k[1].dropped_partition == 0 {
+            return Err(format!("partition not counted: {:?}", k[1]));
+        }
         Ok(())
     });
 }
