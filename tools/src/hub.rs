@@ -298,9 +298,9 @@ fn since(epoch: Instant) -> Nanos {
 }
 
 /// Gives every port the credit its member's socket has room for, from one read of
-/// `/proc/net/udp`. A member whose socket is not found (not up yet, or not Linux) gets the
-/// whole allowance.
-fn refresh_credit(core: &mut Core, dests: &[SocketAddr], limit: u32) {
+/// `/proc/net/udp`. A member whose socket is not found (not up yet, or not Linux) counts
+/// as empty.
+fn refresh_credit(core: &mut Core, dests: &[SocketAddr]) {
     let table = fs::read_to_string("/proc/net/udp").unwrap_or_default();
     for (p, d) in dests.iter().enumerate() {
         let held = udp_column(&table, d.port(), |f| {
@@ -308,8 +308,7 @@ fn refresh_credit(core: &mut Core, dests: &[SocketAddr], limit: u32) {
             u64::from_str_radix(rx, 16).ok()
         })
         .unwrap_or(0);
-        let frames = held.div_ceil(SOCKET_FRAME_COST).min(u64::from(limit)) as u32;
-        core.set_credit(p, Some(limit - frames));
+        core.member_holds(p, held.div_ceil(SOCKET_FRAME_COST));
     }
 }
 
@@ -322,16 +321,12 @@ fn schedule(
     epoch: Instant,
 ) -> Core {
     let mut out = Vec::new();
-    if let Some(limit) = core.backpressure() {
-        refresh_credit(&mut core, &dests, limit);
-    }
+    refresh_credit(&mut core, &dests);
     let mut credit_read = Instant::now();
     loop {
-        if let Some(limit) = core.backpressure() {
-            if core.paused() && credit_read.elapsed() >= BACKPRESSURE_POLL {
-                refresh_credit(&mut core, &dests, limit);
-                credit_read = Instant::now();
-            }
+        if core.paused() && credit_read.elapsed() >= BACKPRESSURE_POLL {
+            refresh_credit(&mut core, &dests);
+            credit_read = Instant::now();
         }
         core.poll(since(epoch), &mut out);
         for (p, frame) in out.drain(..) {

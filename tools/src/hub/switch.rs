@@ -621,11 +621,23 @@ impl Core {
     }
 
     /// Sets how many more frames `port`'s member can take before the port pauses
-    /// (`None`: no back-pressure). The I/O layer refreshes it from the member's socket
-    /// occupancy; each frame serialized uses one.
+    /// (`None`: no back-pressure); each frame serialized uses one.
     pub fn set_credit(&mut self, port: usize, credit: Option<u32>) {
         if let Some(p) = self.ports.get_mut(port) {
             p.credit = credit;
+        }
+    }
+
+    /// The member on `port` holds `frames` unread frames (as the I/O layer read them
+    /// from its socket): it may take the back-pressure limit less those and less the
+    /// frames still on their way to it (serialized, waiting out a delay).
+    pub fn member_holds(&mut self, port: usize, frames: u64) {
+        let Some(limit) = self.backpressure else {
+            return;
+        };
+        if let Some(p) = self.ports.get_mut(port) {
+            let busy = frames.saturating_add(p.flight.len() as u64);
+            p.credit = Some(u64::from(limit).saturating_sub(busy) as u32);
         }
     }
 
@@ -1523,10 +1535,42 @@ mod tests {
         assert!(!c.paused());
         let k = c.counters()[1];
         assert_eq!((k.paused, k.dropped_queue), (1, 0));
+        // The credit is the limit less what the member holds and what is on its way.
+        c.set_backpressure(Some(4));
+        c.set_faults(
+            Some(1),
+            Faults {
+                delay: Duration::from_millis(5),
+                ..Faults::default()
+            },
+        )
+        .unwrap();
+        c.member_holds(1, 1);
+        for i in 0..5 {
+            c.ingress(8 * MS, 0, &frame(BCAST, mac(1), 100, i));
+        }
+        drain(&mut c, 8 * MS);
+        assert_eq!(
+            c.queued(1),
+            2,
+            "3 frames on their way, 1 held by the member"
+        );
+        // The member read its frame; the 3 in flight still count: room for one more.
+        c.member_holds(1, 0);
+        drain(&mut c, 8 * MS);
+        assert_eq!(c.queued(1), 1);
+        assert!(c.paused());
+        assert_eq!(drain(&mut c, 20 * MS).len(), 4, "delivered after the delay");
+        c.member_holds(1, 0);
+        assert!(!c.paused());
+        drain(&mut c, 20 * MS);
+        assert_eq!(c.queued(1), 0);
+        drain(&mut c, 40 * MS);
+        c.set_faults(Some(1), Faults::default()).unwrap();
         // Without back-pressure the port runs free again.
-        c.set_credit(1, None);
-        c.ingress(9 * MS, 0, &frame(BCAST, mac(1), 100, 9));
-        assert_eq!(drain(&mut c, 10 * MS), vec![(1, 9)]);
+        c.set_backpressure(None);
+        c.ingress(50 * MS, 0, &frame(BCAST, mac(1), 100, 9));
+        assert_eq!(drain(&mut c, 51 * MS), vec![(1, 9)]);
     }
 
     #[test]
