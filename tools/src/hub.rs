@@ -261,7 +261,7 @@ fn summary(members: &[Member], config: &HubConfig, seed: u64) -> String {
         let _ = write!(s, "; port {p} faults: {f}");
     }
     for c in &config.partitions {
-        let _ = write!(s, "; partition {c:?}");
+        let _ = write!(s, "; {c}");
     }
     s
 }

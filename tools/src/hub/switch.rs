@@ -210,15 +210,29 @@ impl Faults {
 }
 
 impl fmt::Display for Faults {
+    /// Only the faults that are on: `loss 0.05, reorder 0.1 by 3, delay 5ms`, or `none`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if !self.any() {
-            return f.write_str("none");
+        let mut parts = Vec::new();
+        if self.loss > 0.0 {
+            parts.push(format!("loss {}", self.loss));
         }
-        write!(
-            f,
-            "loss {}, duplicate {}, reorder {} by {}, delay {:?} + jitter {:?}",
-            self.loss, self.duplicate, self.reorder, self.reorder_by, self.delay, self.jitter
-        )
+        if self.duplicate > 0.0 {
+            parts.push(format!("duplicate {}", self.duplicate));
+        }
+        if self.reorder > 0.0 {
+            parts.push(format!("reorder {} by {}", self.reorder, self.reorder_by));
+        }
+        if !self.delay.is_zero() {
+            parts.push(format!("delay {:?}", self.delay));
+        }
+        if !self.jitter.is_zero() {
+            parts.push(format!("jitter {:?}", self.jitter));
+        }
+        if parts.is_empty() {
+            f.write_str("none")
+        } else {
+            f.write_str(&parts.join(", "))
+        }
     }
 }
 
@@ -284,6 +298,23 @@ pub struct Partition {
     pub trigger: Trigger,
     /// How long the cut lasts; `None` = until healed by command.
     pub heal_after: Option<Duration>,
+}
+
+impl fmt::Display for Partition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cut {}", self.cut)?;
+        match self.trigger {
+            Trigger::Now => f.write_str(" now")?,
+            Trigger::After(d) => write!(f, " after {d:?}")?,
+            Trigger::AfterBytes { from, bytes } => {
+                write!(f, " once port {from} sent {bytes} bytes")?
+            }
+        }
+        match self.heal_after {
+            Some(d) => write!(f, ", heal after {d:?}"),
+            None => f.write_str(", heal on command"),
+        }
+    }
 }
 
 /// Parses a duration with a unit: `250ms`, `2.5s`, `100us`.
@@ -1598,6 +1629,21 @@ mod tests {
             let e = bad.parse::<Partition>().unwrap_err();
             assert!(e.starts_with("partition '"), "{e}");
         }
+        assert_eq!(
+            "1@b0:1000000+2s".parse::<Partition>().unwrap().to_string(),
+            "cut port 1 once port 0 sent 1000000 bytes, heal after 2s"
+        );
+        assert_eq!(
+            Faults {
+                loss: 0.05,
+                reorder: 0.1,
+                reorder_by: 3,
+                ..Faults::default()
+            }
+            .to_string(),
+            "loss 0.05, reorder 0.1 by 3"
+        );
+        assert_eq!(Faults::default().to_string(), "none");
         assert_eq!(parse_duration("100us"), Ok(Duration::from_micros(100)));
         assert!(parse_duration("-1s").is_err());
     }
