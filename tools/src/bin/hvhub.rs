@@ -51,7 +51,7 @@ struct Args {
     /// Up to this much more per frame, uniformly drawn (order kept).
     #[arg(long, value_parser = parse_duration, default_value = "0s")]
     jitter: Duration,
-    /// Scripted partition CUT[@TRIGGER][+HEAL], repeatable: `1@10s+2s` cuts port 1 at
+    /// Scripted partition `CUT[@TRIGGER][+HEAL]`, repeatable: `1@10s+2s` cuts port 1 at
     /// 10 s for 2 s; `0-1@b0:1000000` cuts the link 0-1 once port 0 sent 1,000,000 bytes.
     #[arg(long = "partition", value_name = "SPEC")]
     partitions: Vec<Partition>,
