@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use hv_tools::emu::{Emulator, Lab, LabConfig};
+pub use hv_tools::hub::{Cut, Faults, HubConfig, LinkConfig, Partition, Trigger};
 
 /// Boot timeout: Bochs boots in seconds here, but CI machines are noisy.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
@@ -51,6 +52,17 @@ impl Setup {
 
 /// Boots per `setup`, runs `body`, prints diagnostics and panics on failure.
 pub fn scenario(name: &str, setup: Setup, body: impl FnOnce(&mut Lab) -> Result<(), String>) {
+    scenario_with_hub(name, setup, &HubConfig::default(), body)
+}
+
+/// [`scenario`] with the hub's links, faults and scripted partitions set from the start
+/// (faults can also be changed later through `lab.hub()`).
+pub fn scenario_with_hub(
+    name: &str,
+    setup: Setup,
+    hub: &HubConfig,
+    body: impl FnOnce(&mut Lab) -> Result<(), String>,
+) {
     let iso = PathBuf::from(
         std::env::var("HV_ISO")
             .expect("HV_ISO not set: run the end-to-end tests with `cargo xtask test`"),
@@ -66,6 +78,7 @@ pub fn scenario(name: &str, setup: Setup, body: impl FnOnce(&mut Lab) -> Result<
         bochs_ips: hv_tools::emu::DEFAULT_BOCHS_IPS,
         net: setup.net,
         extra_hub_ports: setup.extra_hub_ports,
+        hub: hub.clone(),
     };
     let started = std::time::Instant::now();
     let mut lab = match Lab::start(&cfg, BOOT_TIMEOUT) {

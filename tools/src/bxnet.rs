@@ -2,10 +2,10 @@
 //! hypervisor (for example to send it a malformed migration stream).
 //!
 //! Bochs' `socket` network module exchanges raw Ethernet frames as UDP datagrams on
-//! loopback: an instance receives on port P and sends to P+1, and `bxhub` forwards
-//! between the instances' ports. This endpoint takes a hub port like an instance would
-//! and runs smoltcp over it, so everything stays on 127.0.0.1 and no TAP device or host
-//! routing is involved.
+//! loopback: an instance receives on port P and sends to P+1, and the lab's
+//! [`hub`](crate::hub) forwards between the members' ports. This endpoint takes a hub port
+//! like an instance would and runs smoltcp over it, so everything stays on 127.0.0.1 and
+//! no TAP device or host routing is involved.
 
 use std::net::UdpSocket;
 use std::time::{Duration, Instant as StdInstant};
@@ -74,7 +74,7 @@ impl NonceSource for HostRng {
     }
 }
 
-/// A smoltcp endpoint on a bxhub port.
+/// A smoltcp endpoint on a hub port.
 ///
 /// Speaks the hypervisors' secure migration channel once [`BxEndpoint::secure`] has
 /// run on a connection (then `send_all`/`recv_until_close` carry plaintext through it),

@@ -1,8 +1,10 @@
 //! Launching the hypervisor image in an emulator: Bochs (VMX emulated, any host), QEMU
 //! with KVM (nested VMX on Intel hosts) and QEMU/TCG (no VMX). One instance or a linked
-//! pair on one virtual Ethernet (Bochs: e1000 with the socket module and `bxhub`; QEMU:
-//! a socket netdev). Only the launch differs between emulators; [`Instance`] exposes the
-//! same console either way. Emulators are killed when their [`Instance`] drops.
+//! pair on one virtual Ethernet: the lab's own [`hub`](crate::hub) joins them (Bochs: e1000
+//! with the socket module; QEMU: an e1000 on a `dgram` netdev; both one frame per UDP
+//! datagram), so every emulator gets the same paced links and the same fault injection.
+//! Only the launch differs between emulators; [`Instance`] exposes the same console
+//! either way. Emulators are killed when their [`Instance`] drops.
 
 use std::fmt;
 use std::fs;
@@ -13,6 +15,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use crate::console::Console;
+use crate::hub::{Hub, HubConfig, HubHandle, Member};
 
 /// Which emulator runs the image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,19 +129,9 @@ pub struct InstanceConfig {
 pub struct NetConfig {
     /// The e1000's MAC.
     pub mac: [u8; 6],
-    /// Bochs: the UDP port pair for the socket module (bxhub base + 2*index).
-    pub bochs_port: u16,
-    /// QEMU: listen (first instance) or connect to this TCP port.
-    pub qemu_socket: QemuSocket,
-}
-
-/// QEMU socket netdev role.
-#[derive(Clone, Copy, Debug)]
-pub enum QemuSocket {
-    /// `-netdev socket,listen=127.0.0.1:PORT`.
-    Listen(u16),
-    /// `-netdev socket,connect=127.0.0.1:PORT`.
-    Connect(u16),
+    /// The instance's hub port P (hub base + 2*index): it receives frames on UDP P and
+    /// sends them to P+1 (Bochs `ethdev=P`; QEMU `dgram` local P, remote P+1).
+    pub hub_port: u16,
 }
 
 fn mac_str(m: &[u8; 6]) -> String {
@@ -184,7 +177,7 @@ impl InstanceConfig {
             s.push_str(&format!(
                 "e1000: enabled=1, mac={}, ethmod=socket, ethdev={}\n",
                 mac_str(&n.mac),
-                n.bochs_port
+                n.hub_port
             ));
         }
         s
@@ -232,13 +225,14 @@ impl InstanceConfig {
                 ]);
                 match &self.net {
                     Some(n) => {
-                        let sock = match n.qemu_socket {
-                            QemuSocket::Listen(p) => format!("listen=127.0.0.1:{p}"),
-                            QemuSocket::Connect(p) => format!("connect=127.0.0.1:{p}"),
-                        };
                         v.extend([
                             "-netdev".into(),
-                            format!("socket,id=n0,{sock}"),
+                            format!(
+                                "dgram,id=n0,local.type=inet,local.host=127.0.0.1,local.port={},\
+                                 remote.type=inet,remote.host=127.0.0.1,remote.port={}",
+                                n.hub_port,
+                                n.hub_port + 1
+                            ),
                             "-device".into(),
                             format!("e1000,netdev=n0,mac={}", mac_str(&n.mac)),
                         ]);
@@ -366,14 +360,15 @@ impl Drop for Instance {
     }
 }
 
-/// The bxhub process joining Bochs instances. Killed on drop.
-pub struct Hub {
+/// Bochs' own `bxhub`, kept only to compare it with the lab's hub (`HV_HUB=bxhub`):
+/// it forwards bursts as they come and has no counters or faults. Killed on drop.
+struct Bxhub {
     child: Child,
 }
 
-impl Hub {
-    /// Starts `bxhub` for `ports` instances at UDP `base`.
-    pub fn start(base: u16, ports: u16, work_dir: &Path) -> Result<Self, String> {
+impl Bxhub {
+    /// Starts `bxhub` for `ports` members at UDP `base`.
+    fn start(base: u16, ports: u16, work_dir: &Path) -> Result<Self, String> {
         let out = fs::File::create(work_dir.join("bxhub.out")).map_err(|e| e.to_string())?;
         let child = Command::new("bxhub")
             .arg(format!("-ports={ports}"))
@@ -383,11 +378,14 @@ impl Hub {
             .stderr(out)
             .spawn()
             .map_err(|e| format!("cannot start bxhub: {e}"))?;
+        eprintln!(
+            "lab: HV_HUB=bxhub: Bochs' bxhub instead of the lab's hub (no pacing, no faults)"
+        );
         Ok(Self { child })
     }
 }
 
-impl Drop for Hub {
+impl Drop for Bxhub {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -412,14 +410,20 @@ fn write_private(path: &Path, text: &str) -> Result<(), String> {
 
 /// A linked pair (or a single instance when `pair` is false).
 pub struct Lab {
+    /// The network hub joining the instances and the host endpoints (`None` for a single
+    /// instance without a NIC). Tests inject faults through it: its port `i` is instance
+    /// `i`, then the extra endpoint ports. Declared first so that it stops (and reads
+    /// the members' socket drops for its report) before the emulators are killed.
+    pub hub: Option<HubHandle>,
     /// The instances ("a", then "b").
     pub instances: Vec<Instance>,
-    /// bxhub's base UDP port (Bochs): port `base + 2*i` belongs to hub member `i`.
+    /// The hub's base UDP port: hub member `i` receives on `base + 2*i` and sends to the
+    /// port after it (instances first, then the extra endpoint ports).
     pub hub_base: u16,
     /// The lab's migration key (64 hex digits), fresh for every lab, set on every
     /// instance at boot and kept in `<work_dir>/migration.key`.
     pub key: String,
-    _hub: Option<Hub>,
+    _bxhub: Option<Bxhub>,
 }
 
 /// A fresh random 256-bit migration key, as 64 hex digits.
@@ -459,14 +463,17 @@ pub struct LabConfig {
     pub bochs_ips: u64,
     /// Give single instances a NIC too.
     pub net: bool,
-    /// Extra bxhub ports for host endpoints ([`crate::bxnet`]), after the instances'.
+    /// Extra hub ports for host endpoints ([`crate::bxnet`]), after the instances'.
     pub extra_hub_ports: u16,
+    /// The hub's links, faults and partitions. Its report goes to `<work_dir>/hub.out`
+    /// unless set; a missing seed is taken from `HV_HUB_SEED` if set, else drawn.
+    pub hub: HubConfig,
 }
 
 impl LabConfig {
     /// Instance configurations (without starting anything): used by [`Lab::start`] and by
     /// the unit test of the generated command lines.
-    pub fn instance_configs(&self, hub_base: u16, qemu_net_port: u16) -> Vec<InstanceConfig> {
+    pub fn instance_configs(&self, hub_base: u16) -> Vec<InstanceConfig> {
         let count = if self.pair { 2 } else { 1 };
         (0..count)
             .map(|i| InstanceConfig {
@@ -478,12 +485,7 @@ impl LabConfig {
                 console_port: free_tcp_port(),
                 net: (self.pair || self.net).then(|| NetConfig {
                     mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56 + i as u8],
-                    bochs_port: hub_base + 2 * i as u16,
-                    qemu_socket: if i == 0 {
-                        QemuSocket::Listen(qemu_net_port)
-                    } else {
-                        QemuSocket::Connect(qemu_net_port)
-                    },
+                    hub_port: hub_base + 2 * i as u16,
                 }),
                 bochs_ips: self.bochs_ips,
             })
@@ -495,27 +497,31 @@ impl Lab {
     /// Starts the instances (and the hub) and waits until every console shows its prompt.
     pub fn start(cfg: &LabConfig, boot_timeout: Duration) -> Result<Self, String> {
         fs::create_dir_all(&cfg.work_dir).map_err(|e| e.to_string())?;
-        let members = if cfg.pair { 2 } else { 1 } + cfg.extra_hub_ports;
+        let instances = if cfg.pair { 2 } else { 1 };
+        let members = instances + cfg.extra_hub_ports;
         let hub_base = free_udp_range(2 * members);
-        let hub = if cfg.emulator == Emulator::Bochs && (cfg.pair || cfg.net) {
-            Some(Hub::start(hub_base, members, &cfg.work_dir)?)
+        let networked = cfg.pair || cfg.net;
+        let bxhub = std::env::var("HV_HUB").is_ok_and(|v| v == "bxhub");
+        let (hub, bxhub) = if !networked {
+            (None, None)
+        } else if bxhub {
+            (None, Some(Bxhub::start(hub_base, members, &cfg.work_dir)?))
         } else {
-            None
+            (Some(start_hub(cfg, hub_base, instances, members)?), None)
         };
-        let mut instances = Vec::new();
-        for ic in cfg.instance_configs(hub_base, free_tcp_port()) {
-            let inst = Instance::start(ic)?;
-            instances.push(inst);
-        }
         let key = new_key()?;
         let key_file = cfg.work_dir.join("migration.key");
         write_private(&key_file, &key)?;
         let mut lab = Self {
-            instances,
+            hub,
+            instances: Vec::new(),
             hub_base,
             key,
-            _hub: hub,
+            _bxhub: bxhub,
         };
+        for ic in cfg.instance_configs(hub_base) {
+            lab.instances.push(Instance::start(ic)?);
+        }
         for i in 0..lab.instances.len() {
             let r = lab.instances[i]
                 .wait_boot(boot_timeout)
@@ -539,14 +545,70 @@ impl Lab {
         set_key(&mut self.instances[i], &self.key)
     }
 
-    /// Diagnostics of every instance.
+    /// The hub, for fault injection; an error if the lab has none (no network, or
+    /// `HV_HUB=bxhub`).
+    pub fn hub(&self) -> Result<&HubHandle, String> {
+        self.hub
+            .as_ref()
+            .ok_or_else(|| "this lab has no hub of its own (no network, or HV_HUB=bxhub)".into())
+    }
+
+    /// Diagnostics of every instance, and the hub's counters.
     pub fn diagnostics(&self) -> String {
-        self.instances
+        let mut s = self
+            .instances
             .iter()
             .map(Instance::diagnostics)
             .collect::<Vec<_>>()
-            .join("\n")
+            .join("\n");
+        if let Some(Ok(r)) = self.hub.as_ref().map(HubHandle::report) {
+            s.push_str("===== hub =====\n");
+            s.push_str(&r);
+        }
+        s
     }
+}
+
+/// The seed from `HV_HUB_SEED`, if set (decimal or 0x-hex).
+fn env_seed() -> Result<Option<u64>, String> {
+    let Ok(v) = std::env::var("HV_HUB_SEED") else {
+        return Ok(None);
+    };
+    let t = v.trim();
+    let parsed = match t.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => t.parse(),
+    };
+    parsed
+        .map(Some)
+        .map_err(|_| format!("HV_HUB_SEED={v:?} is not a number"))
+}
+
+/// Starts the lab's hub: instance `i` on port `base + 2*i`, then the endpoints.
+fn start_hub(
+    cfg: &LabConfig,
+    base: u16,
+    instances: u16,
+    members: u16,
+) -> Result<HubHandle, String> {
+    let names = ["a", "b"];
+    let members = (0..members)
+        .map(|i| {
+            let name = match names.get(i as usize) {
+                Some(n) if i < instances => n.to_string(),
+                _ => format!("endpoint{}", i - instances),
+            };
+            Member::socket_pair(&name, base + 2 * i)
+        })
+        .collect();
+    let mut hc = cfg.hub.clone();
+    if hc.seed.is_none() {
+        hc.seed = env_seed()?;
+    }
+    if hc.report.is_none() {
+        hc.report = Some(cfg.work_dir.join("hub.out"));
+    }
+    Hub::start(members, hc).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -563,20 +625,24 @@ mod tests {
             bochs_ips: 50_000_000,
             net: false,
             extra_hub_ports: 0,
+            hub: HubConfig::default(),
         }
     }
 
     #[test]
     fn qemu_kvm_pair_command_lines() {
-        let ics = cfg(Emulator::QemuKvm).instance_configs(40000, 5555);
+        let ics = cfg(Emulator::QemuKvm).instance_configs(40000);
         assert_eq!(ics.len(), 2);
         let a = ics[0].command_line().join(" ");
         let b = ics[1].command_line().join(" ");
         assert!(
             a.starts_with("qemu-system-x86_64 -M pc -enable-kvm -cpu host -m 256 -cdrom /x/hv.iso")
         );
-        assert!(a.contains("-netdev socket,id=n0,listen=127.0.0.1:5555"));
-        assert!(b.contains("-netdev socket,id=n0,connect=127.0.0.1:5555"));
+        assert!(a.contains(
+            "-netdev dgram,id=n0,local.type=inet,local.host=127.0.0.1,local.port=40000,\
+             remote.type=inet,remote.host=127.0.0.1,remote.port=40001"
+        ));
+        assert!(b.contains("local.port=40002,") && b.contains("remote.port=40003"));
         assert!(a.contains("e1000,netdev=n0,mac=52:54:00:12:34:56"));
         assert!(b.contains("e1000,netdev=n0,mac=52:54:00:12:34:57"));
         assert!(a.contains(&format!(
@@ -590,13 +656,13 @@ mod tests {
     fn qemu_tcg_has_no_kvm() {
         let mut c = cfg(Emulator::QemuTcg);
         c.pair = false;
-        let a = c.instance_configs(0, 0)[0].command_line().join(" ");
+        let a = c.instance_configs(0)[0].command_line().join(" ");
         assert!(!a.contains("kvm") && a.contains("-cpu max") && a.contains("-nic none"));
     }
 
     #[test]
     fn bochs_pair_config() {
-        let ics = cfg(Emulator::Bochs).instance_configs(40000, 0);
+        let ics = cfg(Emulator::Bochs).instance_configs(40000);
         let a = ics[0].bochsrc();
         let b = ics[1].bochsrc();
         assert!(a.contains("cpu: model=corei7_skylake_x"));

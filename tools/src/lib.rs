@@ -7,6 +7,7 @@
 pub mod bxnet;
 pub mod console;
 pub mod emu;
+pub mod hub;
 pub mod session;
 pub mod stats;
 pub mod streams;

@@ -10,7 +10,7 @@ pub const BUILD_TOOLS: &[(&str, &str)] = &[
     ("mformat", "mtools"),
 ];
 /// Needed to boot in Bochs.
-pub const BOCHS_TOOLS: &[(&str, &str)] = &[("bochs", "bochs"), ("bxhub", "bochs")];
+pub const BOCHS_TOOLS: &[(&str, &str)] = &[("bochs", "bochs")];
 /// Needed to boot in QEMU.
 pub const QEMU_TOOLS: &[(&str, &str)] = &[("qemu-system-x86_64", "qemu-system-x86")];
 

@@ -18,6 +18,7 @@ use std::process::ExitCode;
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use hv_tools::emu::{default_emulator, Emulator};
+use hv_tools::hub::{Faults, HubConfig, LinkConfig};
 
 /// Build, boot, test and benchmark the hvmig hypervisor.
 #[derive(Debug, Parser)]
@@ -100,6 +101,46 @@ pub struct EmuArgs {
     /// RAM of each emulated machine, in MiB.
     #[arg(long = "mem", value_name = "MiB", default_value_t = 256)]
     pub mem_mib: u32,
+    #[command(flatten)]
+    pub hub: HubArgs,
+}
+
+/// The lab hub's link and faults (every port alike; see tools/src/hub.rs).
+#[derive(Clone, Debug, Args)]
+pub struct HubArgs {
+    /// Line rate of every hub port towards its member, in bytes per second.
+    #[arg(long, value_name = "BYTES/S", default_value_t = hv_tools::hub::DEFAULT_RATE)]
+    pub link_rate: u64,
+    /// Egress queue of every hub port, in frames (tail drop beyond it).
+    #[arg(long, value_name = "FRAMES", default_value_t = hv_tools::hub::DEFAULT_QUEUE)]
+    pub link_queue: usize,
+    /// Probability that the hub drops a frame (every port).
+    #[arg(long, value_name = "P", default_value_t = 0.0)]
+    pub loss: f64,
+    /// Seed of the hub's fault decisions [default: HV_HUB_SEED, else random, printed].
+    #[arg(long, value_name = "N")]
+    pub hub_seed: Option<u64>,
+}
+
+impl HubArgs {
+    /// The hub configuration these options describe.
+    pub fn config(&self) -> Result<HubConfig, String> {
+        let c = HubConfig {
+            link: LinkConfig {
+                rate: self.link_rate,
+                queue: self.link_queue,
+            },
+            faults: Faults {
+                loss: self.loss,
+                ..Faults::default()
+            },
+            seed: self.hub_seed,
+            ..HubConfig::default()
+        };
+        c.link.validate().map_err(|e| e.to_string())?;
+        c.faults.validate().map_err(|e| e.to_string())?;
+        Ok(c)
+    }
 }
 
 /// Options of the subcommands that always boot a linked pair.
@@ -123,17 +164,21 @@ pub struct BootOpts {
     pub ips: u64,
     /// RAM per instance.
     pub mem_mib: u32,
+    /// The network hub's links and faults.
+    pub hub: HubConfig,
 }
 
 impl BootOpts {
-    /// The options from the command line; `pair` as given.
-    pub fn new(emu: &EmuArgs, pair: bool) -> Self {
-        Self {
+    /// The options from the command line; `pair` as given. Fails on an invalid hub
+    /// setting (a zero rate, a probability outside 0..=1).
+    pub fn new(emu: &EmuArgs, pair: bool) -> Result<Self, String> {
+        Ok(Self {
             emulator: emu.emulator.unwrap_or_else(default_emulator),
             pair,
             ips: emu.ips,
             mem_mib: emu.mem_mib,
-        }
+            hub: emu.hub.config()?,
+        })
     }
 }
 
@@ -154,8 +199,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Build => build::run_build().map(|_| ()),
-        Cmd::Run { pair, emu } => run::run(&BootOpts::new(&emu, pair)),
-        Cmd::Demo(p) => demo::run(&BootOpts::new(&p.emu, true)),
+        Cmd::Run { pair, emu } => BootOpts::new(&emu, pair).and_then(|o| run::run(&o)),
+        Cmd::Demo(p) => BootOpts::new(&p.emu, true).and_then(|o| demo::run(&o)),
         Cmd::Test(t) => test::run(&t),
         Cmd::Bench(b) => bench::run(&b),
         Cmd::Soak(s) => soak::run(&s),
@@ -225,6 +270,7 @@ mod tests {
             "bench --repeats 1",
             "bench --compare a.json --against b.json",
             "run --pair --emulator qemu-tcg --ips 1000 --mem 64",
+            "run --pair --link-rate 2000000 --link-queue 512 --loss 0.01 --hub-seed 7",
             "run --emulator qemu",
             "demo --pair --emulator bochs",
             "bench --quick --emulator qemu-kvm --repeats 2 --compare old.json",
@@ -238,6 +284,21 @@ mod tests {
                 panic!("{line}: {e}");
             }
         }
+    }
+
+    #[test]
+    fn hub_options_are_checked() {
+        let cli = Cli::try_parse_from(["xtask", "run", "--pair", "--loss", "1.5"]).unwrap();
+        let Cmd::Run { emu, .. } = cli.cmd else {
+            panic!("not run")
+        };
+        let e = BootOpts::new(&emu, true).unwrap_err();
+        assert!(e.contains("loss probability 1.5"), "{e}");
+        let cli = Cli::try_parse_from(["xtask", "run", "--link-rate", "0"]).unwrap();
+        let Cmd::Run { emu, .. } = cli.cmd else {
+            panic!("not run")
+        };
+        assert!(BootOpts::new(&emu, false).is_err());
     }
 
     #[test]

@@ -36,6 +36,7 @@ pub fn boot(opts: &BootOpts, work: &str) -> Result<Lab, String> {
         bochs_ips: opts.ips,
         net: true,
         extra_hub_ports: 0,
+        hub: opts.hub.clone(),
     };
     eprintln!(
         "xtask: booting {} instance(s) in {} (logs in {})",

@@ -191,7 +191,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
 fn run_matrix(args: &BenchArgs) -> Result<Results, String> {
     let quick = args.quick;
     let repeats = args.repeats.unwrap_or(if quick { 1 } else { 3 });
-    let opts = BootOpts::new(&args.emu, true);
+    let opts = BootOpts::new(&args.emu, true)?;
     let cfgs = matrix(quick);
     let total = cfgs.len() as u64 * u64::from(repeats);
     let mut lab = run::boot(&opts, "bench")?;
