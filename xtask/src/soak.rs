@@ -185,7 +185,7 @@ pub fn run(args: &SoakArgs) -> Result<(), String> {
         "soak: {} migrations, seed {seed} (replay with --seed {seed})",
         args.migrations
     );
-    let opts = BootOpts::new(&args.emu, true);
+    let opts = BootOpts::new(&args.emu, true)?;
     let mut lab = run::boot(&opts, "soak")?;
     let dir = out_dir().join("soak");
     fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
