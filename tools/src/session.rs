@@ -2,7 +2,7 @@
 //! migration and collect its figures, measure the link with netbench.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::console::Console;
 use crate::stats::{MigrationStats, PREFIX as STATS_PREFIX};
@@ -153,4 +153,87 @@ mod tests {
         assert!(counter_values(log, 3).is_empty());
         assert_eq!(counter_times(log, 1), vec![(4, 1), (5, 2)]);
     }
+}
+
+/// A side's level with the guests' own share taken out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Level {
+    /// Free frames plus the guests' frames.
+    pub frames: i64,
+    /// Heap in use minus the guests' share.
+    pub heap: i64,
+    /// Open sockets.
+    pub sockets: i64,
+}
+
+/// The `mem` figures, waiting (bounded) until no migration is in flight and no socket
+/// lingers, so a level is comparable.
+pub fn level(c: &mut Console) -> Result<Level, String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = c.command("mem", Duration::from_secs(120))?;
+        let line = out
+            .lines()
+            .find_map(|l| l.trim_start().strip_prefix("MEM "))
+            .ok_or_else(|| format!("no MEM line:\n{out}"))?;
+        let kv = parse_kv(line);
+        let n = |k: &str| kv.get(k).and_then(|v| v.parse::<i64>().ok()).unwrap_or(-1);
+        let (mut gframes, mut gheap) = (0, 0);
+        for l in out.lines() {
+            // "  guest 3    4112 frames (16448 KiB: ...), 1234 bytes of heap"
+            let w: Vec<&str> = l.split_whitespace().collect();
+            if w.first() == Some(&"guest") && w.get(3) == Some(&"frames") {
+                gframes += w[2].parse::<i64>().unwrap_or(0);
+                let heap = l
+                    .rsplit(", ")
+                    .next()
+                    .and_then(|t| t.split_whitespace().next())
+                    .and_then(|t| t.parse::<i64>().ok());
+                gheap += heap.unwrap_or(0);
+            }
+        }
+        let settled = n("migrations") == 0 && n("lingering") == 0;
+        if settled || Instant::now() > deadline {
+            return Ok(Level {
+                frames: n("frames_free") + gframes,
+                heap: n("heap_used") - gheap,
+                sockets: n("sockets"),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The rows of `vms` naming `image`: (id, state, migrations).
+pub fn listed(c: &mut Console, image: &str) -> Result<Vec<(u32, String, u64)>, String> {
+    let out = c.command("vms", Duration::from_secs(120))?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            // A table row starts with the numeric id (guest output lines with "[gN]").
+            let row = w.first().is_some_and(|id| id.parse::<u32>().is_ok());
+            (row && w.get(1) == Some(&image)).then(|| {
+                (
+                    w[0].parse().unwrap_or(0),
+                    w.get(2).unwrap_or(&"?").to_string(),
+                    w.get(6).and_then(|m| m.parse().ok()).unwrap_or(0),
+                )
+            })
+        })
+        .collect())
+}
+
+/// Asks a verify or dirtier guest to check itself; Ok(false) on FAIL.
+pub fn self_check(c: &mut Console, image: &str, id: u32) -> Result<bool, String> {
+    c.command(&format!("check {id}"), Duration::from_secs(120))?;
+    // verify prints "verify: PASS ...", the dirtier "dirtier: verify: PASS ...".
+    let tag = if image == "verify" {
+        format!("[g{id}] verify: ")
+    } else {
+        format!("[g{id}] {image}: verify: ")
+    };
+    let (pass, fail) = (format!("{tag}PASS"), format!("{tag}FAIL"));
+    let (i, _) = c.wait_any(&[pass.as_str(), fail.as_str()], Duration::from_secs(120))?;
+    Ok(i == 0)
 }

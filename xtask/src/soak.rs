@@ -20,7 +20,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Args;
 use hv_tools::console::Console;
@@ -79,92 +79,12 @@ struct Row {
     violations: String,
 }
 
-/// A side's level with the guests' own share taken out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Level {
-    frames: i64,
-    heap: i64,
-    sockets: i64,
-}
-
 fn rng_seed(seed: Option<u64>) -> u64 {
     seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64)
     })
-}
-
-/// The `mem` figures, waiting (bounded) until no migration is in flight and no socket
-/// lingers, so a level is comparable.
-fn level(c: &mut Console) -> Result<Level, String> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let out = c.command("mem", CMD)?;
-        let line = out
-            .lines()
-            .find_map(|l| l.trim_start().strip_prefix("MEM "))
-            .ok_or_else(|| format!("no MEM line:\n{out}"))?;
-        let kv = session::parse_kv(line);
-        let n = |k: &str| kv.get(k).and_then(|v| v.parse::<i64>().ok()).unwrap_or(-1);
-        let (mut gframes, mut gheap) = (0, 0);
-        for l in out.lines() {
-            // "  guest 3    4112 frames (16448 KiB: ...), 1234 bytes of heap"
-            let w: Vec<&str> = l.split_whitespace().collect();
-            if w.first() == Some(&"guest") && w.get(3) == Some(&"frames") {
-                gframes += w[2].parse::<i64>().unwrap_or(0);
-                let heap = l
-                    .rsplit(", ")
-                    .next()
-                    .and_then(|t| t.split_whitespace().next())
-                    .and_then(|t| t.parse::<i64>().ok());
-                gheap += heap.unwrap_or(0);
-            }
-        }
-        let settled = n("migrations") == 0 && n("lingering") == 0;
-        if settled || Instant::now() > deadline {
-            return Ok(Level {
-                frames: n("frames_free") + gframes,
-                heap: n("heap_used") - gheap,
-                sockets: n("sockets"),
-            });
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-/// The rows of `vms` naming `image`: (id, state, migrations).
-fn listed(c: &mut Console, image: &str) -> Result<Vec<(u32, String, u64)>, String> {
-    let out = c.command("vms", CMD)?;
-    Ok(out
-        .lines()
-        .filter_map(|l| {
-            let w: Vec<&str> = l.split_whitespace().collect();
-            // A table row starts with the numeric id (guest output lines with "[gN]").
-            let row = w.first().is_some_and(|id| id.parse::<u32>().is_ok());
-            (row && w.get(1) == Some(&image)).then(|| {
-                (
-                    w[0].parse().unwrap_or(0),
-                    w.get(2).unwrap_or(&"?").to_string(),
-                    w.get(6).and_then(|m| m.parse().ok()).unwrap_or(0),
-                )
-            })
-        })
-        .collect())
-}
-
-/// Asks a verify or dirtier guest to check itself; Ok(false) on FAIL.
-fn self_check(c: &mut Console, image: &str, id: u32) -> Result<bool, String> {
-    c.command(&format!("check {id}"), CMD)?;
-    // verify prints "verify: PASS ...", the dirtier "dirtier: verify: PASS ...".
-    let tag = if image == "verify" {
-        format!("[g{id}] verify: ")
-    } else {
-        format!("[g{id}] {image}: verify: ")
-    };
-    let (pass, fail) = (format!("{tag}PASS"), format!("{tag}FAIL"));
-    let (i, _) = c.wait_any(&[pass.as_str(), fail.as_str()], CMD)?;
-    Ok(i == 0)
 }
 
 fn start(c: &mut Console, args: &str, image: &'static str) -> Result<Guest, String> {
@@ -211,7 +131,7 @@ pub fn run(args: &SoakArgs) -> Result<(), String> {
     ];
     eprintln!("soak: verify rate {verify_rate} pages/s, dirtier rate {dirtier_rate} pages/s");
     std::thread::sleep(Duration::from_secs(2));
-    let idle = [level(cons[0])?, level(cons[1])?];
+    let idle = [session::level(cons[0])?, session::level(cons[1])?];
 
     let mut rows = Vec::new();
     let mut progress = Progress::new("soak", u64::from(args.migrations));
@@ -272,8 +192,8 @@ pub fn run(args: &SoakArgs) -> Result<(), String> {
         }
         // Exactly one side runs it, with the expected migration count.
         let g2 = guests[gi].clone();
-        let here = listed(cons[g2.side], g2.image)?;
-        let there = listed(cons[1 - g2.side], g2.image)?;
+        let here = session::listed(cons[g2.side], g2.image)?;
+        let there = session::listed(cons[1 - g2.side], g2.image)?;
         match (here.as_slice(), there.as_slice()) {
             ([(id, state, migr)], []) if *id == g2.id => {
                 if !matches!(state.as_str(), "running" | "sleeping") {
@@ -315,14 +235,14 @@ pub fn run(args: &SoakArgs) -> Result<(), String> {
                     }
                 }
             }
-            "verify" | "dirtier" if !self_check(c, g2.image, g2.id)? => {
+            "verify" | "dirtier" if !session::self_check(c, g2.image, g2.id)? => {
                 violations.push(format!("{} failed its check", g2.image));
             }
             _ => {}
         }
         // Both hypervisors back at their idle level.
         for side in 0..2 {
-            let l = level(cons[side])?;
+            let l = session::level(cons[side])?;
             let i = idle[side];
             if l.frames != i.frames || l.sockets != i.sockets || l.heap > i.heap + HEAP_SLACK {
                 violations.push(format!(

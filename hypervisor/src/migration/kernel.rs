@@ -981,6 +981,9 @@ impl Migrations {
                         ));
                     }
                 }
+                "timeout" => {
+                    params.timeout_us = args::parse_in_range("timeout (s)", v, 2, 600)? * 1_000_000
+                }
                 "cache" => {
                     params.cache_bytes =
                         (args::parse_in_range("cache (MiB)", v, 0, 256)? as usize) << 20;

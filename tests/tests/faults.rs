@@ -1,0 +1,237 @@
+//! The fault matrix on a Bochs pair joined by the project's hub (A = 10.0.0.1, B =
+//! 10.0.0.2): network partitions at different phases of a migration, a lossy and
+//! reordering link for a whole migration, and a destination without room. For each,
+//! the outcome the README's migration semantics promise: the guest runs on exactly
+//! one side (and passes its own memory check there), both consoles say what happened,
+//! and both hypervisors return to their idle level (frames, sockets, heap).
+
+use std::time::Duration;
+
+use hv_tests::{expect, scenario_with_hub, Setup, CMD_TIMEOUT};
+use hv_tools::console::Console;
+use hv_tools::hub::{Faults, HubConfig};
+use hv_tools::session::{self, Level};
+
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Hub port of instance B (A is 0).
+const PORT_B: usize = 1;
+
+/// Where the verify guest is.
+struct Guest {
+    on_b: bool,
+    id: u32,
+}
+
+fn consoles(lab: &mut hv_tests::Lab) -> (&mut Console, &mut Console) {
+    let (a, b) = lab.instances.split_at_mut(1);
+    (&mut a[0].console, &mut b[0].console)
+}
+
+/// Starts `migrate` and waits for its end; Ok(Some(new id)) if it completed,
+/// Ok(None) with the failure line checked to contain `why` otherwise.
+fn attempt(
+    src: &mut Console,
+    dst: &mut Console,
+    g: &Guest,
+    opts: &str,
+    why: Option<&str>,
+) -> Result<Option<u32>, String> {
+    let peer = if g.on_b { "10.0.0.1" } else { "10.0.0.2" };
+    let out = src.command(&format!("migrate {} {peer} {opts}", g.id), CMD_TIMEOUT)?;
+    expect(&out, &format!("migrate: guest {} (", g.id))?;
+    let (i, _) = src.wait_any(&["migrated to", "migrate: FAILED: "], MIGRATE_TIMEOUT)?;
+    match (i, why) {
+        (0, None) => {
+            let arrived = dst.wait_for("arrived and resumed", MIGRATE_TIMEOUT)?;
+            let id = arrived
+                .rsplit("migrate: guest ")
+                .next()
+                .and_then(|s| s.split(' ').next())
+                .and_then(|s| s.parse().ok())
+                .ok_or("no new id")?;
+            Ok(Some(id))
+        }
+        (1, Some(why)) => {
+            let line = src.wait_for("\n", CMD_TIMEOUT)?;
+            if !line.contains(why) || !line.contains("keeps running here") {
+                return Err(format!("expected a failure with {why:?}: {line:?}"));
+            }
+            Ok(None)
+        }
+        (0, Some(why)) => Err(format!("expected a failure ({why}), it completed")),
+        _ => {
+            let line = src.wait_for("\n", CMD_TIMEOUT)?;
+            Err(format!("expected success, got FAILED: {line}"))
+        }
+    }
+}
+
+/// The guest runs on exactly its side and passes its check; both sides are idle.
+fn check(a: &mut Console, b: &mut Console, g: &Guest, idle: &[Level; 2]) -> Result<(), String> {
+    let (here, there) = if g.on_b {
+        (&mut *b, &mut *a)
+    } else {
+        (&mut *a, &mut *b)
+    };
+    let rows = session::listed(here, "verify")?;
+    if rows.len() != 1 || rows[0].0 != g.id || !matches!(rows[0].1.as_str(), "running" | "sleeping")
+    {
+        return Err(format!(
+            "verify guest {} not running where expected: {rows:?}",
+            g.id
+        ));
+    }
+    let other = session::listed(there, "verify")?;
+    if !other.is_empty() {
+        return Err(format!("verify guest on both sides: {other:?}"));
+    }
+    if !session::self_check(here, "verify", g.id)? {
+        return Err("verify guest failed its memory check".into());
+    }
+    // The side without the guest is back at its idle level (the guest's own frames
+    // and heap are taken out on the side that holds it).
+    for (side, c) in [(0, &mut *a), (1, &mut *b)] {
+        let l = session::level(c)?;
+        let i = idle[side];
+        if l.frames != i.frames || l.sockets != i.sockets || l.heap > i.heap + 16 * 1024 {
+            return Err(format!("side {side}: level {l:?}, idle {i:?}"));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "boots an emulator pair: run with cargo xtask test"]
+fn bochs_pair_fault_matrix() {
+    let hub = HubConfig {
+        seed: Some(20261129),
+        ..HubConfig::default()
+    };
+    scenario_with_hub("bochs-faults", Setup::bochs_pair(), &hub, |lab| {
+        let (a, b) = consoles(lab);
+        let id = session::start(a, "verify mem=8 rate=40 check=3600")?;
+        a.wait_for(&format!("[g{id}] verify: "), CMD_TIMEOUT)?;
+        std::thread::sleep(Duration::from_secs(1));
+        let idle = [session::level(a)?, session::level(b)?];
+        let mut g = Guest { on_b: false, id };
+        // The idle level of A includes the guest; check() takes guests out on both.
+        let idle = [idle[0], idle[1]];
+
+        // 1. Partitioned before it connects: the source gives up after 10 s.
+        lab.hub()?.partition(PORT_B).map_err(|e| e.to_string())?;
+        let (a, b) = consoles(lab);
+        attempt(a, b, &g, "", Some("did not accept the connection"))?;
+        lab.hub()?.heal(PORT_B).map_err(|e| e.to_string())?;
+        let (a, b) = consoles(lab);
+        std::thread::sleep(Duration::from_secs(3));
+        check(a, b, &g, &idle)?;
+        eprintln!("faults: 1 (partition while connecting) ok");
+
+        // 2. A 3 s partition during round 0: TCP retransmits, the migration completes.
+        let out = a.command(
+            &format!("migrate {} 10.0.0.2 verify=full", g.id),
+            CMD_TIMEOUT,
+        )?;
+        expect(&out, "migrate: guest")?;
+        std::thread::sleep(Duration::from_secs(2));
+        lab.hub()?.partition(PORT_B).map_err(|e| e.to_string())?;
+        std::thread::sleep(Duration::from_secs(3));
+        lab.hub()?.heal(PORT_B).map_err(|e| e.to_string())?;
+        let (a, b) = consoles(lab);
+        let (i, _) = a.wait_any(&["migrated to", "migrate: FAILED: "], MIGRATE_TIMEOUT)?;
+        if i != 0 {
+            return Err(format!(
+                "a 3 s partition failed the migration: {}",
+                a.wait_for("\n", CMD_TIMEOUT)?
+            ));
+        }
+        let arrived = b.wait_for("arrived and resumed", MIGRATE_TIMEOUT)?;
+        g = Guest {
+            on_b: true,
+            id: arrived
+                .rsplit("migrate: guest ")
+                .next()
+                .and_then(|s| s.split(' ').next())
+                .and_then(|s| s.parse().ok())
+                .ok_or("no new id")?,
+        };
+        check(a, b, &g, &idle)?;
+        eprintln!("faults: 2 (short partition in round 0) ok");
+
+        // 3. A partition longer than the source's timeout during pre-copy: it gives up,
+        //    the guest runs on at B (the source), A discards once the link heals.
+        let out = b.command(&format!("migrate {} 10.0.0.1 timeout=8", g.id), CMD_TIMEOUT)?;
+        expect(&out, "migrate: guest")?;
+        std::thread::sleep(Duration::from_secs(2));
+        lab.hub()?.partition(0).map_err(|e| e.to_string())?;
+        let (_, b) = consoles(lab);
+        b.wait_for("migrate: FAILED: ", MIGRATE_TIMEOUT)?;
+        expect(&b.wait_for("\n", CMD_TIMEOUT)?, "keeps running here")?;
+        lab.hub()?.heal(0).map_err(|e| e.to_string())?;
+        let (a, b) = consoles(lab);
+        a.wait_for("incoming migration discarded: ", MIGRATE_TIMEOUT)?;
+        check(a, b, &g, &idle)?;
+        eprintln!("faults: 3 (long partition in pre-copy) ok");
+
+        // 4. The same during stop-and-copy (guest frozen): it is thawed on the source.
+        let out = b.command(
+            &format!("migrate {} 10.0.0.1 mode=stop timeout=8", g.id),
+            CMD_TIMEOUT,
+        )?;
+        expect(&out, "migrate: guest")?;
+        std::thread::sleep(Duration::from_secs(2));
+        lab.hub()?.partition(0).map_err(|e| e.to_string())?;
+        let (_, b) = consoles(lab);
+        b.wait_for("migrate: FAILED: ", MIGRATE_TIMEOUT)?;
+        expect(&b.wait_for("\n", CMD_TIMEOUT)?, "keeps running here")?;
+        lab.hub()?.heal(0).map_err(|e| e.to_string())?;
+        let (a, b) = consoles(lab);
+        a.wait_for("incoming migration discarded: ", MIGRATE_TIMEOUT)?;
+        check(a, b, &g, &idle)?;
+        eprintln!("faults: 4 (long partition in stop-and-copy) ok");
+
+        // 5. 5 % loss with reordering and duplicates, both ways, for a whole migration:
+        //    slower, complete, and exact (verify=full).
+        let lossy = Faults {
+            loss: 0.05,
+            duplicate: 0.02,
+            reorder: 0.05,
+            reorder_by: 3,
+            ..Faults::default()
+        };
+        lab.hub()?
+            .set_faults_all(lossy)
+            .map_err(|e| e.to_string())?;
+        let (a, b) = consoles(lab);
+        let new = attempt(b, a, &g, "verify=full", None)?.ok_or("no id")?;
+        g = Guest {
+            on_b: false,
+            id: new,
+        };
+        lab.hub()?
+            .set_faults_all(Faults::default())
+            .map_err(|e| e.to_string())?;
+        let (a, b) = consoles(lab);
+        check(a, b, &g, &idle)?;
+        let k = lab.hub()?.report().map_err(|e| e.to_string())?;
+        eprintln!("faults: 5 (5 % loss, reordering, duplicates) ok\n{k}");
+
+        // 6. A destination without room refuses at Hello; the guest stays.
+        let (a, b) = consoles(lab);
+        // A guest that leaves B less than the 8 MiB guest plus its 8 MiB reserve.
+        let mem = b.command("mem", CMD_TIMEOUT)?;
+        let free_mib = mem
+            .split("frames_free=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or("no frames_free")?
+            / 256;
+        let hog = session::start(b, &format!("counter mem={} period=1000", free_mib - 13))?;
+        attempt(a, b, &g, "", Some("cannot host the guest"))?;
+        b.command(&format!("kill {hog}"), CMD_TIMEOUT)?;
+        check(a, b, &g, &idle)?;
+        eprintln!("faults: 6 (destination out of memory) ok");
+        Ok(())
+    });
+}
