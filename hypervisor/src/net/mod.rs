@@ -240,10 +240,12 @@ impl NetStack {
             ^ u64::from_le_bytes([0, 0, mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]]);
         let iface = Interface::new(config, &mut dev, now());
         let mut sockets = SocketSet::new(vec![]);
-        let sink = sockets.add(tcp::Socket::new(
+        let mut sink = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0; SINK_RX_BUF]),
             tcp::SocketBuffer::new(vec![0; 256]),
-        ));
+        );
+        configure(&mut sink);
+        let sink = sockets.add(sink);
         let mut s = Self {
             pci,
             dev,
@@ -429,7 +431,7 @@ impl NetStack {
             tcp::SocketBuffer::new(vec![0; rx]),
             tcp::SocketBuffer::new(vec![0; tx]),
         );
-        s.set_nagle_enabled(false);
+        configure(&mut s);
         self.sockets.add(s)
     }
 
@@ -484,7 +486,7 @@ impl NetStack {
             tcp::SocketBuffer::new(buf(rx)?),
             tcp::SocketBuffer::new(buf(tx)?),
         );
-        s.set_nagle_enabled(false);
+        configure(&mut s);
         Ok(TcpSocket {
             h: self.sockets.add(s),
             released: self.released.clone(),
@@ -597,6 +599,16 @@ impl NetStack {
         }
         did
     }
+}
+
+/// Settings of every TCP socket. Nagle is off: bulk senders fill whole segments anyway
+/// and request/response exchanges should not wait. Keep-alive: smoltcp 0.12 sends no
+/// zero-window probes, so when a receiver's window is full and the ACK that reopens it
+/// is lost, the sender would wait for ever (seen as a migration stalling under 5 %
+/// loss); a keep-alive segment every second while idle makes the peer repeat its window.
+fn configure(s: &mut tcp::Socket<'_>) {
+    s.set_nagle_enabled(false);
+    s.set_keep_alive(Some(smoltcp::time::Duration::from_millis(1000)));
 }
 
 #[cfg(test)]
