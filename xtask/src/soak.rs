@@ -29,6 +29,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
+use hv_tools::hub::{Cut, Faults, HubHandle, Partition, Trigger};
+
 use crate::progress::Progress;
 use crate::{out_dir, run, BootOpts, EmuArgs};
 
@@ -41,6 +43,11 @@ pub struct SoakArgs {
     /// Seed for every random choice (default: from the clock; printed).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Inject network faults from the hub into some migrations: a lossy, reordering,
+    /// duplicating link for the whole migration, a short partition TCP rides out, or a
+    /// partition longer than the source's timeout (the migration aborts, the guest stays).
+    #[arg(long)]
+    pub faults: bool,
     #[command(flatten)]
     pub emu: EmuArgs,
 }
@@ -65,6 +72,8 @@ struct Guest {
 #[derive(Clone, Debug, Default, Serialize)]
 struct Row {
     n: u32,
+    /// The fault injected into this migration (`none` without `--faults`).
+    fault: String,
     image: String,
     from: String,
     to: String,
@@ -97,6 +106,67 @@ fn start(c: &mut Console, args: &str, image: &'static str) -> Result<Guest, Stri
     })
 }
 
+/// A fault injected into one migration.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Fault {
+    None,
+    /// Loss, reordering and duplicates on every port for the whole migration.
+    Lossy(f64),
+    /// The destination cut off for a while; TCP rides it out.
+    ShortCut(Duration),
+    /// The destination cut off for longer than the source's `timeout=8`: it aborts.
+    LongCut,
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fault::None => f.write_str("none"),
+            Fault::Lossy(p) => write!(f, "loss {:.0}% + reorder 3% + dup 1%", p * 100.0),
+            Fault::ShortCut(d) => write!(f, "partition {:.1} s", d.as_secs_f64()),
+            Fault::LongCut => f.write_str("partition 14 s (timeout 8 s)"),
+        }
+    }
+}
+
+/// Chooses and arms a fault for the next migration (to `dst`, 0 = A).
+fn inject(hub: &HubHandle, rng: &mut StdRng, dst: usize) -> Result<Fault, String> {
+    let e = |e: hv_tools::hub::HubError| e.to_string();
+    let fault = match rng.random_range(0..10) {
+        0..=3 => Fault::None,
+        4..=6 => Fault::Lossy(rng.random_range(0.01..0.05)),
+        7..=8 => Fault::ShortCut(Duration::from_millis(rng.random_range(1000..4000))),
+        _ => Fault::LongCut,
+    };
+    match fault {
+        Fault::None => {}
+        Fault::Lossy(loss) => hub
+            .set_faults_all(Faults {
+                loss,
+                reorder: 0.03,
+                reorder_by: 3,
+                duplicate: 0.01,
+                ..Faults::default()
+            })
+            .map_err(e)?,
+        Fault::ShortCut(_) | Fault::LongCut => {
+            let d = match fault {
+                Fault::ShortCut(d) => d,
+                _ => Duration::from_secs(14),
+            };
+            // Some time into the migration (the handshake and a part of round 0).
+            let after = Duration::from_millis(rng.random_range(300..3000));
+            hub.schedule(Partition {
+                cut: Cut::Port(dst),
+                trigger: Trigger::After(after),
+                heal_after: Some(d),
+            })
+            .map_err(e)?
+        }
+    }
+    Ok(fault)
+}
+
 /// `cargo xtask soak`.
 pub fn run(args: &SoakArgs) -> Result<(), String> {
     let seed = rng_seed(args.seed);
@@ -105,10 +175,16 @@ pub fn run(args: &SoakArgs) -> Result<(), String> {
         "soak: {} migrations, seed {seed} (replay with --seed {seed})",
         args.migrations
     );
-    let opts = BootOpts::new(&args.emu, true)?;
+    let mut opts = BootOpts::new(&args.emu, true)?;
+    // One seed replays the whole run, the hub's fault draws included.
+    opts.hub.seed.get_or_insert(seed);
     let mut lab = run::boot(&opts, "soak")?;
     let dir = out_dir().join("soak");
     fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let hub = lab.hub.as_ref();
+    if args.faults && hub.is_none() {
+        return Err("--faults needs the lab's own hub (unset HV_HUB)".into());
+    }
     let (a, b) = lab.instances.split_at_mut(1);
     let mut cons = [&mut a[0].console, &mut b[0].console];
     const NAME: [&str; 2] = ["A", "B"];
@@ -148,12 +224,21 @@ pub fn run(args: &SoakArgs) -> Result<(), String> {
         .to_string()
             // Bounded rounds: a guest dirtying faster than the link stops after 10.
             + " verify=full max-rounds=10";
+        let fault = match (args.faults, hub) {
+            (true, Some(hub)) => inject(hub, &mut rng, dst)?,
+            _ => Fault::None,
+        };
+        let options = match fault {
+            Fault::LongCut => options + " timeout=8",
+            _ => options,
+        };
         progress.start(&format!(
             "{} {} -> {} ({options})",
             g.image, NAME[src], NAME[dst]
         ));
         let mut row = Row {
             n,
+            fault: fault.to_string(),
             image: g.image.into(),
             from: NAME[src].into(),
             to: NAME[dst].into(),
@@ -189,6 +274,11 @@ pub fn run(args: &SoakArgs) -> Result<(), String> {
                 row.outcome = e.replace('\n', " ");
             }
             Err(e) => return Err(format!("migration {n}: {e}")),
+        }
+        if let (true, Some(hub)) = (args.faults, hub) {
+            hub.heal_all().map_err(|e| e.to_string())?;
+            hub.set_faults_all(Faults::default())
+                .map_err(|e| e.to_string())?;
         }
         // Exactly one side runs it, with the expected migration count.
         let g2 = guests[gi].clone();
@@ -301,8 +391,15 @@ fn summarize(seed: u64, rows: &[Row]) -> String {
     for r in rows.iter().filter(|r| r.completed) {
         *by_opt.entry(r.options.as_str()).or_default() += 1;
     }
+    let mut by_fault: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for r in rows {
+        let kind = r.fault.split(' ').next().unwrap_or("none").to_string();
+        let e = by_fault.entry(kind).or_default();
+        e.0 += 1;
+        e.1 += usize::from(r.completed);
+    }
     format!(
-        "soak summary (seed {seed}):\n  attempted {}\n  completed {}\n  refused or aborted (guest kept on its source) {}\n  lost guests {}\n  guests running twice {}\n  pages mismatched (verify=full rejections) {}\n  failed guest checks or counter gaps {}\n  level changes (frames, sockets or heap leaked) {}\n  downtime ms min/median/max {}/{}/{}\n  completed by options {by_opt:?}\n",
+        "soak summary (seed {seed}):\n  attempted {}\n  completed {}\n  refused or aborted, guest kept on its source (by a fault with --faults) {}\n  lost guests {}\n  guests running twice {}\n  pages mismatched (verify=full rejections) {}\n  failed guest checks or counter gaps {}\n  level changes (frames, sockets or heap leaked) {}\n  downtime ms min/median/max {}/{}/{}\n  completed by options {by_opt:?}\n  faults (attempted, completed) {by_fault:?}\n",
         rows.len(),
         count(&|r| r.completed),
         count(&|r| !r.completed),
