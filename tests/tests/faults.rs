@@ -41,16 +41,7 @@ fn attempt(
     expect(&out, &format!("migrate: guest {} (", g.id))?;
     let (i, _) = src.wait_any(&["migrated to", "migrate: FAILED: "], MIGRATE_TIMEOUT)?;
     match (i, why) {
-        (0, None) => {
-            let arrived = dst.wait_for("arrived and resumed", MIGRATE_TIMEOUT)?;
-            let id = arrived
-                .rsplit("migrate: guest ")
-                .next()
-                .and_then(|s| s.split(' ').next())
-                .and_then(|s| s.parse().ok())
-                .ok_or("no new id")?;
-            Ok(Some(id))
-        }
+        (0, None) => Ok(Some(session::wait_arrived(dst, MIGRATE_TIMEOUT)?)),
         (1, Some(why)) => {
             let line = src.wait_for("\n", CMD_TIMEOUT)?;
             if !line.contains(why) || !line.contains("keeps running here") {
@@ -100,6 +91,29 @@ fn check(a: &mut Console, b: &mut Console, g: &Guest, idle: &[Level; 2]) -> Resu
     Ok(())
 }
 
+/// Migrates the guest from B to A with `opts` and cuts A off 2 s in for longer than the
+/// source's timeout: the source must give up and keep the guest, A must discard once
+/// the link heals, and both return to idle.
+fn long_partition(
+    lab: &mut hv_tests::Lab,
+    g: &Guest,
+    opts: &str,
+    idle: &[Level; 2],
+) -> Result<(), String> {
+    let (_, b) = consoles(lab);
+    let out = b.command(&format!("migrate {} 10.0.0.1 {opts}", g.id), CMD_TIMEOUT)?;
+    expect(&out, "migrate: guest")?;
+    std::thread::sleep(Duration::from_secs(2));
+    lab.hub()?.partition(0).map_err(|e| e.to_string())?;
+    let (_, b) = consoles(lab);
+    b.wait_for("migrate: FAILED: ", MIGRATE_TIMEOUT)?;
+    expect(&b.wait_for("\n", CMD_TIMEOUT)?, "keeps running here")?;
+    lab.hub()?.heal(0).map_err(|e| e.to_string())?;
+    let (a, b) = consoles(lab);
+    a.wait_for("incoming migration discarded: ", MIGRATE_TIMEOUT)?;
+    check(a, b, g, idle)
+}
+
 #[test]
 #[ignore = "boots an emulator pair: run with cargo xtask test"]
 fn bochs_pair_fault_matrix() {
@@ -147,49 +161,19 @@ fn bochs_pair_fault_matrix() {
                     a.wait_for("\n", CMD_TIMEOUT)?
                 ));
             }
-            let arrived = b.wait_for("arrived and resumed", MIGRATE_TIMEOUT)?;
             g = Guest {
                 on_b: true,
-                id: arrived
-                    .rsplit("migrate: guest ")
-                    .next()
-                    .and_then(|s| s.split(' ').next())
-                    .and_then(|s| s.parse().ok())
-                    .ok_or("no new id")?,
+                id: session::wait_arrived(b, MIGRATE_TIMEOUT)?,
             };
             check(a, b, &g, &idle)?;
             eprintln!("faults: 2 (short partition in round 0) ok");
 
             // 3. A partition longer than the source's timeout during pre-copy: it gives up,
             //    the guest runs on at B (the source), A discards once the link heals.
-            let out = b.command(&format!("migrate {} 10.0.0.1 timeout=8", g.id), CMD_TIMEOUT)?;
-            expect(&out, "migrate: guest")?;
-            std::thread::sleep(Duration::from_secs(2));
-            lab.hub()?.partition(0).map_err(|e| e.to_string())?;
-            let (_, b) = consoles(lab);
-            b.wait_for("migrate: FAILED: ", MIGRATE_TIMEOUT)?;
-            expect(&b.wait_for("\n", CMD_TIMEOUT)?, "keeps running here")?;
-            lab.hub()?.heal(0).map_err(|e| e.to_string())?;
-            let (a, b) = consoles(lab);
-            a.wait_for("incoming migration discarded: ", MIGRATE_TIMEOUT)?;
-            check(a, b, &g, &idle)?;
+            long_partition(lab, &g, "timeout=8", &idle)?;
             eprintln!("faults: 3 (long partition in pre-copy) ok");
-
             // 4. The same during stop-and-copy (guest frozen): it is thawed on the source.
-            let out = b.command(
-                &format!("migrate {} 10.0.0.1 mode=stop timeout=8", g.id),
-                CMD_TIMEOUT,
-            )?;
-            expect(&out, "migrate: guest")?;
-            std::thread::sleep(Duration::from_secs(2));
-            lab.hub()?.partition(0).map_err(|e| e.to_string())?;
-            let (_, b) = consoles(lab);
-            b.wait_for("migrate: FAILED: ", MIGRATE_TIMEOUT)?;
-            expect(&b.wait_for("\n", CMD_TIMEOUT)?, "keeps running here")?;
-            lab.hub()?.heal(0).map_err(|e| e.to_string())?;
-            let (a, b) = consoles(lab);
-            a.wait_for("incoming migration discarded: ", MIGRATE_TIMEOUT)?;
-            check(a, b, &g, &idle)?;
+            long_partition(lab, &g, "mode=stop timeout=8", &idle)?;
             eprintln!("faults: 4 (long partition in stop-and-copy) ok");
         } else {
             let (a, b) = consoles(lab);
@@ -234,15 +218,9 @@ fn bochs_pair_fault_matrix() {
             return Err(format!("the migration over a lossy link failed: {why}"));
         }
         if completed {
-            let arrived = a.wait_for("arrived and resumed", MIGRATE_TIMEOUT)?;
             g = Guest {
                 on_b: false,
-                id: arrived
-                    .rsplit("migrate: guest ")
-                    .next()
-                    .and_then(|s| s.split(' ').next())
-                    .and_then(|s| s.parse().ok())
-                    .ok_or("no new id")?,
+                id: session::wait_arrived(a, MIGRATE_TIMEOUT)?,
             };
         } else {
             expect(&b.wait_for("\n", CMD_TIMEOUT)?, "keeps running here")?;

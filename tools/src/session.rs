@@ -58,18 +58,23 @@ pub fn migrate(
     let line = src.wait_for("\n", Duration::from_secs(10))?;
     let stats = MigrationStats::parse(&format!("{}{line}", STATS_PREFIX))
         .map_err(|e| format!("{e}: {line}"))?;
-    let arrived = dst.wait_for("arrived and resumed", timeout)?;
-    let new_id = arrived
-        .rsplit("migrate: guest ")
-        .next()
-        .and_then(|s| s.split(' ').next())
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("cannot find the new id in {arrived:?}"))?;
+    let new_id = wait_arrived(dst, timeout)?;
     Ok(Migrated {
         new_id,
         stats,
         summary: summary.trim_end_matches(STATS_PREFIX).to_string(),
     })
+}
+
+/// Waits for the destination's "arrived and resumed" line; returns the guest's id there.
+pub fn wait_arrived(dst: &mut Console, timeout: Duration) -> Result<u32, String> {
+    let arrived = dst.wait_for("arrived and resumed", timeout)?;
+    arrived
+        .rsplit("migrate: guest ")
+        .next()
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("cannot find the new id in {arrived:?}"))
 }
 
 /// Runs `netbench <ip> <mib>` and returns the NETBENCH figures.
