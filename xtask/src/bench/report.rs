@@ -94,7 +94,7 @@ pub fn table(res: &Results) -> String {
     );
     for (k, rs) in res.groups() {
         let [t_, d, rn, mb, thr, dt, w] = [0, 1, 2, 3, 4, 5, 6].map(|i| col(&rs, FIGURES[i].get));
-        let method = if k.mode == "stop" { "stop" } else { &k.method };
+        let method = k.method_label();
         let _ = writeln!(
             t,
             "{:>4} {:<8} {:>6} {:>6} {:<8} {:>16} {:>18} {:>4.0} {:>9.2} {:>7.2} {:>7.2} {:>6.2}",

@@ -86,21 +86,29 @@ pub struct Key {
     pub workload: String,
 }
 
+impl Key {
+    /// The method column: `stop`, the tracking method, or e.g. `pml+delta` for a
+    /// pre-copy variant.
+    pub fn method_label(&self) -> String {
+        if self.mode == "stop" {
+            "stop".into()
+        } else if let Some(extra) = self.mode.strip_prefix("precopy+") {
+            format!("{}+{extra}", self.method)
+        } else {
+            self.method.clone()
+        }
+    }
+}
+
 impl fmt::Display for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let full;
-        let method = if self.mode == "stop" {
-            "stop"
-        } else if let Some(extra) = self.mode.strip_prefix("precopy+") {
-            full = format!("{}+{extra}", self.method);
-            &full
-        } else {
-            &self.method
-        };
         write!(
             f,
             "{} MiB {} {} ws {}",
-            self.mem_mib, self.dirty_level, method, self.ws_pages
+            self.mem_mib,
+            self.dirty_level,
+            self.method_label(),
+            self.ws_pages
         )
     }
 }
