@@ -41,12 +41,11 @@ use crate::vmm::Vmm;
 use crate::vmx::caps::VmxCaps;
 use crate::{cmd_err, println, time};
 
-/// Receive window of the destination. Bochs' socket network hands the receiving card
-/// one frame per emulated millisecond and drops what piles up beyond its UDP buffer;
-/// a window that fits there avoids losses, whose retransmission timeouts (a second or
-/// more) would otherwise land in the downtime. Measured: 32-48 KiB loses nothing at
-/// about 1.1 MB/s; 128 KiB reaches 1.3-1.5 MB/s but with losses.
-const RX_WINDOW: usize = 48 * 1024;
+/// Receive window of the destination. Through bxhub, Bochs' socket network dropped what
+/// piled up beyond its UDP buffer, which held the window to 48 KiB; the project's hub
+/// holds frames back while a member's socket is full (back-pressure), so nothing is
+/// lost and the window can match the sender's buffer (measured in the README).
+const RX_WINDOW: usize = 128 * 1024;
 
 /// A TCP socket as a migration link.
 struct TcpLink<'a> {
