@@ -23,14 +23,7 @@ fn pingpong() -> usize {
         .unwrap_or(50)
 }
 
-fn mem(c: &mut Console) -> Result<BTreeMap<String, String>, String> {
-    let out = c.command("mem", CMD_TIMEOUT)?;
-    let line = out
-        .lines()
-        .find(|l| l.trim_start().starts_with("MEM "))
-        .ok_or_else(|| format!("no MEM line in:\n{out}"))?;
-    Ok(session::parse_kv(line.trim_start()))
-}
+use hv_tools::session::mem;
 
 fn num(m: &BTreeMap<String, String>, k: &str) -> u64 {
     m.get(k).and_then(|v| v.parse().ok()).unwrap_or(u64::MAX)

@@ -254,11 +254,8 @@ fn bochs_pair_fault_matrix() {
         // 6. A destination without room refuses at Hello; the guest stays.
         let (a, b) = consoles(lab);
         // A guest that leaves B less than the 8 MiB guest plus its 8 MiB reserve.
-        let mem = b.command("mem", CMD_TIMEOUT)?;
-        let free_mib = mem
-            .split("frames_free=")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
+        let free_mib = session::mem(b)?
+            .get("frames_free")
             .and_then(|s| s.parse::<u64>().ok())
             .ok_or("no frames_free")?
             / 256;

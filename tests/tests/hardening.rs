@@ -20,15 +20,7 @@ fn hammer_secs() -> u64 {
         .unwrap_or(40)
 }
 
-/// The `MEM` line's figures.
-fn mem(c: &mut Console) -> Result<std::collections::BTreeMap<String, String>, String> {
-    let out = c.command("mem", CMD_TIMEOUT)?;
-    let line = out
-        .lines()
-        .find(|l| l.trim_start().starts_with("MEM "))
-        .ok_or_else(|| format!("no MEM line in:\n{out}"))?;
-    Ok(session::parse_kv(line.trim_start()))
-}
+use hv_tools::session::mem;
 
 fn num(m: &std::collections::BTreeMap<String, String>, k: &str) -> Result<u64, String> {
     m.get(k)

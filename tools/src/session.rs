@@ -66,6 +66,16 @@ pub fn migrate(
     })
 }
 
+/// The figures of `mem`'s machine-readable `MEM key=value ...` line.
+pub fn mem(c: &mut Console) -> Result<BTreeMap<String, String>, String> {
+    let out = c.command("mem", Duration::from_secs(120))?;
+    let line = out
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("MEM "))
+        .ok_or_else(|| format!("no MEM line in:\n{out}"))?;
+    Ok(parse_kv(line))
+}
+
 /// Waits for the destination's "arrived and resumed" line; returns the guest's id there.
 pub fn wait_arrived(dst: &mut Console, timeout: Duration) -> Result<u32, String> {
     let arrived = dst.wait_for("arrived and resumed", timeout)?;
