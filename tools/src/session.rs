@@ -21,8 +21,8 @@ pub struct Migrated {
 /// Parses `KEY k=v k=v ...` into a map (the first word is skipped). For lines without a
 /// typed record (NETBENCH); `MIGRATION-STATS` has [`MigrationStats::parse`].
 pub fn parse_kv(line: &str) -> BTreeMap<String, String> {
+    // Tokens without '=' (the line's tag, e.g. `MEM`) are not figures.
     line.split_whitespace()
-        .skip(1)
         .filter_map(|kv| {
             kv.split_once('=')
                 .map(|(k, v)| (k.to_string(), v.to_string()))
