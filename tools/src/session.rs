@@ -18,7 +18,7 @@ pub struct Migrated {
     pub summary: String,
 }
 
-/// Parses `KEY k=v k=v ...` into a map (the first word is skipped). For lines without a
+/// Parses `KEY k=v k=v ...` (or just `k=v ...`) into a map; words without `=` are skipped. For lines without a
 /// typed record (NETBENCH); `MIGRATION-STATS` has [`MigrationStats::parse`].
 pub fn parse_kv(line: &str) -> BTreeMap<String, String> {
     // Tokens without '=' (the line's tag, e.g. `MEM`) are not figures.
