@@ -153,6 +153,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn parse_kv_keeps_every_figure_with_or_without_the_tag() {
+        for line in ["MEM heap_used=5 sockets=2", "heap_used=5 sockets=2"] {
+            let m = parse_kv(line);
+            assert_eq!(m.get("heap_used").map(String::as_str), Some("5"), "{line}");
+            assert_eq!(m.len(), 2, "{line}");
+        }
+    }
+
+    #[test]
     fn parses_key_values() {
         let kv = parse_kv("MIGRATION-STATS guest=3 total_us=100 per_round=1:2:3,4:5:6");
         assert_eq!(kv["guest"], "3");
