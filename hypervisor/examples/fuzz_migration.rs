@@ -520,10 +520,28 @@ impl Installer for FakeHost {
         self.allocated += h.mem_bytes;
         Ok(vec![0xEE; h.mem_bytes as usize])
     }
-    fn install(&mut self, mem: Vec<u8>, h: &Hello, _: &[u8], _: &[u8]) -> Result<u32, String> {
+    fn install(
+        &mut self,
+        mem: Vec<u8>,
+        h: &Hello,
+        _: &[u8],
+        _: &[u8],
+        _: Option<&[u64]>,
+    ) -> Result<u32, String> {
         assert!(self.installed.is_none(), "installed twice");
         self.installed = Some((mem, h.clone()));
         Ok(1)
+    }
+    fn post_page(&mut self, _: u32, pfn: u64) -> Option<&mut [u8]> {
+        let (mem, _) = self.installed.as_mut()?;
+        let start = usize::try_from(pfn).ok()?.checked_mul(4096)?;
+        mem.get_mut(start..start + 4096)
+    }
+    fn post_arrived(&mut self, _: u32, _: u64, _: u64) -> Option<u64> {
+        None
+    }
+    fn post_wanted(&mut self, _: u32) -> Option<u64> {
+        None
     }
     fn commit(&mut self, _: u32, _: u64) {}
     fn commit_lost(&mut self, _: u32) {}

@@ -29,7 +29,7 @@ use smoltcp::wire::Ipv4Address;
 use super::link::{Link, LinkState};
 use super::receiver::{self, Installer, Outcome, Receiver};
 use super::secure::{self, MigrationKey, SecureChannel};
-use super::source::{Params, Phase, Source, SourceGuest, Status};
+use super::source::{Params, Phase, PostMode, Source, SourceGuest, Status};
 use super::stats::{HistoryEntry, MigrationStats};
 use super::wire::{self, Hello};
 use super::PORT;
@@ -182,6 +182,8 @@ impl SourceGuest for VmGuest<'_> {
     }
 
     fn hand_over(&mut self) {
+        // Never runs here again. Post-copy still serves its memory from here until
+        // the destination holds all of it; then (or on `kill`) it is freed.
         self.vm.state = VmState::Stopped(String::from("migrated away"));
     }
 }
@@ -222,11 +224,15 @@ impl Installer for VmmInstaller<'_> {
         hello: &Hello,
         vcpu: &[u8],
         device: &[u8],
+        missing: Option<&[u64]>,
     ) -> Result<u32, String> {
         let state = VcpuState::from_bytes(vcpu, hello.mem_bytes).map_err(|e| e.to_string())?;
         let id = self.vmm.alloc_id();
         let mut vm = Vm::from_parts(id, &hello.name, &hello.args, hello.mem_bytes, mem)
             .map_err(|e| e.to_string())?;
+        if let Some(missing) = missing {
+            vm.set_remote(missing)?;
+        }
         let ctx = self.vmm.host_context().ok_or("destination has no VMX")?;
         vm.setup_vmcs(&ctx, &state)?;
         vm.restore_device_state(device)?;
@@ -245,6 +251,23 @@ impl Installer for VmmInstaller<'_> {
             vm.thaw();
             vm.first_run_us = None;
             vm.watch_first_run = true;
+        }
+    }
+
+    fn post_page(&mut self, id: u32, pfn: u64) -> Option<&mut [u8]> {
+        let vm = self.vmm.get_mut(id)?;
+        let start = usize::try_from(pfn).ok()?.checked_mul(4096)?;
+        vm.mem_mut().get_mut(start..start + 4096)
+    }
+
+    fn post_arrived(&mut self, id: u32, pfn: u64, now_us: u64) -> Option<u64> {
+        self.vmm.get_mut(id)?.page_arrived(pfn as usize, now_us)
+    }
+
+    fn post_wanted(&mut self, id: u32) -> Option<u64> {
+        match self.vmm.get_mut(id)?.state {
+            VmState::Fetching(pfn) => Some(pfn as u64),
+            _ => None,
         }
     }
 
@@ -288,6 +311,8 @@ enum IncomingPhase {
         handover: receiver::Handover,
         until_us: u64,
     },
+    /// Post-copy: the guest runs here (Resumed sent); its missing pages arrive.
+    Postcopy { id: u32, stats: MigrationStats },
 }
 
 struct Incoming {
@@ -493,6 +518,12 @@ impl Migrations {
         if let Some(inc) = &self.incoming {
             let arriving = match inc.phase {
                 IncomingPhase::Resuming { id: i, .. } => i == id,
+                IncomingPhase::Postcopy { id: i, .. } => {
+                    if i == id {
+                        return Some("receiving its memory by post-copy");
+                    }
+                    false
+                }
                 IncomingPhase::Receiving => inc.receiver.installed() == Some(id),
             };
             if arriving {
@@ -671,43 +702,93 @@ impl Migrations {
             return;
         };
         let now = time::now_us();
+        // Post-copy: pages keep arriving (and requests leave) while the guest resumes.
+        if !matches!(inc.phase, IncomingPhase::Receiving) && inc.receiver.in_postcopy() {
+            let mut inst = VmmInstaller { vmm: &mut *vmm };
+            let receiver = &mut inc.receiver;
+            inc.conn
+                .with_link(net, now, |l| receiver.poll(l, &mut inst, now));
+        }
         match inc.phase {
             IncomingPhase::Receiving => {
                 let mut inst = VmmInstaller { vmm };
                 let receiver = &mut inc.receiver;
-                if !inc
+                let finished = inc
                     .conn
-                    .with_link(net, now, |l| receiver.poll(l, &mut inst, now))
+                    .with_link(net, now, |l| receiver.poll(l, &mut inst, now));
+                if let (Some(Outcome::Committed(id)), Some(handover)) =
+                    (&inc.receiver.outcome, inc.receiver.handover)
                 {
+                    inc.phase = IncomingPhase::Resuming {
+                        id: *id,
+                        handover,
+                        until_us: now + RESUME_WAIT_US,
+                    };
                     return;
                 }
-                match (&inc.receiver.outcome, inc.receiver.handover) {
-                    (Some(Outcome::Committed(id)), Some(handover)) => {
-                        inc.phase = IncomingPhase::Resuming {
-                            id: *id,
-                            handover,
-                            until_us: now + RESUME_WAIT_US,
-                        };
-                        return;
-                    }
-                    (Some(Outcome::Discarded(why)), _) => {
-                        // A failed channel explains more than the end of stream it causes.
-                        let why = inc
-                            .conn
-                            .channel_error()
-                            .unwrap_or_else(|| wire::printable(why, 200));
-                        println!(
-                            "migrate: incoming migration discarded: {why} (from {})",
-                            inc.peer
-                        );
-                    }
-                    _ => {}
+                if !finished {
+                    return;
+                }
+                if let Some(Outcome::Discarded(why)) = &inc.receiver.outcome {
+                    // A failed channel explains more than the end of stream it causes.
+                    let why = inc
+                        .conn
+                        .channel_error()
+                        .unwrap_or_else(|| wire::printable(why, 200));
+                    println!(
+                        "migrate: incoming migration discarded: {why} (from {})",
+                        inc.peer
+                    );
                 }
                 let Some(mut inc) = self.incoming.take() else {
                     return;
                 };
                 let tail = inc.receiver.take_farewell();
                 self.linger(net, inc.conn, tail);
+            }
+            IncomingPhase::Postcopy { id, .. } => {
+                if inc.receiver.in_postcopy() {
+                    return;
+                }
+                let Some(mut inc) = self.incoming.take() else {
+                    return;
+                };
+                let IncomingPhase::Postcopy { mut stats, .. } = inc.phase else {
+                    return;
+                };
+                stats.total_us = now - inc.started_us;
+                stats.received_bytes = inc.receiver.bytes;
+                if let Some(p) = inc.receiver.postcopy() {
+                    stats.postcopy.remote = p.figures();
+                }
+                match &inc.receiver.outcome {
+                    Some(Outcome::Stranded { missing, why, .. }) => {
+                        let why = inc
+                            .conn
+                            .channel_error()
+                            .unwrap_or_else(|| wire::printable(why, 200));
+                        stats.outcome = format!("post-copy interrupted: {why}");
+                        println!(
+                            "migrate: WARNING: post-copy of guest {id} interrupted: {why}. It runs here but {missing} of its pages are still on {}; it waits at the first of them it touches (state 'fetching').",
+                            inc.peer
+                        );
+                    }
+                    _ => {
+                        let f = stats.postcopy.remote;
+                        println!(
+                            "migrate: guest {id}: post-copy complete, all {} missing pages arrived ({} remote faults, service median {} us, max {} us; last page {} ms after COMMIT)",
+                            stats.postcopy.missing_at_handover,
+                            f.faults,
+                            f.fault_median_us,
+                            f.fault_max_us,
+                            f.last_page_us / 1000
+                        );
+                    }
+                }
+                println!("{}", stats.line());
+                let tail = inc.receiver.take_farewell();
+                self.linger(net, inc.conn, tail);
+                self.record(&stats);
             }
             IncomingPhase::Resuming {
                 id,
@@ -738,8 +819,15 @@ impl Migrations {
                 };
                 let mut m = Vec::new();
                 wire::put_resumed(&mut m, &times);
-                let sent = inc.conn.with_link(net, now, |l| l.send(&m));
-                let tail = m[sent..].to_vec();
+                let postcopy = inc.receiver.postcopy().is_some();
+                let tail = if postcopy {
+                    // In order with the receiver's Requests on the same link.
+                    inc.receiver.queue(&m);
+                    Vec::new()
+                } else {
+                    let sent = inc.conn.with_link(net, now, |l| l.send(&m));
+                    m[sent..].to_vec()
+                };
                 let hello = inc.receiver.hello().cloned();
                 let stats = MigrationStats {
                     role: "dest",
@@ -762,8 +850,9 @@ impl Migrations {
                     ..Default::default()
                 };
                 let full = inc.receiver.full_check();
+                let post = inc.receiver.postcopy().map(|p| p.at_handover);
                 println!(
-                    "migrate: guest {id} ({}) arrived and resumed ({} bytes in {} ms, downtime {} us{})",
+                    "migrate: guest {id} ({}) arrived and resumed ({} bytes in {} ms, downtime {} us{}{})",
                     stats.image,
                     inc.receiver.bytes,
                     stats.total_us / 1000,
@@ -772,8 +861,20 @@ impl Migrations {
                         format!(", verify=full: all {} pages match the source's", full.pages)
                     } else {
                         String::new()
+                    },
+                    match post {
+                        Some(n) => format!(", post-copy: {n} pages to come"),
+                        None => String::new(),
                     }
                 );
+                if postcopy {
+                    let mut stats = stats;
+                    stats.mode = "postcopy";
+                    stats.postcopy.used = true;
+                    stats.postcopy.missing_at_handover = post.unwrap_or(0);
+                    inc.phase = IncomingPhase::Postcopy { id, stats };
+                    return;
+                }
                 println!("{}", stats.line());
                 if let Some(inc) = self.incoming.take() {
                     self.linger(net, inc.conn, tail);
@@ -852,7 +953,19 @@ impl Migrations {
             return;
         };
         let mut stats = out.source.stats.clone();
-        if out.source.phase() == Phase::Done {
+        if out.source.phase() == Phase::Stranded {
+            if let Some(vm) = vmm.get_mut(id) {
+                vm.state = VmState::Stopped(format!(
+                    "migrated away; post-copy interrupted with {} pages not sent: memory kept",
+                    out.source.pages_left()
+                ));
+            }
+            println!(
+                "migrate: WARNING: {}. Guest {id} runs on {}; its memory here is kept (see 'vms'), never run again; 'kill {id}' frees it.",
+                wire::printable(&stats.outcome, 300),
+                stats.peer
+            );
+        } else if out.source.phase() == Phase::Done {
             // Free the guest: it now belongs to the destination. Dropping it VMCLEARs
             // its VMCS, invalidates its EPT and frees its frames.
             if let Some(i) = vmm.vms.iter().position(|v| v.id == id) {
@@ -900,7 +1013,9 @@ impl Migrations {
             self.poll_outgoing(net, vmm);
         }
         if let Some(inc) = &mut self.incoming {
-            if let IncomingPhase::Resuming { id, .. } = inc.phase {
+            if let IncomingPhase::Resuming { id, .. } | IncomingPhase::Postcopy { id, .. } =
+                inc.phase
+            {
                 return Err(cmd_err!("too late to cancel: guest {id} already runs here"));
             }
             let mut inst = VmmInstaller { vmm };
@@ -996,11 +1111,20 @@ impl Migrations {
                     }
                 }
                 "mode" => {
-                    params.stop_and_copy = match v {
-                        "precopy" => false,
-                        "stop" => true,
-                        _ => return Err(cmd_err!("unknown mode '{v}' (precopy, stop)")),
+                    (params.stop_and_copy, params.postcopy) = match v {
+                        "precopy" => (false, PostMode::Off),
+                        "stop" => (true, PostMode::Off),
+                        "postcopy" => (false, PostMode::Always),
+                        "hybrid" => (false, PostMode::Hybrid),
+                        _ => {
+                            return Err(cmd_err!(
+                                "unknown mode '{v}' (precopy, stop, postcopy, hybrid)"
+                            ))
+                        }
                     }
+                }
+                "prepage" => {
+                    params.prepage = args::parse_in_range("prepage (pages)", v, 0, 256)? as u32
                 }
                 _ => return Err(cmd_err!("unknown option '{k}' (usage: migrate {usage})")),
             }
@@ -1008,6 +1132,12 @@ impl Migrations {
         let vm = vmm
             .get_mut(id)
             .ok_or_else(|| cmd_err!("no guest with id {id} (see 'vms')"))?;
+        if vm.remote_pages() > 0 {
+            return Err(cmd_err!(
+                "guest {id} still has {} pages on its previous host (post-copy)",
+                vm.remote_pages()
+            ));
+        }
         match vm.state {
             VmState::Running | VmState::Halted(_) | VmState::Paused => {}
             ref s => {
@@ -1036,10 +1166,11 @@ impl Migrations {
             } else {
                 method.name()
             },
-            mode: if params.stop_and_copy {
-                "stop"
-            } else {
-                "precopy"
+            mode: match (params.stop_and_copy, params.postcopy) {
+                (true, _) => "stop",
+                (_, PostMode::Always) => "postcopy",
+                (_, PostMode::Hybrid) => "hybrid",
+                _ => "precopy",
             },
             verify_full: params.verify_full,
             ..Default::default()
@@ -1091,10 +1222,16 @@ impl Migrations {
             );
         }
         if let Some(i) = &self.incoming {
-            println!(
-                "  in progress: incoming from {} ({} bytes so far)",
-                i.peer, i.receiver.bytes
-            );
+            match (&i.phase, i.receiver.postcopy()) {
+                (IncomingPhase::Postcopy { id, .. }, Some(p)) => println!(
+                    "  in progress: guest {id} runs here, post-copy from {}: {} of {} pages still to come ({} remote faults so far)",
+                    i.peer, p.left, p.at_handover, p.faults
+                ),
+                _ => println!(
+                    "  in progress: incoming from {} ({} bytes so far)",
+                    i.peer, i.receiver.bytes
+                ),
+            }
         }
         if self.history.is_empty() {
             println!("  (no migrations yet)");

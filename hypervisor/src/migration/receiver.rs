@@ -20,13 +20,23 @@ pub trait Installer {
     /// Allocates zeroed memory for the announced guest (refuses what does not fit).
     fn alloc(&mut self, hello: &Hello) -> Result<Self::Mem, String>;
     /// Checks the state and installs the guest, frozen (not running). Returns its id.
+    /// `missing` (post-copy): bitmap of the pages that have not arrived; the guest
+    /// must not see them until [`Installer::post_arrived`].
     fn install(
         &mut self,
         mem: Self::Mem,
         hello: &Hello,
         vcpu: &[u8],
         device: &[u8],
+        missing: Option<&[u64]>,
     ) -> Result<u32, String>;
+    /// Post-copy: the memory of page `pfn` of installed guest `id`, to be filled.
+    fn post_page(&mut self, id: u32, pfn: u64) -> Option<&mut [u8]>;
+    /// Post-copy: page `pfn` is filled; map it. Returns how long the guest waited for
+    /// it (µs) if it was waiting.
+    fn post_arrived(&mut self, id: u32, pfn: u64, now_us: u64) -> Option<u64>;
+    /// Post-copy: the page guest `id` waits for, if any.
+    fn post_wanted(&mut self, id: u32) -> Option<u64>;
     /// COMMIT arrived: the guest may run. `pause_us` is how long it has been paused so
     /// far (freeze on the source to now), for its clock.
     fn commit(&mut self, id: u32, pause_us: u64);
@@ -51,6 +61,10 @@ pub mod reject {
     /// `verify=full`: the memory received differs from the source's.
     pub const MISMATCH: u32 = 7;
 }
+
+/// Fault-service times kept for the median (a fixed bound: the heap a guest can make
+/// the destination use by faulting is this, however long post-copy runs).
+const MAX_FAULT_SAMPLES: usize = 4096;
 
 /// What `verify=full` found (the Digest messages against the memory held here).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -90,6 +104,8 @@ enum Phase {
     Hello,
     Stream,
     AwaitCommit(u32),
+    /// Post-copy: guest `id` runs here; its missing pages are arriving.
+    Postcopy(u32),
     Done,
 }
 
@@ -102,6 +118,53 @@ pub enum Outcome {
     Discarded(String),
     /// Guest `id` is complete but paused: COMMIT never came.
     CommitLost(u32),
+    /// Post-copy was interrupted after COMMIT: guest `id` runs here but lacks
+    /// `missing` pages, which stay on the source; it waits at the first it touches.
+    Stranded {
+        /// Guest id here.
+        id: u32,
+        /// Pages still on the source.
+        missing: u64,
+        /// What interrupted it.
+        why: String,
+    },
+}
+
+/// Post-copy progress on the destination.
+#[derive(Clone, Debug, Default)]
+pub struct PostProgress {
+    /// Missing-page bitmap (bit set: not here yet).
+    missing: Vec<u64>,
+    /// Bitmap words received so far in Missing messages.
+    words: u64,
+    /// Pages still missing.
+    pub left: u64,
+    /// Pages missing at the hand-over.
+    pub at_handover: u64,
+    /// Page requested and not arrived yet.
+    requested: Option<u64>,
+    /// Fault service times (µs), at most [`MAX_FAULT_SAMPLES`].
+    samples: Vec<u32>,
+    /// Guest waits on remote pages.
+    pub faults: u64,
+    /// Longest wait (µs).
+    pub fault_max_us: u64,
+    /// When the last page arrived (µs since COMMIT).
+    pub last_page_us: u64,
+}
+
+impl PostProgress {
+    /// The figures PostDone carries.
+    pub fn figures(&self) -> wire::PostFigures {
+        let mut s = self.samples.clone();
+        s.sort_unstable();
+        wire::PostFigures {
+            faults: self.faults,
+            fault_median_us: s.get(s.len() / 2).map_or(0, |v| u64::from(*v)),
+            fault_max_us: self.fault_max_us,
+            last_page_us: self.last_page_us,
+        }
+    }
 }
 
 /// An incoming migration.
@@ -132,6 +195,11 @@ pub struct Receiver<M> {
     farewell: Vec<u8>,
     /// `verify=full` progress.
     full: FullCheck,
+    /// Post-copy (after the first Missing message).
+    post: Option<PostProgress>,
+    /// Messages for the source queued behind what the link has not taken yet
+    /// (post-copy: Resumed, Request, PostDone share the link).
+    out: Vec<u8>,
 }
 
 impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
@@ -157,7 +225,33 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
             outcome: None,
             farewell: Vec::new(),
             full: FullCheck::default(),
+            post: None,
+            out: Vec::new(),
         }
+    }
+
+    /// Post-copy progress, if this stream uses it.
+    pub fn postcopy(&self) -> Option<&PostProgress> {
+        self.post.as_ref()
+    }
+
+    /// Whether post-copy is under way (guest running here, pages still arriving).
+    pub fn in_postcopy(&self) -> bool {
+        matches!(self.phase, Phase::Postcopy(_))
+    }
+
+    /// Queues a message for the source (sent in order with the receiver's own).
+    pub fn queue(&mut self, msg: &[u8]) {
+        self.out.extend_from_slice(msg);
+    }
+
+    /// Hands queued messages to the link; returns whether all are out.
+    fn flush(&mut self, link: &mut dyn Link) -> bool {
+        if !self.out.is_empty() {
+            let n = link.send(&self.out);
+            self.out.drain(..n);
+        }
+        self.out.is_empty()
     }
 
     /// What `verify=full` compared (all zero when the source did not ask for it).
@@ -176,7 +270,10 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
     /// The part of the final REJECT the link could not take yet (empty once it did);
     /// the caller delivers it, then closes the link.
     pub fn take_farewell(&mut self) -> Vec<u8> {
-        core::mem::take(&mut self.farewell)
+        // Whatever was queued for the source and not taken yet goes first.
+        let mut t = core::mem::take(&mut self.out);
+        t.append(&mut self.farewell);
+        t
     }
 
     /// The guest being received (after Hello).
@@ -227,6 +324,15 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
                 inst.commit_lost(id);
                 self.outcome = Some(Outcome::CommitLost(id));
             }
+            Phase::Postcopy(id) => {
+                // The guest is ours and runs; what it lacks is on the source. Keep
+                // everything: it waits at the first missing page it touches.
+                self.outcome = Some(Outcome::Stranded {
+                    id,
+                    missing: self.post.as_ref().map_or(0, |p| p.left),
+                    why,
+                });
+            }
             _ => {
                 self.mem = None; // discard everything received
                 if code != 0 {
@@ -251,6 +357,16 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
         inst: &mut I,
         now_us: u64,
     ) -> Result<(), (u32, String)> {
+        if let Phase::Postcopy(id) = self.phase {
+            // Ask for the page the guest waits for (once per page).
+            if let (Some(p), Some(pfn)) = (self.post.as_mut(), inst.post_wanted(id)) {
+                if p.requested != Some(pfn) {
+                    p.requested = Some(pfn);
+                    wire::put_request(&mut self.out, pfn);
+                }
+            }
+        }
+        self.flush(link);
         let mut buf = [0u8; 2048];
         loop {
             let n = link.recv(&mut buf);
@@ -274,11 +390,13 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
                 }
             }
         }
+        self.flush(link);
         if link.state() == LinkState::Closed {
             return Err((
                 0,
                 String::from(match self.phase {
                     Phase::AwaitCommit(_) => "connection closed before COMMIT",
+                    Phase::Postcopy(_) => "connection closed during post-copy",
                     _ => "source closed the connection before the end of the stream",
                 }),
             ));
@@ -288,6 +406,7 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
                 reject::TIMEOUT,
                 String::from(match self.phase {
                     Phase::AwaitCommit(_) => "no COMMIT within 10 s of READY",
+                    Phase::Postcopy(_) => "post-copy took longer than its deadline",
                     _ => "the stream took longer than its deadline for this memory size",
                 }),
             ));
@@ -369,6 +488,139 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
                 }
                 self.next_round += 1;
             }
+            (Phase::Stream, Msg::Missing { first, words }) => {
+                let h = self.hello.as_ref().ok_or_else(|| bad("no Hello".into()))?;
+                if h.flags & wire::hello_flags::POSTCOPY == 0 {
+                    return Err(bad(
+                        "Missing in a stream whose Hello did not announce post-copy".into(),
+                    ));
+                }
+                let total = self.pages.div_ceil(64);
+                let p = self.post.get_or_insert_with(PostProgress::default);
+                let n = (words.len() / 8) as u64;
+                if self.vcpu.is_some() || first != p.words || first + n > total {
+                    return Err(bad(alloc::format!(
+                        "Missing words {first}..{} out of order (expected {} of {total}, before the state)",
+                        first + n,
+                        p.words
+                    )));
+                }
+                if p.missing.is_empty() {
+                    p.missing
+                        .try_reserve_exact(total as usize)
+                        .map_err(|_| (reject::RESOURCES, String::from("out of heap")))?;
+                }
+                for c in words.chunks_exact(8) {
+                    let mut w = [0u8; 8];
+                    w.copy_from_slice(c);
+                    p.missing.push(u64::from_le_bytes(w));
+                }
+                p.words = first + n;
+            }
+            (Phase::Stream, Msg::PostEnd { pages, missing }) => {
+                let (Some(vcpu), Some(device)) = (self.vcpu.take(), self.device.take()) else {
+                    return Err(bad("PostEnd before the vCPU and device state".into()));
+                };
+                let total = self.pages.div_ceil(64);
+                let Some(p) = self.post.as_mut().filter(|p| p.words == total) else {
+                    return Err(bad("PostEnd before the whole Missing bitmap".into()));
+                };
+                // Bits past the last page mean nothing; clear them so counts agree.
+                if let Some(last) = p.missing.last_mut() {
+                    if !self.pages.is_multiple_of(64) {
+                        *last &= (1u64 << (self.pages % 64)) - 1;
+                    }
+                }
+                let left: u64 = p.missing.iter().map(|w| u64::from(w.count_ones())).sum();
+                if left != missing || pages != self.page_msgs {
+                    return Err((
+                        reject::VERIFY,
+                        alloc::format!(
+                            "PostEnd says {pages} pages sent and {missing} missing; {} arrived and the bitmap has {left}",
+                            self.page_msgs
+                        ),
+                    ));
+                }
+                p.left = left;
+                p.at_handover = left;
+                let hello = self.hello.take().ok_or_else(|| bad("no Hello".into()))?;
+                let mem = self.mem.take().ok_or_else(|| bad("no memory".into()))?;
+                let id = inst
+                    .install(mem, &hello, &vcpu, &device, Some(&p.missing))
+                    .map_err(|e| (reject::VERIFY, e))?;
+                self.hello = Some(hello);
+                self.send_ready(link, inst, id, now_us);
+            }
+            (Phase::Postcopy(id), Msg::Page { pfn, data }) => {
+                PostFill {
+                    post: &mut self.post,
+                    checksum: &mut self.checksum,
+                    page_msgs: &mut self.page_msgs,
+                    pages: self.pages,
+                    commit_at_us: self.handover.map(|h| h.commit_at_us),
+                }
+                .page(inst, id, pfn, now_us, |page| {
+                    page.copy_from_slice(data);
+                    Ok(())
+                })?;
+            }
+            (Phase::Postcopy(id), Msg::ZeroPage { pfn }) => {
+                PostFill {
+                    post: &mut self.post,
+                    checksum: &mut self.checksum,
+                    page_msgs: &mut self.page_msgs,
+                    pages: self.pages,
+                    commit_at_us: self.handover.map(|h| h.commit_at_us),
+                }
+                .page(inst, id, pfn, now_us, |page| {
+                    page.fill(0);
+                    Ok(())
+                })?;
+            }
+            (Phase::Postcopy(id), Msg::DeltaPage { pfn, delta }) => {
+                if self
+                    .hello
+                    .as_ref()
+                    .is_none_or(|h| h.flags & wire::hello_flags::DELTA == 0)
+                {
+                    return Err(bad(
+                        "DeltaPage in a stream whose Hello did not announce deltas".into(),
+                    ));
+                }
+                PostFill {
+                    post: &mut self.post,
+                    checksum: &mut self.checksum,
+                    page_msgs: &mut self.page_msgs,
+                    pages: self.pages,
+                    commit_at_us: self.handover.map(|h| h.commit_at_us),
+                }
+                .page(inst, id, pfn, now_us, |page| {
+                    super::delta::apply(page, delta).map_err(|e| alloc::format!("{e}"))
+                })?;
+            }
+            (Phase::Postcopy(id), Msg::End { pages, checksum }) => {
+                let left = self.post.as_ref().map_or(0, |p| p.left);
+                if left != 0 {
+                    return Err(bad(alloc::format!("End with {left} pages still missing")));
+                }
+                if pages != self.page_msgs || checksum != self.checksum.value() {
+                    // Only a faulty source gets here (the channel is authenticated):
+                    // the guest already runs on this memory. Stop it rather than let it
+                    // compute on wrong data; the source keeps its copy.
+                    inst.commit_lost(id);
+                    return Err((
+                        reject::VERIFY,
+                        alloc::format!(
+                            "post-copy memory checksum mismatch ({pages} pages sent, {} arrived)",
+                            self.page_msgs
+                        ),
+                    ));
+                }
+                let f = self.post.as_ref().map(PostProgress::figures).unwrap_or_default();
+                wire::put_post_done(&mut self.out, &f);
+                self.flush(link);
+                self.phase = Phase::Done;
+            }
             (Phase::Stream, Msg::Vcpu(b)) if self.vcpu.is_none() => self.vcpu = Some(b.to_vec()),
             (Phase::Stream, Msg::Device(b)) if self.device.is_none() => {
                 self.device = Some(b.to_vec())
@@ -420,36 +672,111 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
                 if checksum != self.checksum.value() {
                     return Err((reject::VERIFY, String::from("memory checksum mismatch")));
                 }
+                if self.post.is_some() {
+                    return Err(bad("End in a stream that sent Missing (expected PostEnd)".into()));
+                }
                 let hello = self.hello.take().ok_or_else(|| bad("no Hello".into()))?;
                 let mem = self.mem.take().ok_or_else(|| bad("no memory".into()))?;
                 let id = inst
-                    .install(mem, &hello, &vcpu, &device)
+                    .install(mem, &hello, &vcpu, &device, None)
                     .map_err(|e| (reject::VERIFY, e))?;
                 self.hello = Some(hello);
-                let mut m = Vec::new();
-                wire::put_control(&mut m, wire::tag::READY);
-                if link.send(&m) != m.len() {
-                    inst.commit_lost(id);
-                    self.outcome = Some(Outcome::CommitLost(id));
-                    self.phase = Phase::Done;
-                    return Ok(());
-                }
-                self.ready_sent_us = now_us;
-                self.deadline_us = now_us + COMMIT_TIMEOUT_US;
-                self.phase = Phase::AwaitCommit(id);
+                self.send_ready(link, inst, id, now_us);
             }
             (Phase::AwaitCommit(id), Msg::Commit(t)) => {
                 let h = handover(&t, self.ready_sent_us, now_us);
                 inst.commit(id, h.pause_to_commit_us);
                 self.handover = Some(h);
                 self.outcome = Some(Outcome::Committed(id));
-                self.phase = Phase::Done;
+                if self.post.is_some() {
+                    // The guest runs here now; its missing pages follow. A stream
+                    // that stalls from here is bounded again by the memory size.
+                    self.phase = Phase::Postcopy(id);
+                    self.deadline_us = now_us.saturating_add(stream_deadline_us(self.pages * 4096));
+                } else {
+                    self.phase = Phase::Done;
+                }
                 // The link stays open: the kernel sends Resumed once the guest ran.
             }
             (Phase::AwaitCommit(_), m) => {
                 return Err(bad(alloc::format!("expected COMMIT, got {}", name(&m))))
             }
             (_, m) => return Err(bad(alloc::format!("unexpected {} in the stream", name(&m)))),
+        }
+        Ok(())
+    }
+}
+
+impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
+    /// Everything is checked and the guest installed (frozen): READY.
+    fn send_ready<I: Installer<Mem = M>>(
+        &mut self,
+        link: &mut dyn Link,
+        inst: &mut I,
+        id: u32,
+        now_us: u64,
+    ) {
+        let mut m = Vec::new();
+        wire::put_control(&mut m, wire::tag::READY);
+        if link.send(&m) != m.len() {
+            inst.commit_lost(id);
+            self.outcome = Some(Outcome::CommitLost(id));
+            self.phase = Phase::Done;
+            return;
+        }
+        self.ready_sent_us = now_us;
+        self.deadline_us = now_us + COMMIT_TIMEOUT_US;
+        self.phase = Phase::AwaitCommit(id);
+    }
+}
+
+/// The receiver's state that post-copy pages update (split from [`Receiver`] so a
+/// page can be filled while the decoder still lends out its bytes).
+struct PostFill<'r> {
+    post: &'r mut Option<PostProgress>,
+    checksum: &'r mut wire::Checksum,
+    page_msgs: &'r mut u64,
+    pages: u64,
+    commit_at_us: Option<u64>,
+}
+
+impl PostFill<'_> {
+    /// Fills page `pfn` of guest `id` with `fill`, maps it, and records the wait if
+    /// the guest was waiting for it. Only a page still missing may come.
+    fn page<I: Installer>(
+        self,
+        inst: &mut I,
+        id: u32,
+        pfn: u64,
+        now_us: u64,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), String>,
+    ) -> Result<(), (u32, String)> {
+        let bad = |what: String| (reject::MALFORMED, what);
+        let p = self.post.as_mut().ok_or_else(|| bad("no post-copy".into()))?;
+        let (w, b) = ((pfn / 64) as usize, pfn % 64);
+        if pfn >= self.pages || p.missing.get(w).is_none_or(|x| x & (1 << b) == 0) {
+            return Err(bad(alloc::format!(
+                "post-copy page {pfn} is not one the destination lacks"
+            )));
+        }
+        let page = inst
+            .post_page(id, pfn)
+            .ok_or_else(|| bad(alloc::format!("guest {id} has no page {pfn}")))?;
+        fill(page).map_err(|e| bad(alloc::format!("page {pfn}: {e}")))?;
+        self.checksum.set(pfn as usize, wire::full_hash(pfn, page));
+        *self.page_msgs += 1;
+        p.missing[w] &= !(1 << b);
+        p.left -= 1;
+        p.last_page_us = now_us.saturating_sub(self.commit_at_us.unwrap_or(now_us));
+        if let Some(waited) = inst.post_arrived(id, pfn, now_us) {
+            p.faults += 1;
+            p.fault_max_us = p.fault_max_us.max(waited);
+            if p.samples.len() < MAX_FAULT_SAMPLES {
+                p.samples.push(u32::try_from(waited).unwrap_or(u32::MAX));
+            }
+        }
+        if p.requested == Some(pfn) {
+            p.requested = None;
         }
         Ok(())
     }
@@ -507,5 +834,9 @@ fn name(m: &Msg<'_>) -> &'static str {
         Msg::Commit(_) => "Commit",
         Msg::Resumed(_) => "Resumed",
         Msg::Abort { .. } => "Abort",
+        Msg::Missing { .. } => "Missing",
+        Msg::PostEnd { .. } => "PostEnd",
+        Msg::Request { .. } => "Request",
+        Msg::PostDone(_) => "PostDone",
     }
 }

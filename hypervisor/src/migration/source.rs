@@ -13,8 +13,17 @@
 //!           ──Resumed (the destination's account of the pause)──► Done
 //!  any error before COMMIT (link closed, timeout, REJECT): tracking off, guest thawed,
 //!  Failed(reason). The guest keeps running here.
+//!
+//!  post-copy (`mode=postcopy` from the start, `mode=hybrid` when the rounds stop
+//!  converging): freeze ──► PostFreeze: Missing bitmap of the pages the destination
+//!  lacks, vCPU + device state, PostEnd ──► AwaitReady ──READY──► COMMIT ──►
+//!  Postcopy: every missing page once, a requested page and its neighbours first,
+//!  then End{checksum} ──PostDone──► Done (the guest's memory here is freed)
+//!  a link failure after COMMIT: Stranded. The guest runs on the destination; the
+//!  pages it lacks stay here, held (never freed) until the operator kills the copy.
 //! ```
 
+use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::vec::Vec;
 
@@ -66,6 +75,22 @@ pub struct Params {
     /// just what was sent) for the destination to compare before READY, so a page
     /// missed by dirty tracking fails the migration instead of the guest.
     pub verify_full: bool,
+    /// Whether and when to hand the guest over before all of its memory.
+    pub postcopy: PostMode,
+    /// Post-copy prepaging: pages around a requested page sent with it (0: off).
+    pub prepage: u32,
+}
+
+/// When the source switches to post-copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PostMode {
+    /// Never: pre-copy (or stop-and-copy) only.
+    Off,
+    /// At once: freeze, send the state, and every page after the hand-over.
+    Always,
+    /// Pre-copy rounds first; when they stop converging (or reach the round limit),
+    /// post-copy for the pages still dirty instead of a long stop-and-copy.
+    Hybrid,
 }
 
 impl Default for Params {
@@ -78,6 +103,8 @@ impl Default for Params {
             bandwidth_bps: None,
             cache_bytes: 0,
             verify_full: false,
+            postcopy: PostMode::Off,
+            prepage: 16,
         }
     }
 }
@@ -94,6 +121,8 @@ pub enum Phase {
     Draining,
     /// Guest frozen: sending the last dirty pages.
     StopCopy,
+    /// Guest frozen for post-copy: sending the Missing bitmap and the state.
+    PostFreeze,
     /// Guest frozen, state sent: hashing all of its memory for `verify=full`.
     Digest,
     /// Everything queued; waiting for READY.
@@ -103,6 +132,12 @@ pub enum Phase {
     /// COMMIT sent: waiting (bounded) for the destination's Resumed and its figures.
     /// The guest is the destination's already; nothing here can change that.
     AwaitResumed,
+    /// Post-copy, COMMIT sent: the guest runs on the destination; sending it the
+    /// pages it lacks (requested ones first) until it confirms them all.
+    Postcopy,
+    /// Post-copy interrupted after COMMIT (link lost or peer silent): the guest runs
+    /// on the destination, and the pages it still lacks are only here. They are kept.
+    Stranded,
     /// Committed: the guest now belongs to the destination.
     Done,
     /// Failed before COMMIT: the guest runs on here.
@@ -124,6 +159,13 @@ const PAGES_PER_POLL: usize = 64;
 const OUT_HIGH: usize = 64 * 1024;
 /// How long to wait for Resumed after COMMIT before reporting the source's part only.
 const RESUMED_TIMEOUT_US: u64 = 5_000_000;
+/// Post-copy: bulk pages are queued only while less than this is waiting in front of
+/// the link, so a requested page waits behind at most this much (head-of-line
+/// blocking on the one connection; about 12 ms at Bochs' 1.3 MB/s).
+const POST_BULK_LOW: usize = 16 * 1024;
+/// Post-copy: most pages waiting in the priority queue (requested pages and their
+/// neighbours); beyond it, neighbours are dropped (they still come with the bulk).
+const URGENT_MAX: usize = 1024;
 
 /// A migration in progress on the source.
 pub struct Source {
@@ -151,6 +193,12 @@ pub struct Source {
     cache: super::delta::DeltaCache,
     delta_buf: Vec<u8>,
     hello: Hello,
+    /// Post-copy will be (or is) used for the pages left at the freeze.
+    post: bool,
+    /// Post-copy: pages to send before the bulk (front: the latest request).
+    urgent: VecDeque<usize>,
+    /// Post-copy: End (the checksum over all memory) has been queued.
+    end_sent: bool,
     /// The figures, complete when the migration finishes.
     pub stats: MigrationStats,
 }
@@ -178,11 +226,42 @@ fn count(bits: &[u64]) -> u64 {
     bits.iter().map(|w| u64::from(w.count_ones())).sum()
 }
 
+fn bit(bits: &[u64], pfn: usize) -> bool {
+    bits.get(pfn / 64).is_some_and(|w| w & (1 << (pfn % 64)) != 0)
+}
+
+/// Clears bit `pfn`; returns whether it was set.
+fn take_bit(bits: &mut [u64], pfn: usize) -> bool {
+    match bits.get_mut(pfn / 64) {
+        Some(w) if *w & (1 << (pfn % 64)) != 0 => {
+            *w &= !(1 << (pfn % 64));
+            true
+        }
+        _ => false,
+    }
+}
+
+/// The first set bit at or after `from`.
+fn next_bit(bits: &[u64], from: usize) -> Option<usize> {
+    let mut w = from / 64;
+    let mut word = bits.get(w)? & (u64::MAX << (from % 64));
+    loop {
+        if word != 0 {
+            return Some(w * 64 + word.trailing_zeros() as usize);
+        }
+        w += 1;
+        word = *bits.get(w)?;
+    }
+}
+
 impl Source {
     /// Prepares a migration of a guest described by `hello` (memory size, name, ...).
     pub fn new(params: Params, mut hello: Hello, stats: MigrationStats, now_us: u64) -> Self {
         if params.cache_bytes > 0 {
             hello.flags |= wire::hello_flags::DELTA;
+        }
+        if params.postcopy != PostMode::Off {
+            hello.flags |= wire::hello_flags::POSTCOPY;
         }
         let pages = (hello.mem_bytes / wire::PAGE as u64) as usize;
         Self {
@@ -210,6 +289,9 @@ impl Source {
             cache: super::delta::DeltaCache::new(params.cache_bytes),
             delta_buf: Vec::new(),
             hello,
+            post: params.postcopy == PostMode::Always,
+            urgent: VecDeque::new(),
+            end_sent: false,
             stats,
         }
     }
@@ -231,9 +313,26 @@ impl Source {
 
     /// Advances the migration. Call often, between guest time slices.
     pub fn poll(&mut self, g: &mut dyn SourceGuest, link: &mut dyn Link, now_us: u64) -> Status {
-        if self.phase == Phase::Failed {
+        if matches!(self.phase, Phase::Failed | Phase::Stranded) {
             // Already failed (e.g. cancelled): keep the first reason.
             return Status::Finished;
+        }
+        if self.phase == Phase::Postcopy {
+            if let Err(e) = self.step_postcopy(g, link, now_us) {
+                // Too late to take the guest back: it runs on the destination. Keep
+                // what it lacks; say so.
+                self.phase = Phase::Stranded;
+                self.stats.total_us = now_us - self.started_us;
+                self.stats.outcome = alloc::format!(
+                    "post-copy interrupted: {e}; {} pages not sent yet; all of the guest's memory is kept here",
+                    count(&self.sending)
+                );
+                link.close();
+            }
+            return match self.phase {
+                Phase::Postcopy => Status::Running,
+                _ => Status::Finished,
+            };
         }
         match self.step(g, link, now_us) {
             Ok(()) if self.phase == Phase::Done => Status::Finished,
@@ -256,8 +355,22 @@ impl Source {
     pub fn handed_over(&self) -> bool {
         matches!(
             self.phase,
-            Phase::Committing | Phase::AwaitResumed | Phase::Done
+            Phase::Committing
+                | Phase::AwaitResumed
+                | Phase::Postcopy
+                | Phase::Stranded
+                | Phase::Done
         )
+    }
+
+    /// Post-copy pages not yet sent (and not confirmed): what a stranded migration
+    /// keeps here.
+    pub fn pages_left(&self) -> u64 {
+        if self.post {
+            count(&self.sending)
+        } else {
+            0
+        }
     }
 
     /// Aborts the migration (operator's `migrate cancel`, or the guest vanished): the
@@ -314,7 +427,12 @@ impl Source {
                     wire::put_hello(&mut self.out, &self.hello);
                     self.round_started_us = now_us;
                     self.last_progress_us = now_us;
-                    if self.params.stop_and_copy {
+                    if self.params.postcopy == PostMode::Always {
+                        g.freeze()?;
+                        self.frozen_at_us = now_us;
+                        self.stats.stop_reason = Some(StopReason::Postcopy);
+                        self.phase = Phase::PostFreeze;
+                    } else if self.params.stop_and_copy {
                         g.freeze()?;
                         self.frozen_at_us = now_us;
                         self.stats.stop_reason = Some(StopReason::Baseline);
@@ -335,6 +453,13 @@ impl Source {
             // COMMIT out and hear how long the guest's pause was.
             self.flush(link, now_us);
             if self.phase == Phase::Committing && self.out.is_empty() {
+                if self.post {
+                    // The guest runs there from now on; its pages follow.
+                    self.phase = Phase::Postcopy;
+                    self.cursor = 0;
+                    self.last_progress_us = now_us;
+                    return Ok(());
+                }
                 self.phase = Phase::AwaitResumed;
             }
             if self.phase == Phase::AwaitResumed {
@@ -378,9 +503,17 @@ impl Source {
             self.round_started_us = now_us;
             collect_into(g, &mut self.sending);
             self.cursor = 0;
-            self.phase = Phase::StopCopy;
+            self.phase = if self.post {
+                Phase::PostFreeze
+            } else {
+                Phase::StopCopy
+            };
         }
         match self.phase {
+            Phase::PostFreeze => {
+                self.send_missing(g);
+                self.flush(link, now_us);
+            }
             Phase::Precopy | Phase::StopCopy => {
                 self.send_pages(g);
                 if self.cursor >= self.pages {
@@ -457,33 +590,164 @@ impl Source {
             if pfn >= self.pages {
                 break;
             }
-            let data = g.page(pfn);
-            let before = self.out.len();
-            if wire::is_zero(data) {
-                wire::put_zero(&mut self.out, pfn as u64);
-                self.checksum.set(pfn, wire::zero_hash(pfn as u64));
-                self.cur.zero_pages += 1;
-                self.cache.sent_zero(pfn);
-            } else {
-                // Pages re-sent after round 0 have proved hot: cache them, and send
-                // later versions as deltas when that is smaller (as QEMU's XBZRLE).
-                self.delta_buf.clear();
-                let resent =
-                    !self.params.stop_and_copy && (self.round > 0 || self.phase == Phase::StopCopy);
-                if resent && self.cache.encode_and_update(pfn, data, &mut self.delta_buf) {
-                    wire::put_delta(&mut self.out, pfn as u64, &self.delta_buf);
-                    self.cur.delta_pages += 1;
-                    self.cur.delta_saved += (wire::PAGE - self.delta_buf.len()) as u64;
-                } else {
-                    wire::put_page(&mut self.out, pfn as u64, data);
-                }
-                self.checksum.set(pfn, wire::page_hash(pfn as u64, data));
-            }
-            self.cur.bytes += (self.out.len() - before) as u64;
-            self.cur.pages += 1;
-            self.page_msgs += 1;
+            self.send_page(g, pfn);
             budget -= 1;
         }
+    }
+
+    /// Encodes page `pfn` (as a zero page, a delta or whole) into the current round.
+    fn send_page(&mut self, g: &mut dyn SourceGuest, pfn: usize) {
+        let data = g.page(pfn);
+        let before = self.out.len();
+        let cur = if self.phase == Phase::Postcopy {
+            &mut self.stats.post
+        } else {
+            &mut self.cur
+        };
+        if wire::is_zero(data) {
+            wire::put_zero(&mut self.out, pfn as u64);
+            self.checksum.set(pfn, wire::zero_hash(pfn as u64));
+            cur.zero_pages += 1;
+            self.cache.sent_zero(pfn);
+        } else {
+            // Pages re-sent after round 0 have proved hot: cache them, and send later
+            // versions as deltas when that is smaller (as QEMU's XBZRLE). The
+            // destination holds the previous version of a page re-sent in post-copy
+            // too (unmapped, so its guest cannot have changed it).
+            self.delta_buf.clear();
+            let resent = !self.params.stop_and_copy
+                && (self.round > 0 || matches!(self.phase, Phase::StopCopy | Phase::Postcopy));
+            if resent && self.cache.encode_and_update(pfn, data, &mut self.delta_buf) {
+                wire::put_delta(&mut self.out, pfn as u64, &self.delta_buf);
+                cur.delta_pages += 1;
+                cur.delta_saved += (wire::PAGE - self.delta_buf.len()) as u64;
+            } else {
+                wire::put_page(&mut self.out, pfn as u64, data);
+            }
+            self.checksum.set(pfn, wire::page_hash(pfn as u64, data));
+        }
+        cur.bytes += (self.out.len() - before) as u64;
+        cur.pages += 1;
+        self.page_msgs += 1;
+    }
+
+    /// Post-copy hand-over: the Missing bitmap (a few messages per poll), then the
+    /// vCPU and device state and PostEnd.
+    fn send_missing(&mut self, g: &mut dyn SourceGuest) {
+        let before = self.out.len();
+        let words = self.sending.len();
+        let mut msgs = 0;
+        while self.cursor < words && msgs < 4 {
+            let n = wire::MISSING_WORDS.min(words - self.cursor);
+            wire::put_missing(
+                &mut self.out,
+                self.cursor as u64,
+                &self.sending[self.cursor..self.cursor + n],
+            );
+            self.cursor += n;
+            msgs += 1;
+        }
+        if self.cursor >= words {
+            let vcpu = g.vcpu_state();
+            let dev = g.device_state();
+            wire::put_state(&mut self.out, wire::tag::VCPU, &vcpu);
+            wire::put_state(&mut self.out, wire::tag::DEVICE, &dev);
+            let missing = count(&self.sending);
+            wire::put_post_end(&mut self.out, self.page_msgs, missing);
+            self.stats.postcopy.used = true;
+            self.stats.postcopy.missing_at_handover = missing;
+            self.cur.round = self.round + 1;
+            self.stats.last = self.cur;
+            self.cursor = 0;
+            self.phase = Phase::AwaitReady;
+        }
+        let added = (self.out.len() - before) as u64;
+        self.cur.bytes += added;
+        self.stats.last.bytes = self.cur.bytes;
+    }
+
+    /// One poll of post-copy: replies (Resumed, Request, PostDone), then requested
+    /// pages and their neighbours, then bulk pages while the link is nearly idle,
+    /// then End once every page is out.
+    fn step_postcopy(
+        &mut self,
+        g: &mut dyn SourceGuest,
+        link: &mut dyn Link,
+        now_us: u64,
+    ) -> Result<(), String> {
+        if link.state() == LinkState::Closed {
+            return Err(String::from("connection lost"));
+        }
+        self.read_replies(g, link, now_us)?;
+        if self.phase != Phase::Postcopy {
+            return Ok(());
+        }
+        self.flush(link, now_us);
+        if now_us - self.last_progress_us > self.params.timeout_us {
+            return Err(alloc::format!(
+                "peer stopped reading for {} s",
+                self.params.timeout_us / 1_000_000
+            ));
+        }
+        if self.out_off > 0 {
+            self.out.drain(..self.out_off);
+            self.out_off = 0;
+        }
+        let mut budget = PAGES_PER_POLL;
+        while budget > 0 && self.out.len() < OUT_HIGH {
+            let Some(pfn) = self.urgent.pop_front() else {
+                break;
+            };
+            if take_bit(&mut self.sending, pfn) {
+                self.send_page(g, pfn);
+                budget -= 1;
+            }
+        }
+        while budget > 0 && self.out.len() + link.queued() < POST_BULK_LOW {
+            let Some(pfn) = next_bit(&self.sending, self.cursor) else {
+                break;
+            };
+            self.cursor = pfn + 1;
+            if take_bit(&mut self.sending, pfn) {
+                self.send_page(g, pfn);
+                budget -= 1;
+            }
+        }
+        if !self.end_sent && self.urgent.is_empty() && next_bit(&self.sending, 0).is_none() {
+            let before = self.out.len();
+            wire::put_end(&mut self.out, self.page_msgs, self.checksum.value());
+            self.stats.post.bytes += (self.out.len() - before) as u64;
+            self.end_sent = true;
+        }
+        self.flush(link, now_us);
+        Ok(())
+    }
+
+    /// Post-copy: the destination's guest waits for `pfn`. Queue it first, and its
+    /// neighbours (a bubble alternating forward and back, as Hines et al.'s
+    /// prepaging) behind it, ahead of the bulk.
+    fn on_request(&mut self, pfn: u64) -> Result<(), String> {
+        let pfn = usize::try_from(pfn).unwrap_or(usize::MAX);
+        if pfn >= self.pages {
+            return Err(alloc::format!("request for page {pfn} outside the guest"));
+        }
+        self.stats.postcopy.requests += 1;
+        self.urgent.push_front(pfn);
+        let mut queued = 0;
+        for k in 1..=self.params.prepage as usize {
+            for p in [pfn.checked_add(k), pfn.checked_sub(k)].into_iter().flatten() {
+                if queued < self.params.prepage as usize
+                    && p < self.pages
+                    && bit(&self.sending, p)
+                    && self.urgent.len() < URGENT_MAX
+                {
+                    self.urgent.push_back(p);
+                    queued += 1;
+                }
+            }
+        }
+        self.stats.postcopy.prepaged += queued as u64;
+        Ok(())
     }
 
     fn end_round(&mut self, g: &mut dyn SourceGuest, now_us: u64) {
@@ -516,6 +780,10 @@ impl Source {
                 self.round_started_us = now_us;
                 if let Some(reason) = decision {
                     self.stats.stop_reason = Some(reason);
+                    // Hybrid: rounds that stopped converging would leave a long
+                    // stop-and-copy; hand over now and send the rest after.
+                    self.post = self.params.postcopy == PostMode::Hybrid
+                        && reason != StopReason::FitsDowntime;
                     self.phase = Phase::Draining;
                 } else {
                     self.round += 1;
@@ -597,11 +865,24 @@ impl Source {
                         self.phase = Phase::Committing;
                         return Ok(());
                     }
-                    Msg::Resumed(t) if self.phase == Phase::AwaitResumed => {
+                    Msg::Resumed(t)
+                        if matches!(self.phase, Phase::AwaitResumed | Phase::Postcopy) =>
+                    {
                         self.stats.dt_commit_wire_us = t.commit_wire_us;
                         self.stats.dt_resume_us = t.commit_to_resume_us;
                         self.stats.downtime_us = t.downtime_us;
                         self.stats.downtime_joined = true;
+                        self.stats.total_us = now_us - self.started_us;
+                        if self.phase == Phase::AwaitResumed {
+                            self.phase = Phase::Done;
+                            return Ok(());
+                        }
+                    }
+                    Msg::Request { pfn } if self.phase == Phase::Postcopy => {
+                        self.on_request(pfn)?;
+                    }
+                    Msg::PostDone(f) if self.phase == Phase::Postcopy && self.end_sent => {
+                        self.stats.postcopy.remote = f;
                         self.stats.total_us = now_us - self.started_us;
                         self.phase = Phase::Done;
                         return Ok(());

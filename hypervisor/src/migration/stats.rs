@@ -38,6 +38,8 @@ pub enum StopReason {
     MaxRounds,
     /// Stop-and-copy baseline: no pre-copy at all.
     Baseline,
+    /// Post-copy from the start: no pre-copy round.
+    Postcopy,
 }
 
 impl StopReason {
@@ -48,6 +50,7 @@ impl StopReason {
             Self::NotConverging => "not-converging",
             Self::MaxRounds => "max-rounds",
             Self::Baseline => "stop-and-copy",
+            Self::Postcopy => "postcopy",
         }
     }
 }
@@ -99,22 +102,44 @@ pub struct MigrationStats {
     pub outcome: String,
     /// `verify=full` was asked for (source) or checked (destination).
     pub verify_full: bool,
+    /// Post-copy: what was sent after the hand-over (pages pushed or asked for).
+    pub post: RoundStats,
+    /// Post-copy figures (all zero when the guest moved by pre-copy only).
+    pub postcopy: PostcopyStats,
+}
+
+/// What post-copy did: whether it ran, what the source sent and why, what the
+/// destination's guest waited for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PostcopyStats {
+    /// The guest was handed over before all of its memory.
+    pub used: bool,
+    /// Pages the destination did not hold at the hand-over.
+    pub missing_at_handover: u64,
+    /// Requests for a page the guest waited for (source: received).
+    pub requests: u64,
+    /// Pages sent around a requested page before their turn (prepaging).
+    pub prepaged: u64,
+    /// The destination's figures (from PostDone on the source).
+    pub remote: super::wire::PostFigures,
 }
 
 impl MigrationStats {
     /// Bytes over all rounds.
     pub fn total_bytes(&self) -> u64 {
-        self.rounds.iter().map(|r| r.bytes).sum::<u64>() + self.last.bytes
+        self.rounds.iter().map(|r| r.bytes).sum::<u64>() + self.last.bytes + self.post.bytes
     }
 
     /// Zero pages elided over all rounds.
     pub fn zero_pages(&self) -> u64 {
-        self.rounds.iter().map(|r| r.zero_pages).sum::<u64>() + self.last.zero_pages
+        self.rounds.iter().map(|r| r.zero_pages).sum::<u64>()
+            + self.last.zero_pages
+            + self.post.zero_pages
     }
 
     /// Pages sent over all rounds.
     pub fn total_pages(&self) -> u64 {
-        self.rounds.iter().map(|r| r.pages).sum::<u64>() + self.last.pages
+        self.rounds.iter().map(|r| r.pages).sum::<u64>() + self.last.pages + self.post.pages
     }
 
     /// Stream throughput in kB/s (bytes per ms).
@@ -132,7 +157,7 @@ impl MigrationStats {
             .collect();
         let _ = write!(
             s,
-            "MIGRATION-STATS role={} guest={} image={} mem_bytes={} peer={} method={} mode={} outcome={} total_us={} downtime_us={} dt_freeze_sent_us={} dt_sent_ready_us={} dt_commit_wire_us={} dt_resume_us={} downtime_joined={} rounds={} bytes={} pages={} zero_pages={} final_dirty={} final_bytes={} stop={} throughput_kBps={} verify={} delta_pages={} delta_saved={} per_round={}",
+            "MIGRATION-STATS role={} guest={} image={} mem_bytes={} peer={} method={} mode={} outcome={} total_us={} downtime_us={} dt_freeze_sent_us={} dt_sent_ready_us={} dt_commit_wire_us={} dt_resume_us={} downtime_joined={} rounds={} bytes={} pages={} zero_pages={} final_dirty={} final_bytes={} stop={} throughput_kBps={} verify={} delta_pages={} delta_saved={} postcopy={} post_missing={} post_pages={} post_bytes={} requests={} prepaged={} faults={} fault_median_us={} fault_max_us={} last_page_us={} per_round={}",
             self.role,
             self.guest,
             self.image,
@@ -160,6 +185,16 @@ impl MigrationStats {
             if self.verify_full { "full" } else { "sent" },
             self.rounds.iter().chain([&self.last]).map(|r| r.delta_pages).sum::<u64>(),
             self.rounds.iter().chain([&self.last]).map(|r| r.delta_saved).sum::<u64>(),
+            u8::from(self.postcopy.used),
+            self.postcopy.missing_at_handover,
+            self.post.pages,
+            self.post.bytes,
+            self.postcopy.requests,
+            self.postcopy.prepaged,
+            self.postcopy.remote.faults,
+            self.postcopy.remote.fault_median_us,
+            self.postcopy.remote.fault_max_us,
+            self.postcopy.remote.last_page_us,
             if per_round.is_empty() { String::from("-") } else { per_round.join(",") },
         );
         s
@@ -211,7 +246,24 @@ impl fmt::Display for MigrationStats {
             self.last.pages,
             self.throughput_kbps(),
             self.method
-        )
+        )?;
+        if self.postcopy.used {
+            let p = &self.postcopy;
+            write!(
+                f,
+                "\n  post-copy: {} pages missing at the hand-over; {} pages ({} bytes) sent after it; {} remote faults, {} requests, {} pages prepaged; fault service median {} us, max {} us; last page {} ms after COMMIT",
+                p.missing_at_handover,
+                self.post.pages,
+                self.post.bytes,
+                p.remote.faults,
+                p.requests,
+                p.prepaged,
+                p.remote.fault_median_us,
+                p.remote.fault_max_us,
+                p.remote.last_page_us / 1000
+            )?;
+        }
+        Ok(())
     }
 }
 

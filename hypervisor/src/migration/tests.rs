@@ -11,7 +11,7 @@ use std::rc::Rc;
 
 use super::link::{Link, LinkState};
 use super::receiver::{Installer, Outcome, Receiver};
-use super::source::{Params, Phase, Source, SourceGuest, Status};
+use super::source::{Params, Phase, PostMode, Source, SourceGuest, Status};
 use super::stats::{MigrationStats, StopReason};
 use super::wire::{self, Decoder, Hello, Msg, PAGE};
 
@@ -212,6 +212,40 @@ struct FakeHost {
     committed: Option<u32>,
     lost: Option<u32>,
     max_mem: u64,
+    /// Post-copy: pages not arrived yet (empty: none).
+    remote: Vec<bool>,
+    /// Post-copy: the page the destination's guest waits for, since when.
+    wanted: Option<(u64, u64)>,
+    /// Post-copy: the guest's touches of remote pages.
+    faults: u64,
+    rng: Option<Rng>,
+}
+
+impl FakeHost {
+    /// One time slice of the guest on the destination (post-copy only: it runs as
+    /// soon as COMMIT arrived): writes pages of the working set into the installed
+    /// memory and into `shadow`, and blocks at the first remote page it touches.
+    fn run_dest(&mut self, shadow: &mut [u8], rate: usize, ws: usize, now: u64) {
+        if self.committed.is_none() || self.wanted.is_some() || self.remote.is_empty() {
+            return;
+        }
+        let rng = self.rng.get_or_insert(Rng(0xDE57));
+        let Some((mem, _, _)) = self.installed.as_mut() else {
+            return;
+        };
+        for _ in 0..rate {
+            let p = (rng.next() as usize) % ws;
+            if self.remote[p] {
+                self.wanted = Some((p as u64, now));
+                self.faults += 1;
+                return;
+            }
+            let off = p * PAGE + (rng.next() as usize % 512) * 8;
+            let v = rng.next() | 1;
+            mem[off..off + 8].copy_from_slice(&v.to_le_bytes());
+            shadow[off..off + 8].copy_from_slice(&v.to_le_bytes());
+        }
+    }
 }
 
 impl Installer for FakeHost {
@@ -228,9 +262,33 @@ impl Installer for FakeHost {
         hello: &Hello,
         vcpu: &[u8],
         _device: &[u8],
+        missing: Option<&[u64]>,
     ) -> Result<u32, String> {
+        let pages = mem.len() / PAGE;
+        if let Some(m) = missing {
+            self.remote = (0..pages).map(|p| m[p / 64] & (1 << (p % 64)) != 0).collect();
+        }
         self.installed = Some((mem, hello.clone(), vcpu.to_vec()));
         Ok(5)
+    }
+    fn post_page(&mut self, _: u32, pfn: u64) -> Option<&mut [u8]> {
+        let (mem, _, _) = self.installed.as_mut()?;
+        let start = pfn as usize * PAGE;
+        mem.get_mut(start..start + PAGE)
+    }
+    fn post_arrived(&mut self, _: u32, pfn: u64, now_us: u64) -> Option<u64> {
+        assert!(self.remote[pfn as usize], "page {pfn} arrived twice");
+        self.remote[pfn as usize] = false;
+        match self.wanted {
+            Some((p, at)) if p == pfn => {
+                self.wanted = None;
+                Some(now_us - at)
+            }
+            _ => None,
+        }
+    }
+    fn post_wanted(&mut self, _: u32) -> Option<u64> {
+        self.wanted.map(|(p, _)| p)
     }
     fn commit(&mut self, id: u32, _pause_us: u64) {
         self.committed = Some(id);
@@ -276,6 +334,9 @@ fn migrate(
         if g.frozen && frozen_copy.is_none() {
             frozen_copy = Some(g.mem.clone());
         }
+        if let Some(copy) = frozen_copy.as_mut() {
+            host.run_dest(copy, g.rate, g.ws, now);
+        }
         if !r_done {
             r_done = rcv.poll(&mut b, host, now);
         }
@@ -289,7 +350,8 @@ fn migrate(
         }
     }
     if let (Some(copy), Some((mem, _, _))) = (&frozen_copy, &host.installed) {
-        for p in 0..pages {
+        // Pages still remote (an interrupted post-copy) are the source's to give.
+        for p in (0..pages).filter(|p| !host.remote.get(*p).copied().unwrap_or(false)) {
             assert_eq!(
                 &copy[p * PAGE..(p + 1) * PAGE],
                 &mem[p * PAGE..(p + 1) * PAGE],
@@ -843,4 +905,125 @@ fn an_unannounced_delta_is_refused() {
     wire::put_hello(&mut s, &hello(4));
     wire::put_delta(&mut s, 1, &[0, 1, 0xAA]);
     discarded(&s, "did not announce deltas");
+}
+
+fn postcopy(prepage: u32) -> Params {
+    Params {
+        postcopy: PostMode::Always,
+        prepage,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn postcopy_hands_over_first_and_delivers_every_page_once() {
+    let mut g = FakeGuest::new(512, 4, 128);
+    let mut h = host();
+    // `migrate` checks the destination's memory against the source's at the freeze
+    // plus what the guest wrote on the destination since.
+    let (src, rcv) = migrate(&mut g, &mut h, postcopy(16), 64 * 1024, None);
+    assert_eq!(src.phase(), Phase::Done, "{}", src.stats.outcome);
+    assert_eq!(rcv.outcome, Some(Outcome::Committed(5)));
+    assert!(g.gone);
+    let st = &src.stats;
+    assert!(st.rounds.is_empty(), "no pre-copy round");
+    assert_eq!(st.stop_reason, Some(StopReason::Postcopy));
+    assert!(st.postcopy.used);
+    assert_eq!(st.postcopy.missing_at_handover, 512);
+    assert_eq!(st.post.pages, 512, "every page exactly once");
+    assert_eq!(st.total_pages(), 512);
+    assert!(h.remote.iter().all(|r| !r), "a page never arrived");
+    // The guest ran on the destination, touched remote pages and waited for them.
+    assert!(h.faults > 0);
+    assert_eq!(st.postcopy.remote.faults, h.faults);
+    assert!(st.postcopy.requests >= h.faults.min(1));
+    assert!(st.postcopy.remote.fault_max_us >= st.postcopy.remote.fault_median_us);
+    assert!(st.postcopy.remote.last_page_us > 0);
+    assert!(st.line().contains("postcopy=1 post_missing=512 post_pages=512"));
+}
+
+#[test]
+fn prepaging_cuts_remote_faults() {
+    let faults = |prepage| {
+        let mut g = FakeGuest::new(512, 4, 128);
+        let mut h = host();
+        let (src, _) = migrate(&mut g, &mut h, postcopy(prepage), 64 * 1024, None);
+        assert_eq!(src.phase(), Phase::Done, "{}", src.stats.outcome);
+        assert_eq!(src.stats.post.pages, 512);
+        if prepage == 0 {
+            assert_eq!(src.stats.postcopy.prepaged, 0);
+        } else {
+            assert!(src.stats.postcopy.prepaged > 0);
+        }
+        h.faults
+    };
+    let (without, with) = (faults(0), faults(16));
+    eprintln!("remote faults: prepage=0 {without}, prepage=16 {with}");
+    assert!(
+        with < without,
+        "prepaging: {with} faults, without: {without}"
+    );
+}
+
+#[test]
+fn hybrid_switches_to_postcopy_when_rounds_stop_converging() {
+    let mut g = FakeGuest::new(256, 50, 256);
+    let mut h = host();
+    let params = Params {
+        downtime_us: 100,
+        max_rounds: 5,
+        postcopy: PostMode::Hybrid,
+        ..Default::default()
+    };
+    let (src, rcv) = migrate(&mut g, &mut h, params, 16 * 1024, None);
+    assert_eq!(src.phase(), Phase::Done, "{}", src.stats.outcome);
+    assert_eq!(rcv.outcome, Some(Outcome::Committed(5)));
+    let st = &src.stats;
+    assert!(!st.rounds.is_empty());
+    assert!(matches!(
+        st.stop_reason,
+        Some(StopReason::MaxRounds | StopReason::NotConverging)
+    ));
+    assert!(st.postcopy.used);
+    assert_eq!(st.last.pages, 0, "no stop-and-copy pages");
+    assert_eq!(st.post.pages, st.postcopy.missing_at_handover);
+    assert!(st.postcopy.missing_at_handover > 0);
+}
+
+#[test]
+fn hybrid_with_a_converging_guest_stays_precopy() {
+    let mut g = FakeGuest::new(512, 2, 64);
+    let mut h = host();
+    let params = Params {
+        downtime_us: 2_000,
+        postcopy: PostMode::Hybrid,
+        ..Default::default()
+    };
+    let (src, _) = migrate(&mut g, &mut h, params, 64 * 1024, None);
+    assert_eq!(src.phase(), Phase::Done, "{}", src.stats.outcome);
+    assert_eq!(src.stats.stop_reason, Some(StopReason::FitsDowntime));
+    assert!(!src.stats.postcopy.used);
+    assert!(h.remote.is_empty());
+}
+
+#[test]
+fn postcopy_link_lost_after_commit_keeps_both_halves() {
+    let mut g = FakeGuest::new(512, 4, 128);
+    let mut h = host();
+    // The link dies partway through the pages that follow the hand-over.
+    let (src, rcv) = migrate(&mut g, &mut h, postcopy(16), 64 * 1024, Some(300 * 1024));
+    assert_eq!(src.phase(), Phase::Stranded, "{}", src.stats.outcome);
+    assert!(src.stats.outcome.starts_with("post-copy interrupted"));
+    assert!(g.gone, "the guest is the destination's: never thawed here");
+    let left = src.pages_left();
+    assert!(left > 0 && left < 512, "{left}");
+    match rcv.outcome {
+        Some(Outcome::Stranded { id: 5, missing, .. }) => {
+            assert!(missing >= left, "destination lacks {missing}, source kept {left}");
+            let remote = h.remote.iter().filter(|r| **r).count() as u64;
+            assert_eq!(remote, missing);
+        }
+        ref o => panic!("{o:?}"),
+    }
+    // `migrate` checked every page that did arrive against the source's.
 }

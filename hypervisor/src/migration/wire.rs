@@ -19,11 +19,15 @@
 //! | 7   | End       | pages u64, checksum u64                                    | S→D |
 //! | 9   | DeltaPage | pfn u64, then a delta against the page's previous version ([`super::delta`]), at most 4032 bytes; only when Hello announced it | S→D |
 //! | 8   | Digest    | first pfn u64, then 1..=128 hashes u64 of consecutive pages of the guest's memory at the freeze (`verify=full`; between Device and End, covering every page in order) | S→D |
+//! | 10  | Missing   | post-copy: first word u64, then 1..=64 bitmap words u64 (bit p of word w: page 64w+p is not held by the destination and will come later); in order, covering every page, before Vcpu | S→D |
+//! | 11  | PostEnd   | post-copy hand-over point in place of End: page messages so far u64, pages still missing u64 | S→D |
 //! | 16  | Ready     | empty: the destination holds and has checked everything    | D→S |
 //! | 17  | Reject    | reason code u32, message (at most 200 bytes)               | D→S |
 //! | 18  | Commit    | the source has given the guest up; its part of the pause: freeze→state sent u64, state sent→READY u64, READY→COMMIT u64 (µs, source clock) | S→D |
 //! | 19  | Abort     | reason code u32, message (at most 200 bytes)               | S→D |
 //! | 20  | Resumed   | the guest runs here: READY→COMMIT on the wire u64, COMMIT→resume u64, total downtime u64 (µs) | D→S |
+//! | 21  | Request   | post-copy: the guest waits for page pfn u64; send it (and its neighbours) first | D→S |
+//! | 22  | PostDone  | post-copy: every page arrived and the checksum matched; remote faults u64, fault service median u64 and max u64 (µs), COMMIT→last page u64 (µs) | D→S |
 //!
 //! The sequence (see DESIGN.md, migration semantics):
 //!
@@ -40,6 +44,21 @@
 //!                       ◄───────────────── Resumed(times)  (first instruction ran)
 //!  any failure before Commit: Reject/Abort or a closed link; destination discards,
 //!  the guest runs on at the source.
+//! ```
+//!
+//! Post-copy (Hello flag POSTCOPY; `mode=postcopy`, or `mode=hybrid` when pre-copy
+//! rounds stop converging) hands the guest over before its memory:
+//!
+//! ```text
+//!    [guest frozen] Missing x n, Vcpu,
+//!    Device, PostEnd ─────────────────────►  install guest, pages in Missing unmapped
+//!                       ◄───────────────── Ready
+//!    [guest gone] Commit ─────────────────►  resume guest; a touch of a missing page
+//!                       ◄───────────────── Resumed          blocks it, and
+//!                       ◄───────────────── Request(pfn)     asks for it
+//!    Page(pfn), neighbours, ... ──────────►  map the page, wake the guest
+//!    remaining pages once each, End ──────►  checksum over all memory
+//!                       ◄───────────────── PostDone(figures): the source frees its copy
 //! ```
 //!
 //! Downtime is the pause the guest sees: from its freeze on the source to its first
@@ -90,11 +109,31 @@ pub mod tag {
     pub const END: u8 = 7;
     pub const DIGEST: u8 = 8;
     pub const DELTA: u8 = 9;
+    pub const MISSING: u8 = 10;
+    pub const POST_END: u8 = 11;
     pub const READY: u8 = 16;
     pub const REJECT: u8 = 17;
     pub const COMMIT: u8 = 18;
     pub const ABORT: u8 = 19;
     pub const RESUMED: u8 = 20;
+    pub const REQUEST: u8 = 21;
+    pub const POST_DONE: u8 = 22;
+}
+
+/// Bitmap words per Missing message (4096 pages).
+pub const MISSING_WORDS: usize = 64;
+
+/// The destination's post-copy figures, carried by PostDone.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PostFigures {
+    /// Times the guest touched a page that had not arrived.
+    pub faults: u64,
+    /// Median time from such a touch to the page being mapped (µs, destination clock).
+    pub fault_median_us: u64,
+    /// Longest such time (µs).
+    pub fault_max_us: u64,
+    /// COMMIT to the last page mapped (µs).
+    pub last_page_us: u64,
 }
 
 /// The source's part of the pause, carried by Commit (µs, source clock).
@@ -124,8 +163,10 @@ pub struct ResumedTimes {
 pub mod hello_flags {
     /// DeltaPage messages (re-sent pages as deltas, `cache=` on the source).
     pub const DELTA: u32 = 1;
+    /// The stream may hand the guest over before all of its memory (post-copy).
+    pub const POSTCOPY: u32 = 2;
     /// Every flag this version knows; a Hello with others is refused.
-    pub const KNOWN: u32 = DELTA;
+    pub const KNOWN: u32 = DELTA | POSTCOPY;
 }
 
 /// The guest's configuration, sent first.
@@ -214,6 +255,27 @@ pub enum Msg<'a> {
         /// Reason text.
         reason: &'a str,
     },
+    /// Pages the destination must fetch later (post-copy).
+    Missing {
+        /// Index of the first bitmap word.
+        first: u64,
+        /// Little-endian bitmap words.
+        words: &'a [u8],
+    },
+    /// Post-copy hand-over point.
+    PostEnd {
+        /// Page messages so far.
+        pages: u64,
+        /// Pages the destination does not hold yet.
+        missing: u64,
+    },
+    /// The destination's guest waits for this page.
+    Request {
+        /// Guest frame number.
+        pfn: u64,
+    },
+    /// Post-copy finished on the destination.
+    PostDone(PostFigures),
 }
 
 /// A malformed stream.
@@ -335,6 +397,38 @@ pub fn put_commit(out: &mut Vec<u8>, t: &CommitTimes) {
     }
 }
 
+/// Appends a Missing message: bitmap words `first..first + words.len()` (at most
+/// [`MISSING_WORDS`]).
+pub fn put_missing(out: &mut Vec<u8>, first: u64, words: &[u64]) {
+    debug_assert!(!words.is_empty() && words.len() <= MISSING_WORDS);
+    header(out, tag::MISSING, 8 + 8 * words.len());
+    out.extend_from_slice(&first.to_le_bytes());
+    for w in words {
+        out.extend_from_slice(&w.to_le_bytes());
+    }
+}
+
+/// Appends a PostEnd.
+pub fn put_post_end(out: &mut Vec<u8>, pages: u64, missing: u64) {
+    header(out, tag::POST_END, 16);
+    out.extend_from_slice(&pages.to_le_bytes());
+    out.extend_from_slice(&missing.to_le_bytes());
+}
+
+/// Appends a Request for page `pfn`.
+pub fn put_request(out: &mut Vec<u8>, pfn: u64) {
+    header(out, tag::REQUEST, 8);
+    out.extend_from_slice(&pfn.to_le_bytes());
+}
+
+/// Appends a PostDone with the destination's figures.
+pub fn put_post_done(out: &mut Vec<u8>, f: &PostFigures) {
+    header(out, tag::POST_DONE, 32);
+    for v in [f.faults, f.fault_median_us, f.fault_max_us, f.last_page_us] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
 /// Appends a Resumed with the destination's account of the pause.
 pub fn put_resumed(out: &mut Vec<u8>, t: &ResumedTimes) {
     header(out, tag::RESUMED, 24);
@@ -388,7 +482,10 @@ fn length_ok(t: u8, len: usize) -> Result<bool, WireError> {
     Ok(match t {
         tag::HELLO => (HELLO_FIXED..=HELLO_FIXED + MAX_NAME + MAX_ARGS).contains(&len),
         tag::PAGE => len == 8 + PAGE,
-        tag::ZERO | tag::ROUND_END => len == 8,
+        tag::ZERO | tag::ROUND_END | tag::REQUEST => len == 8,
+        tag::MISSING => len > 8 && len <= 8 + 8 * MISSING_WORDS && (len - 8).is_multiple_of(8),
+        tag::POST_END => len == 16,
+        tag::POST_DONE => len == 32,
         tag::VCPU | tag::DEVICE => len <= MAX_STATE,
         tag::END => len == 16,
         tag::DELTA => (8..=8 + super::delta::MAX_DELTA).contains(&len),
@@ -575,6 +672,21 @@ fn parse(t: u8, p: &[u8]) -> Result<Msg<'_>, WireError> {
             first: u64_at(p, 0),
             hashes: &p[8..],
         },
+        tag::MISSING => Msg::Missing {
+            first: u64_at(p, 0),
+            words: &p[8..],
+        },
+        tag::POST_END => Msg::PostEnd {
+            pages: u64_at(p, 0),
+            missing: u64_at(p, 8),
+        },
+        tag::REQUEST => Msg::Request { pfn: u64_at(p, 0) },
+        tag::POST_DONE => Msg::PostDone(PostFigures {
+            faults: u64_at(p, 0),
+            fault_median_us: u64_at(p, 8),
+            fault_max_us: u64_at(p, 16),
+            last_page_us: u64_at(p, 24),
+        }),
         tag::READY => Msg::Ready,
         tag::COMMIT => Msg::Commit(CommitTimes {
             freeze_to_sent_us: u64_at(p, 0),
@@ -734,6 +846,22 @@ mod tests {
         ends.push(s.len());
         put_reason(&mut s, tag::ABORT, 1, "operator");
         ends.push(s.len());
+        put_missing(&mut s, 0, &[u64::MAX, 5]);
+        ends.push(s.len());
+        put_post_end(&mut s, 3, 66);
+        ends.push(s.len());
+        put_request(&mut s, 42);
+        ends.push(s.len());
+        put_post_done(
+            &mut s,
+            &PostFigures {
+                faults: 1,
+                fault_median_us: 2,
+                fault_max_us: 3,
+                last_page_us: 4,
+            },
+        );
+        ends.push(s.len());
         (s, ends)
     }
 
@@ -860,6 +988,30 @@ mod tests {
             next(&mut d);
             assert_eq!(d.take().unwrap(), e);
         }
+        let mut words = Vec::new();
+        words.extend_from_slice(&u64::MAX.to_le_bytes());
+        words.extend_from_slice(&5u64.to_le_bytes());
+        let expect = [
+            Msg::Missing {
+                first: 0,
+                words: &words,
+            },
+            Msg::PostEnd {
+                pages: 3,
+                missing: 66,
+            },
+            Msg::Request { pfn: 42 },
+            Msg::PostDone(PostFigures {
+                faults: 1,
+                fault_median_us: 2,
+                fault_max_us: 3,
+                last_page_us: 4,
+            }),
+        ];
+        for e in expect {
+            next(&mut d);
+            assert_eq!(d.take().unwrap(), e);
+        }
         assert_eq!(off, s.len());
         // A second take of the same message is refused, not a panic.
         assert!(d.take().is_err());
@@ -912,8 +1064,8 @@ mod tests {
         // Tag 0 (a zeroed header) and unknown tags.
         assert_eq!(first_error(&[0; HEADER]), WireError::BadTag(0));
         assert_eq!(
-            first_error(&[10, 0, 0, 0, 0, 0, 0, 0]),
-            WireError::BadTag(10)
+            first_error(&[12, 0, 0, 0, 0, 0, 0, 0]),
+            WireError::BadTag(12)
         );
         assert_eq!(
             first_error(&[0xFF, 0, 0, 0, 0, 0, 0, 0]),
@@ -956,6 +1108,12 @@ mod tests {
             (tag::ZERO, 16),
             (tag::END, 8),
             (tag::DIGEST, 8),
+            (tag::MISSING, 8),
+            (tag::MISSING, 8 + 8 * MISSING_WORDS as u32 + 8),
+            (tag::MISSING, 12),
+            (tag::POST_END, 8),
+            (tag::REQUEST, 16),
+            (tag::POST_DONE, 24),
             (tag::DELTA, 7),
             (tag::DELTA, 8 + super::super::delta::MAX_DELTA as u32 + 1),
             (tag::DIGEST, 8 + 12),

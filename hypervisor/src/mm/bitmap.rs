@@ -40,6 +40,18 @@ impl PageBitmap {
         }
     }
 
+    /// Unmarks page `pfn`.
+    pub fn unset(&mut self, pfn: usize) {
+        if pfn < self.pages {
+            self.words[pfn / 64] &= !(1 << (pfn % 64));
+        }
+    }
+
+    /// Whether no page is marked.
+    pub fn count_is_zero(&self) -> bool {
+        self.words.iter().all(|w| *w == 0)
+    }
+
     /// Whether page `pfn` is marked.
     pub fn get(&self, pfn: usize) -> bool {
         pfn < self.pages && self.words[pfn / 64] & (1 << (pfn % 64)) != 0

@@ -52,6 +52,9 @@ pub enum VmState {
     /// Paused for the stop-and-copy phase of a migration, or arrived and waiting for
     /// the source's COMMIT.
     Frozen,
+    /// Arrived by post-copy and touched page `pfn`, which has not arrived yet: waits
+    /// until the migration maps it.
+    Fetching(usize),
     /// Ended by the guest with an exit code.
     Exited(i64),
     /// Stopped by the hypervisor.
@@ -66,6 +69,7 @@ impl VmState {
             Self::Halted(_) => "sleeping",
             Self::Paused => "paused",
             Self::Frozen => "frozen",
+            Self::Fetching(_) => "fetching",
             Self::Exited(_) => "exited",
             Self::Stopped(_) => "stopped",
         }
@@ -191,6 +195,13 @@ pub struct Vm {
     pub watch_first_run: bool,
     /// When the guest's vCPU first ran after the last arrival (µs, this clock).
     pub first_run_us: Option<u64>,
+    /// Post-copy: pages still on the source (unmapped in EPT, so a touch exits); `None`
+    /// once every page is here.
+    remote: Option<PageBitmap>,
+    /// Post-copy: when the guest blocked on a remote page (µs), and how many times.
+    pub fault_at_us: u64,
+    /// Post-copy: touches of pages that had not arrived.
+    pub remote_faults: u64,
     /// The VMCS has been VMCLEARed and loaded at least once: it must be VMCLEARed
     /// again before its frame is freed.
     vmcs_active: bool,
@@ -359,6 +370,9 @@ impl Vm {
             dirty: None,
             watch_first_run: false,
             first_run_us: None,
+            remote: None,
+            fault_at_us: 0,
+            remote_faults: 0,
             vmcs_active: false,
         })
     }
@@ -396,7 +410,9 @@ impl Vm {
             + self.ept.count()
             + self.vmcs.count()
             + self.pml.as_ref().map_or(0, |p| p.count());
-        let heap = self.dirty.as_ref().map_or(0, |d| d.bytes()) + self.out.capacity();
+        let heap = self.dirty.as_ref().map_or(0, |d| d.bytes())
+            + self.remote.as_ref().map_or(0, |d| d.bytes())
+            + self.out.capacity();
         (frames, heap)
     }
 
@@ -408,6 +424,78 @@ impl Vm {
 }
 
 impl Vm {
+    /// Post-copy, before the guest first runs here: the pages in `missing` (bit p of
+    /// word w is page 64w+p) have not arrived; unmap them so that a touch exits.
+    pub fn set_remote(&mut self, missing: &[u64]) -> Result<(), String> {
+        let pages = self.pages();
+        let mut bits = PageBitmap::new(pages).map_err(|_| String::from("out of heap"))?;
+        let leaves = ept::leaves_mut(self.ept.as_u64_mut(), pages);
+        for (w, word) in missing.iter().enumerate() {
+            let mut b = *word;
+            while b != 0 {
+                let pfn = w * 64 + b.trailing_zeros() as usize;
+                b &= b - 1;
+                if pfn < pages {
+                    bits.set(pfn);
+                    ept::unmap(leaves, pfn);
+                }
+            }
+        }
+        self.remote = (bits.count() > 0).then_some(bits);
+        Ok(())
+    }
+
+    /// Whether page `pfn` is still on the source (post-copy).
+    pub fn is_remote(&self, pfn: usize) -> bool {
+        self.remote.as_ref().is_some_and(|r| r.get(pfn))
+    }
+
+    /// Pages still on the source.
+    pub fn remote_pages(&self) -> usize {
+        self.remote.as_ref().map_or(0, |r| r.count())
+    }
+
+    /// Page `pfn` has arrived (its contents are in memory): map it and wake the guest
+    /// if it waits for it. Returns the wait in µs when the guest was waiting for it.
+    pub fn page_arrived(&mut self, pfn: usize, now_us: u64) -> Option<u64> {
+        let pages = self.pages();
+        let r = self.remote.as_mut()?;
+        if !r.get(pfn) {
+            return None;
+        }
+        r.unset(pfn);
+        if r.count_is_zero() {
+            self.remote = None;
+        }
+        ept::map(ept::leaves_mut(self.ept.as_u64_mut(), pages), pfn);
+        // A not-present entry is never cached (SDM 29.4.1), so mapping needs no
+        // INVEPT; the guest simply retries the access.
+        if self.state == VmState::Fetching(pfn) {
+            self.state = VmState::Running;
+            return Some(now_us.saturating_sub(self.fault_at_us));
+        }
+        None
+    }
+
+    /// The first page of `[gpa, gpa+len)` still on the source, if any.
+    fn remote_in(&self, gpa: u64, len: u64) -> Option<usize> {
+        let r = self.remote.as_ref()?;
+        if len == 0 {
+            return None;
+        }
+        let first = (gpa / 4096) as usize;
+        let last = (gpa.saturating_add(len - 1) / 4096) as usize;
+        (first..=last.min(self.pages().saturating_sub(1))).find(|p| r.get(*p))
+    }
+
+    /// Blocks the guest on remote page `pfn` (post-copy).
+    fn block_on_remote(&mut self, pfn: usize) -> Option<SliceEnd> {
+        self.state = VmState::Fetching(pfn);
+        self.fault_at_us = time::now_us();
+        self.remote_faults += 1;
+        Some(SliceEnd::Blocked)
+    }
+
     /// Freezes the guest for stop-and-copy (or on arrival, until COMMIT).
     pub fn freeze(&mut self) {
         if self.state.alive() && self.state != VmState::Frozen {

@@ -524,6 +524,11 @@ impl Vm {
         let qual = vmcs::read(ro::EXIT_QUALIFICATION);
         let pfn = (gpa / 4096) as usize;
         let write = qual & 2 != 0;
+        if self.is_remote(pfn) {
+            // Post-copy: the page is still on the source. Wait for it; the access
+            // is retried when it is mapped.
+            return self.block_on_remote(pfn);
+        }
         if write && self.tracking == Some(Tracking::WriteProtect) && gpa < self.mem_bytes {
             let pages = self.pages();
             if ept::unprotect(ept::leaves_mut(self.ept.as_u64_mut(), pages), pfn) {
@@ -568,6 +573,17 @@ impl Vm {
     fn on_vmcall(&mut self) -> Option<SliceEnd> {
         let call = self.regs.rax;
         let (a0, a1, a2) = (self.regs.rdi, self.regs.rsi, self.regs.rdx);
+        // Post-copy: a call whose buffer lies on a page still on the source waits for
+        // it and is retried (RIP stays on the VMCALL), so the hypervisor never reads
+        // or writes memory the guest does not hold yet.
+        let buffer = match Hypercall::from_raw(call) {
+            Some(Hypercall::ConsoleWrite) if a1 <= MAX_CONSOLE_WRITE => Some((a0, a1)),
+            Some(Hypercall::Info) => Some((a0, core::mem::size_of::<GuestInfo>() as u64)),
+            _ => None,
+        };
+        if let Some(pfn) = buffer.and_then(|(gpa, len)| self.remote_in(gpa, len)) {
+            return self.block_on_remote(pfn);
+        }
         let mut end = None;
         let result: Result<u64, ErrorCode> = match Hypercall::from_raw(call) {
             None => Err(ErrorCode::UnknownCall),

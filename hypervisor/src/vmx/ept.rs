@@ -125,6 +125,21 @@ pub fn write_enable_all(leaves: &mut [u64]) {
     }
 }
 
+/// Post-copy: makes page `pfn` not present (its contents have not arrived), keeping
+/// the address so [`map`] can restore it.
+pub fn unmap(leaves: &mut [u64], pfn: usize) {
+    if let Some(e) = leaves.get_mut(pfn) {
+        *e &= !(R | W | X | ACCESSED | DIRTY);
+    }
+}
+
+/// Post-copy: makes page `pfn` present again (read/write/execute).
+pub fn map(leaves: &mut [u64], pfn: usize) {
+    if let Some(e) = leaves.get_mut(pfn) {
+        *e |= R | W | X;
+    }
+}
+
 /// Handles a write to a write-protected page: restores write permission and reports
 /// whether `pfn` was a write-protected page of this guest (else the violation is the
 /// guest's fault).

@@ -766,9 +766,25 @@ impl Installer for Host {
         }
         Ok(vec![0xEE; hello.mem_bytes as usize])
     }
-    fn install(&mut self, mem: Vec<u8>, h: &Hello, _: &[u8], _: &[u8]) -> Result<u32, String> {
+    fn install(
+        &mut self,
+        mem: Vec<u8>,
+        h: &Hello,
+        _: &[u8],
+        _: &[u8],
+        _: Option<&[u64]>,
+    ) -> Result<u32, String> {
         self.installed = Some((mem, h.clone()));
         Ok(5)
+    }
+    fn post_page(&mut self, _: u32, _: u64) -> Option<&mut [u8]> {
+        None
+    }
+    fn post_arrived(&mut self, _: u32, _: u64, _: u64) -> Option<u64> {
+        None
+    }
+    fn post_wanted(&mut self, _: u32) -> Option<u64> {
+        None
     }
     fn commit(&mut self, id: u32, _pause_us: u64) {
         self.committed = Some(id);
