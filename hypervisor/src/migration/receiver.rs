@@ -616,7 +616,11 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
                         ),
                     ));
                 }
-                let f = self.post.as_ref().map(PostProgress::figures).unwrap_or_default();
+                let f = self
+                    .post
+                    .as_ref()
+                    .map(PostProgress::figures)
+                    .unwrap_or_default();
                 wire::put_post_done(&mut self.out, &f);
                 self.flush(link);
                 self.phase = Phase::Done;
@@ -673,7 +677,9 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
                     return Err((reject::VERIFY, String::from("memory checksum mismatch")));
                 }
                 if self.post.is_some() {
-                    return Err(bad("End in a stream that sent Missing (expected PostEnd)".into()));
+                    return Err(bad(
+                        "End in a stream that sent Missing (expected PostEnd)".into()
+                    ));
                 }
                 let hello = self.hello.take().ok_or_else(|| bad("no Hello".into()))?;
                 let mem = self.mem.take().ok_or_else(|| bad("no memory".into()))?;
@@ -752,7 +758,10 @@ impl PostFill<'_> {
         fill: impl FnOnce(&mut [u8]) -> Result<(), String>,
     ) -> Result<(), (u32, String)> {
         let bad = |what: String| (reject::MALFORMED, what);
-        let p = self.post.as_mut().ok_or_else(|| bad("no post-copy".into()))?;
+        let p = self
+            .post
+            .as_mut()
+            .ok_or_else(|| bad("no post-copy".into()))?;
         let (w, b) = ((pfn / 64) as usize, pfn % 64);
         if pfn >= self.pages || p.missing.get(w).is_none_or(|x| x & (1 << b) == 0) {
             return Err(bad(alloc::format!(

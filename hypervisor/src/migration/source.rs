@@ -227,7 +227,8 @@ fn count(bits: &[u64]) -> u64 {
 }
 
 fn bit(bits: &[u64], pfn: usize) -> bool {
-    bits.get(pfn / 64).is_some_and(|w| w & (1 << (pfn % 64)) != 0)
+    bits.get(pfn / 64)
+        .is_some_and(|w| w & (1 << (pfn % 64)) != 0)
 }
 
 /// Clears bit `pfn`; returns whether it was set.
@@ -735,7 +736,10 @@ impl Source {
         self.urgent.push_front(pfn);
         let mut queued = 0;
         for k in 1..=self.params.prepage as usize {
-            for p in [pfn.checked_add(k), pfn.checked_sub(k)].into_iter().flatten() {
+            for p in [pfn.checked_add(k), pfn.checked_sub(k)]
+                .into_iter()
+                .flatten()
+            {
                 if queued < self.params.prepage as usize
                     && p < self.pages
                     && bit(&self.sending, p)

@@ -266,7 +266,9 @@ impl Installer for FakeHost {
     ) -> Result<u32, String> {
         let pages = mem.len() / PAGE;
         if let Some(m) = missing {
-            self.remote = (0..pages).map(|p| m[p / 64] & (1 << (p % 64)) != 0).collect();
+            self.remote = (0..pages)
+                .map(|p| m[p / 64] & (1 << (p % 64)) != 0)
+                .collect();
         }
         self.installed = Some((mem, hello.clone(), vcpu.to_vec()));
         Ok(5)
@@ -939,7 +941,9 @@ fn postcopy_hands_over_first_and_delivers_every_page_once() {
     assert!(st.postcopy.requests >= h.faults.min(1));
     assert!(st.postcopy.remote.fault_max_us >= st.postcopy.remote.fault_median_us);
     assert!(st.postcopy.remote.last_page_us > 0);
-    assert!(st.line().contains("postcopy=1 post_missing=512 post_pages=512"));
+    assert!(st
+        .line()
+        .contains("postcopy=1 post_missing=512 post_pages=512"));
 }
 
 #[test]
@@ -1019,7 +1023,10 @@ fn postcopy_link_lost_after_commit_keeps_both_halves() {
     assert!(left > 0 && left < 512, "{left}");
     match rcv.outcome {
         Some(Outcome::Stranded { id: 5, missing, .. }) => {
-            assert!(missing >= left, "destination lacks {missing}, source kept {left}");
+            assert!(
+                missing >= left,
+                "destination lacks {missing}, source kept {left}"
+            );
             let remote = h.remote.iter().filter(|r| **r).count() as u64;
             assert_eq!(remote, missing);
         }

@@ -1,0 +1,112 @@
+//! Post-copy and hybrid migration on a Bochs pair (A = 10.0.0.1, B = 10.0.0.2): the
+//! guest is handed over before its memory, runs on the destination at once, and
+//! waits (EPT violation on an unmapped page) for each page it touches that has not
+//! arrived; the source sends those first and pushes the rest.
+
+use std::time::Duration;
+
+use hv_tests::{expect, scenario, Setup, CMD_TIMEOUT};
+use hv_tools::console::Console;
+use hv_tools::session;
+use hv_tools::stats::MigrationStats;
+
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(300);
+const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn figure(s: &MigrationStats, key: &str) -> Result<u64, String> {
+    s.get(key)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("no {key} in {s:?}"))
+}
+
+/// Migrates and checks what every post-copy migration must show: the guest was
+/// handed over with pages missing, and every one of them was sent exactly once.
+fn migrate_post(
+    src: &mut Console,
+    dst: &mut Console,
+    id: u32,
+    peer: &str,
+    opts: &str,
+) -> Result<(u32, MigrationStats), String> {
+    let m = session::migrate(src, dst, id, peer, opts, MIGRATE_TIMEOUT)?;
+    eprintln!("migrated guest {id} to {peer} {opts}: {}", m.summary);
+    let s = m.stats;
+    if !s.ok() {
+        return Err(format!("migration failed: {}", s.outcome));
+    }
+    if figure(&s, "postcopy")? != 1 {
+        return Err(format!("{opts}: post-copy was not used: {s:?}"));
+    }
+    let (missing, sent) = (figure(&s, "post_missing")?, figure(&s, "post_pages")?);
+    if missing == 0 || sent != missing {
+        return Err(format!(
+            "{missing} pages missing at the hand-over but {sent} sent after it"
+        ));
+    }
+    // The destination reports when the last page arrived.
+    dst.wait_for("post-copy complete, all ", MIGRATE_TIMEOUT)?;
+    Ok((m.new_id, s))
+}
+
+#[test]
+#[ignore = "boots an emulator pair: run with cargo xtask test"]
+fn bochs_pair_postcopy_and_hybrid() {
+    scenario("bochs-postcopy", Setup::bochs_pair(), |lab| {
+        let (a, b) = lab.instances.split_at_mut(1);
+        let (a, b) = (&mut a[0].console, &mut b[0].console);
+
+        // 1. The verify guest (rewriting its memory) moves by post-copy and passes its
+        //    check on B: every page it touched before arriving came on demand.
+        a.command("start verify mem=8 rate=100 check=2", CMD_TIMEOUT)?;
+        a.wait_for("[g1] verify: PASS", GUEST_TIMEOUT)?;
+        let (vid, s) = migrate_post(a, b, 1, "10.0.0.2", "mode=postcopy")?;
+        if figure(&s, "faults")? == 0 {
+            return Err("the guest never waited for a page: post-copy not exercised".into());
+        }
+        if figure(&s, "rounds")? != 0 {
+            return Err(format!("post-copy ran pre-copy rounds: {s:?}"));
+        }
+        b.wait_for(&format!("[g{vid}] verify: PASS"), GUEST_TIMEOUT)?;
+        if !session::self_check(b, "verify", vid)? {
+            return Err("verify guest failed its check after post-copy".into());
+        }
+        if !session::listed(a, "verify")?.is_empty() {
+            return Err("verify guest still listed on A after post-copy".into());
+        }
+
+        // 2. A counter moves by post-copy and back: no value skipped or repeated.
+        let cid = session::start(a, "counter period=100")?;
+        a.wait_for(&format!("[g{cid}] counter 5 "), GUEST_TIMEOUT)?;
+        let (cid_b, _) = migrate_post(a, b, cid, "10.0.0.2", "mode=postcopy prepage=0")?;
+        let on_a = session::counter_values(&a.log(), cid)
+            .last()
+            .copied()
+            .ok_or("no counter output on A")?;
+        b.wait_for(&format!("[g{cid_b}] counter"), GUEST_TIMEOUT)?;
+        b.wait_for("\n", CMD_TIMEOUT)?;
+        let first_b = session::counter_values(&b.log(), cid_b)
+            .first()
+            .copied()
+            .ok_or("no counter output on B")?;
+        if first_b != on_a + 1 {
+            return Err(format!(
+                "counter gap: last on A {on_a}, first on B {first_b}"
+            ));
+        }
+
+        // 3. Hybrid: a dirtier faster than pre-copy can converge on moves back by
+        //    pre-copy rounds, then post-copy for what stayed dirty; it passes its
+        //    own check on A.
+        let did = session::start(b, "dirtier pages=1024 rate=2000")?;
+        b.wait_for(&format!("[g{did}] dirtier: wrote"), GUEST_TIMEOUT)?;
+        let (did_a, s) = migrate_post(b, a, did, "10.0.0.1", "mode=hybrid max-rounds=4")?;
+        if figure(&s, "rounds")? == 0 || figure(&s, "final_dirty")? != 0 {
+            return Err(format!("hybrid: expected rounds then post-copy: {s:?}"));
+        }
+        if !session::self_check(a, "dirtier", did_a)? {
+            return Err("dirtier failed its check after hybrid migration".into());
+        }
+        expect(&b.command("migrations", CMD_TIMEOUT)?, " ok")?;
+        Ok(())
+    });
+}
