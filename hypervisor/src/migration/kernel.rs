@@ -312,7 +312,10 @@ enum IncomingPhase {
         until_us: u64,
     },
     /// Post-copy: the guest runs here (Resumed sent); its missing pages arrive.
-    Postcopy { id: u32, stats: MigrationStats },
+    Postcopy {
+        id: u32,
+        stats: alloc::boxed::Box<MigrationStats>,
+    },
 }
 
 struct Incoming {
@@ -872,7 +875,10 @@ impl Migrations {
                     stats.mode = "postcopy";
                     stats.postcopy.used = true;
                     stats.postcopy.missing_at_handover = post.unwrap_or(0);
-                    inc.phase = IncomingPhase::Postcopy { id, stats };
+                    inc.phase = IncomingPhase::Postcopy {
+                        id,
+                        stats: alloc::boxed::Box::new(stats),
+                    };
                     return;
                 }
                 println!("{}", stats.line());
