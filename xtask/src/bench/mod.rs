@@ -131,6 +131,28 @@ fn matrix(quick: bool) -> Vec<Config> {
             ws: Some(1024),
         });
     }
+    // Post-copy and hybrid against pre-copy where pre-copy struggles: half the link,
+    // the link's rate, and above it (pre-copy cannot converge there). The pre-copy
+    // row at half the link is the delta comparison's baseline above.
+    let post_levels: &[(&str, f64)] = if quick {
+        &[LEVELS[3]]
+    } else {
+        &[LEVELS[3], ("link", 1.0), ("over", 1.5)]
+    };
+    for &level in post_levels {
+        for mode in ["precopy", "postcopy", "hybrid"] {
+            if mode == "precopy" && level == LEVELS[3] {
+                continue;
+            }
+            v.push(Config {
+                mem_mib: mems[0],
+                level,
+                method: "pml",
+                mode,
+                ws: Some(1024),
+            });
+        }
+    }
     // The working-set dimension: the same dirty rate concentrated on fewer pages.
     let mem_mib = if quick { 16 } else { 32 };
     let sets: &[u64] = if quick { &[256] } else { &[256, 1024, 4096] };
@@ -326,6 +348,7 @@ fn migrate_once(
         "stop" => "mode=stop".to_string(),
         "precopy+full" => format!("dirty={} verify=full", cfg.method),
         "precopy+delta" => format!("dirty={} cache=8", cfg.method),
+        "postcopy" | "hybrid" => format!("dirty={} mode={}", cfg.method, cfg.mode),
         _ => format!("dirty={}", cfg.method),
     };
     let m = session::migrate(a, b, id, "10.0.0.2", &opts, Duration::from_secs(900))?;
@@ -500,8 +523,8 @@ mod tests {
 
     #[test]
     fn quick_matrix_is_small() {
-        assert_eq!(matrix(true).len(), 8);
-        assert_eq!(matrix(false).len(), 2 * 4 * 4 + 1 + 2 + 3);
+        assert_eq!(matrix(true).len(), 10);
+        assert_eq!(matrix(false).len(), 2 * 4 * 4 + 1 + 2 + 8 + 3);
     }
 
     #[test]

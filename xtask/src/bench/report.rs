@@ -113,6 +113,49 @@ pub fn table(res: &Results) -> String {
         );
     }
     t.push_str("thr/ln = stream throughput / netbench; dt/fin = downtime / (final bytes at link speed); wire = bytes on the wire / guest memory\n");
+    let post: Vec<_> = res
+        .groups()
+        .into_iter()
+        .filter(|(_, rs)| {
+            rs.iter()
+                .any(|r| r.stats.get("postcopy").as_deref() == Some("1"))
+        })
+        .collect();
+    if !post.is_empty() {
+        let _ = writeln!(
+            t,
+            "\npost-copy (medians): pages missing at the hand-over, remote faults, pages prepaged, fault service median/max (destination clock), last page after COMMIT\n{:>4} {:<8} {:<12} {:>8} {:>7} {:>8} {:>10} {:>10} {:>10}",
+            "MiB", "dirty", "method", "missing", "faults", "prepaged", "med us", "max us", "last ms"
+        );
+        for (k, rs) in post {
+            let f = |key: &'static str| {
+                spread(
+                    rs.iter()
+                        .map(|r| {
+                            r.stats
+                                .get(key)
+                                .and_then(|v| v.parse::<f64>().ok())
+                                .unwrap_or(0.0)
+                        })
+                        .collect(),
+                )
+                .0
+            };
+            let _ = writeln!(
+                t,
+                "{:>4} {:<8} {:<12} {:>8.0} {:>7.0} {:>8.0} {:>10.0} {:>10.0} {:>10.0}",
+                k.mem_mib,
+                k.dirty_level,
+                k.method_label(),
+                f("post_missing"),
+                f("faults"),
+                f("prepaged"),
+                f("fault_median_us"),
+                f("fault_max_us"),
+                f("last_page_us") / 1e3
+            );
+        }
+    }
     t
 }
 

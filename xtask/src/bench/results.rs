@@ -92,6 +92,10 @@ impl Key {
     pub fn method_label(&self) -> String {
         if self.mode == "stop" {
             "stop".into()
+        } else if self.mode == "postcopy" {
+            "postcopy".into()
+        } else if self.mode == "hybrid" {
+            format!("{}+hybrid", self.method)
         } else if let Some(extra) = self.mode.strip_prefix("precopy+") {
             format!("{}+{extra}", self.method)
         } else {
