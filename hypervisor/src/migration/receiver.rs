@@ -439,6 +439,14 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
                 return Err((0, alloc::format!("source aborted: {reason}")));
             }
             (Phase::Hello, Msg::Hello(h)) => {
+                if h.flags & wire::hello_flags::CHECKPOINT != 0 {
+                    // A checkpoint leaves the guest running at its source: a
+                    // hypervisor that ran this copy too would run it twice.
+                    return Err((
+                        reject::MALFORMED,
+                        String::from("a checkpoint stream goes to a store, not to a hypervisor"),
+                    ));
+                }
                 let mem = inst.alloc(&h).map_err(|e| (reject::RESOURCES, e))?;
                 self.pages = h.mem_bytes / wire::PAGE as u64;
                 self.checksum = wire::Checksum::new(self.pages as usize);
@@ -847,5 +855,6 @@ fn name(m: &Msg<'_>) -> &'static str {
         Msg::PostEnd { .. } => "PostEnd",
         Msg::Request { .. } => "Request",
         Msg::PostDone(_) => "PostDone",
+        Msg::Fetch(_) => "Fetch",
     }
 }

@@ -20,6 +20,7 @@
 //! | 9   | DeltaPage | pfn u64, then a delta against the page's previous version ([`super::delta`]), at most 4032 bytes; only when Hello announced it | S→D |
 //! | 8   | Digest    | first pfn u64, then 1..=128 hashes u64 of consecutive pages of the guest's memory at the freeze (`verify=full`; between Device and End, covering every page in order) | S→D |
 //! | 10  | Missing   | post-copy: first word u64, then 1..=64 bitmap words u64 (bit p of word w: page 64w+p is not held by the destination and will come later); in order, covering every page, before Vcpu | S→D |
+//! | 12  | Fetch     | restore: checkpoint name (1..=64 of `[A-Za-z0-9._-]`); the first message on a connection a hypervisor opens to a store, which answers with that checkpoint's stream (or Reject) | D→S |
 //! | 11  | PostEnd   | post-copy hand-over point in place of End: page messages so far u64, pages still missing u64 | S→D |
 //! | 16  | Ready     | empty: the destination holds and has checked everything    | D→S |
 //! | 17  | Reject    | reason code u32, message (at most 200 bytes)               | D→S |
@@ -111,6 +112,7 @@ pub mod tag {
     pub const DELTA: u8 = 9;
     pub const MISSING: u8 = 10;
     pub const POST_END: u8 = 11;
+    pub const FETCH: u8 = 12;
     pub const READY: u8 = 16;
     pub const REJECT: u8 = 17;
     pub const COMMIT: u8 = 18;
@@ -165,8 +167,24 @@ pub mod hello_flags {
     pub const DELTA: u32 = 1;
     /// The stream may hand the guest over before all of its memory (post-copy).
     pub const POSTCOPY: u32 = 2;
+    /// A checkpoint: the source keeps running the guest. READY then COMMIT mark the
+    /// snapshot as complete, not a hand-over (sent to a store).
+    pub const CHECKPOINT: u32 = 4;
+    /// A restore: the stream comes from a stored checkpoint, not a running guest
+    /// (the guest learns it was restored).
+    pub const RESTORED: u32 = 8;
     /// Every flag this version knows; a Hello with others is refused.
-    pub const KNOWN: u32 = DELTA | POSTCOPY;
+    pub const KNOWN: u32 = DELTA | POSTCOPY | CHECKPOINT | RESTORED;
+}
+
+/// Longest checkpoint name in a Fetch.
+pub const MAX_CHECKPOINT_NAME: usize = 64;
+
+/// Whether `s` is a valid checkpoint name (1..=64 of `[A-Za-z0-9._-]`).
+pub fn valid_checkpoint_name(s: &str) -> bool {
+    (1..=MAX_CHECKPOINT_NAME).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// The guest's configuration, sent first.
@@ -276,6 +294,8 @@ pub enum Msg<'a> {
     },
     /// Post-copy finished on the destination.
     PostDone(PostFigures),
+    /// Restore: send the stream of this stored checkpoint.
+    Fetch(&'a str),
 }
 
 /// A malformed stream.
@@ -408,6 +428,13 @@ pub fn put_missing(out: &mut Vec<u8>, first: u64, words: &[u64]) {
     }
 }
 
+/// Appends a Fetch for checkpoint `name` (must satisfy [`valid_checkpoint_name`]).
+pub fn put_fetch(out: &mut Vec<u8>, name: &str) {
+    let name = clip(name, MAX_CHECKPOINT_NAME);
+    header(out, tag::FETCH, name.len());
+    out.extend_from_slice(name);
+}
+
 /// Appends a PostEnd.
 pub fn put_post_end(out: &mut Vec<u8>, pages: u64, missing: u64) {
     header(out, tag::POST_END, 16);
@@ -485,6 +512,7 @@ fn length_ok(t: u8, len: usize) -> Result<bool, WireError> {
         tag::ZERO | tag::ROUND_END | tag::REQUEST => len == 8,
         tag::MISSING => len > 8 && len <= 8 + 8 * MISSING_WORDS && (len - 8).is_multiple_of(8),
         tag::POST_END => len == 16,
+        tag::FETCH => (1..=MAX_CHECKPOINT_NAME).contains(&len),
         tag::POST_DONE => len == 32,
         tag::VCPU | tag::DEVICE => len <= MAX_STATE,
         tag::END => len == 16,
@@ -681,6 +709,15 @@ fn parse(t: u8, p: &[u8]) -> Result<Msg<'_>, WireError> {
             missing: u64_at(p, 8),
         },
         tag::REQUEST => Msg::Request { pfn: u64_at(p, 0) },
+        tag::FETCH => {
+            let name = text(p, "checkpoint name")?;
+            if !valid_checkpoint_name(name) {
+                return Err(WireError::BadField(
+                    "checkpoint name (1-64 of A-Z a-z 0-9 . _ -)",
+                ));
+            }
+            Msg::Fetch(name)
+        }
         tag::POST_DONE => Msg::PostDone(PostFigures {
             faults: u64_at(p, 0),
             fault_median_us: u64_at(p, 8),
@@ -862,6 +899,8 @@ mod tests {
             },
         );
         ends.push(s.len());
+        put_fetch(&mut s, "verify-1.ckpt");
+        ends.push(s.len());
         (s, ends)
     }
 
@@ -1007,6 +1046,7 @@ mod tests {
                 fault_max_us: 3,
                 last_page_us: 4,
             }),
+            Msg::Fetch("verify-1.ckpt"),
         ];
         for e in expect {
             next(&mut d);
@@ -1064,8 +1104,8 @@ mod tests {
         // Tag 0 (a zeroed header) and unknown tags.
         assert_eq!(first_error(&[0; HEADER]), WireError::BadTag(0));
         assert_eq!(
-            first_error(&[12, 0, 0, 0, 0, 0, 0, 0]),
-            WireError::BadTag(12)
+            first_error(&[13, 0, 0, 0, 0, 0, 0, 0]),
+            WireError::BadTag(13)
         );
         assert_eq!(
             first_error(&[0xFF, 0, 0, 0, 0, 0, 0, 0]),
