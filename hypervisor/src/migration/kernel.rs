@@ -323,7 +323,111 @@ struct Incoming {
     receiver: Receiver<VmParts>,
     started_us: u64,
     peer: String,
+    /// The source's address, to reconnect to if post-copy is interrupted.
+    peer_ip: Option<Ipv4Address>,
     phase: IncomingPhase,
+    /// Post-copy recovery in progress.
+    reconnect: Option<Reconnect>,
+}
+
+/// The destination reconnecting to the source of an interrupted post-copy.
+struct Reconnect {
+    attempts: u64,
+    /// When the next attempt may start.
+    next_at_us: u64,
+    /// When the attempt in flight started (its socket is `Incoming::conn`).
+    pending_since: Option<u64>,
+}
+
+/// Between reconnection attempts.
+const RECONNECT_EVERY_US: u64 = 3_000_000;
+/// Longest wait for one attempt's connection and handshake.
+const RECONNECT_WAIT_US: u64 = 10_000_000;
+/// Interrupted post-copy migrations a source keeps for recovery.
+const MAX_STRANDED: usize = 4;
+
+/// A post-copy whose link was lost after the hand-over, kept (with its guest's
+/// memory) until the destination reconnects or the operator kills the guest.
+struct Stranded {
+    vm_id: u32,
+    source: Source,
+    method: Tracking,
+}
+
+impl Incoming {
+    /// Post-copy was interrupted: reconnect to the source (every few seconds, for as
+    /// long as it takes) and hand the new link to the receiver.
+    fn reconnect(
+        &mut self,
+        net: &mut NetStack,
+        key: Option<&MigrationKey>,
+        rng: &mut HwRng,
+        now: u64,
+    ) {
+        let Some(id) = self.receiver.recovering() else {
+            return;
+        };
+        let peer = self.peer_ip;
+        let r = self.reconnect.get_or_insert_with(|| {
+            println!(
+                "migrate: WARNING: post-copy of guest {id} interrupted ({}); it runs here and waits at any page still on its source; reconnecting to {} every {} s",
+                self.receiver
+                    .interrupted
+                    .as_deref()
+                    .map_or(String::from("?"), |w| wire::printable(w, 200)),
+                peer.map_or(String::from("?"), |ip| ip.to_string()),
+                RECONNECT_EVERY_US / 1_000_000
+            );
+            Reconnect {
+                attempts: 0,
+                next_at_us: now + 1_000_000,
+                pending_since: None,
+            }
+        });
+        if let Some(since) = r.pending_since {
+            let state = self.conn.with_link(net, now, |l| l.state());
+            match state {
+                LinkState::Open => {
+                    println!(
+                        "migrate: guest {id}: reconnected to its source (attempt {}); post-copy resumes",
+                        r.attempts
+                    );
+                    self.receiver.reattach(now);
+                    self.reconnect = None;
+                }
+                LinkState::Connecting if now - since < RECONNECT_WAIT_US => {}
+                _ => {
+                    r.pending_since = None;
+                    r.next_at_us = now + RECONNECT_EVERY_US;
+                }
+            }
+            return;
+        }
+        let (Some(ip), Some(key)) = (peer, key) else {
+            return;
+        };
+        if now < r.next_at_us {
+            return;
+        }
+        r.attempts += 1;
+        r.next_at_us = now + RECONNECT_EVERY_US;
+        let Ok(chan) = SecureChannel::initiator(key, rng, now) else {
+            return;
+        };
+        let Ok(sock) = net.open_tcp(RX_WINDOW, 16 * 1024) else {
+            return;
+        };
+        net.tcp(sock.h()).set_ack_delay(None);
+        if net.connect(sock.h(), ip, PORT).is_err() {
+            return;
+        }
+        // The old connection is dropped here: its socket is released.
+        self.conn = Conn {
+            sock,
+            chan: Some(chan),
+        };
+        r.pending_since = Some(now);
+    }
 }
 
 struct Listener {
@@ -378,6 +482,8 @@ pub struct Migrations {
     key_origin: &'static str,
     /// Nonces for the handshakes.
     rng: HwRng,
+    /// Post-copy migrations interrupted after the hand-over, awaiting recovery.
+    stranded: Vec<Stranded>,
 }
 
 impl Default for Migrations {
@@ -401,6 +507,7 @@ impl Migrations {
             key: None,
             key_origin: "",
             rng: HwRng::new(),
+            stranded: Vec::new(),
         }
     }
 
@@ -630,10 +737,11 @@ impl Migrations {
                     return;
                 };
                 self.new_listener(net);
-                let peer = net
-                    .tcp(l.sock.h())
-                    .remote_endpoint()
-                    .map_or("?".to_string(), |e| e.to_string());
+                let remote = net.tcp(l.sock.h()).remote_endpoint();
+                let peer = remote.map_or("?".to_string(), |e| e.to_string());
+                let peer_ip = remote.map(|e| match e.addr {
+                    smoltcp::wire::IpAddress::Ipv4(a) => a,
+                });
                 let refusal = if self.incoming.is_some() {
                     self.refused_busy += 1;
                     println!("migrate: refused a second incoming migration from {peer}: busy");
@@ -676,7 +784,9 @@ impl Migrations {
                     receiver: Receiver::new(now, 30_000_000),
                     started_us: now,
                     peer,
+                    peer_ip,
                     phase: IncomingPhase::Receiving,
+                    reconnect: None,
                 });
             }
             _ => {
@@ -705,8 +815,10 @@ impl Migrations {
             return;
         };
         let now = time::now_us();
-        // Post-copy: pages keep arriving (and requests leave) while the guest resumes.
+        // Post-copy: pages keep arriving (and requests leave) while the guest resumes;
+        // a lost link is reconnected.
         if !matches!(inc.phase, IncomingPhase::Receiving) && inc.receiver.in_postcopy() {
+            inc.reconnect(net, self.key.as_ref(), &mut self.rng, now);
             let mut inst = VmmInstaller { vmm: &mut *vmm };
             let receiver = &mut inc.receiver;
             inc.conn
@@ -730,6 +842,12 @@ impl Migrations {
                     return;
                 }
                 if !finished {
+                    return;
+                }
+                if let Some(Outcome::Recover(req)) = inc.receiver.outcome.take() {
+                    if let Some(inc) = self.incoming.take() {
+                        self.recover(net, vmm, inc, req);
+                    }
                     return;
                 }
                 if let Some(Outcome::Discarded(why)) = &inc.receiver.outcome {
@@ -764,27 +882,22 @@ impl Migrations {
                 if let Some(p) = inc.receiver.postcopy() {
                     stats.postcopy.remote = p.figures();
                 }
-                match &inc.receiver.outcome {
-                    Some(Outcome::Stranded { missing, why, .. }) => {
-                        let why = inc
-                            .conn
-                            .channel_error()
-                            .unwrap_or_else(|| wire::printable(why, 200));
-                        stats.outcome = format!("post-copy interrupted: {why}");
-                        println!(
-                            "migrate: WARNING: post-copy of guest {id} interrupted: {why}. It runs here but {missing} of its pages are still on {}; it waits at the first of them it touches (state 'fetching').",
-                            inc.peer
-                        );
+                stats.postcopy.recoveries = inc.receiver.recoveries;
+                match &inc.receiver.failed {
+                    Some(why) => {
+                        stats.outcome = format!("post-copy failed: {}", wire::printable(why, 200));
+                        println!("migrate: guest {id}: {}", stats.outcome);
                     }
                     _ => {
                         let f = stats.postcopy.remote;
                         println!(
-                            "migrate: guest {id}: post-copy complete, all {} missing pages arrived ({} remote faults, service median {} us, max {} us; last page {} ms after COMMIT)",
+                            "migrate: guest {id}: post-copy complete, all {} missing pages arrived ({} remote faults, service median {} us, max {} us; last page {} ms after COMMIT; link recovered {} times)",
                             stats.postcopy.missing_at_handover,
                             f.faults,
                             f.fault_median_us,
                             f.fault_max_us,
-                            f.last_page_us / 1000
+                            f.last_page_us / 1000,
+                            stats.postcopy.recoveries
                         );
                     }
                 }
@@ -961,16 +1074,27 @@ impl Migrations {
         let mut stats = out.source.stats.clone();
         if out.source.phase() == Phase::Stranded {
             if let Some(vm) = vmm.get_mut(id) {
-                vm.state = VmState::Stopped(format!(
-                    "migrated away; post-copy interrupted with {} pages not sent: memory kept",
-                    out.source.pages_left()
+                vm.state = VmState::Stopped(String::from(
+                    "migrated away; post-copy interrupted: memory kept for its destination",
                 ));
             }
             println!(
-                "migrate: WARNING: {}. Guest {id} runs on {}; its memory here is kept (see 'vms'), never run again; 'kill {id}' frees it.",
+                "migrate: WARNING: {}. Guest {id} runs on {}; its memory here is kept, never run again, until the destination reconnects and post-copy completes ('kill {id}' gives up and frees it).",
                 wire::printable(&stats.outcome, 300),
                 stats.peer
             );
+            let tail = out.source.take_farewell();
+            self.linger(net, out.conn, tail);
+            println!("{}", stats.line());
+            if self.stranded.len() == MAX_STRANDED {
+                self.stranded.remove(0);
+            }
+            self.stranded.push(Stranded {
+                vm_id: id,
+                source: out.source,
+                method: out.method,
+            });
+            return;
         } else if out.source.phase() == Phase::Done {
             // Free the guest: it now belongs to the destination. Dropping it VMCLEARs
             // its VMCS, invalidates its EPT and frees its frames.
@@ -994,6 +1118,68 @@ impl Migrations {
         println!("{stats}");
         println!("{}", stats.line());
         self.record(&stats);
+    }
+
+    /// A destination reconnected for an interrupted post-copy: resume the stranded
+    /// source on the new connection, or refuse with a reason.
+    fn recover(
+        &mut self,
+        net: &mut NetStack,
+        vmm: &mut Vmm,
+        mut inc: Incoming,
+        req: receiver::RecoverRequest,
+    ) {
+        // Forget interrupted migrations whose guest the operator killed.
+        self.stranded
+            .retain(|s| vmm.vms.iter().any(|v| v.id == s.vm_id));
+        let found = self.stranded.iter().position(|s| {
+            s.source.hello().time_ns == req.time_ns && s.source.hello().mem_bytes == req.mem_bytes
+        });
+        let refusal = match found {
+            None => Some((
+                receiver::reject::MALFORMED,
+                "no interrupted post-copy of that guest here",
+            )),
+            Some(_) if self.outgoing.is_some() => {
+                Some((receiver::reject::BUSY, "busy with another migration; retry"))
+            }
+            Some(_) => None,
+        };
+        if let Some((code, why)) = refusal {
+            println!(
+                "migrate: refused a post-copy recovery from {}: {why}",
+                inc.peer
+            );
+            let mut m = Vec::new();
+            wire::put_reason(&mut m, wire::tag::REJECT, code, why);
+            let _ = inc.receiver.take_farewell();
+            self.linger(net, inc.conn, m);
+            return;
+        }
+        let Some(i) = found else { return };
+        let mut st = self.stranded.remove(i);
+        if let Err(e) = st.source.resume(&req.missing, req.pages, time::now_us()) {
+            println!(
+                "migrate: refused a post-copy recovery from {}: {e}",
+                inc.peer
+            );
+            self.stranded.push(st);
+            self.linger(net, inc.conn, Vec::new());
+            return;
+        }
+        let left: u64 = req.missing.iter().map(|w| u64::from(w.count_ones())).sum();
+        println!(
+            "migrate: guest {} : its destination {} reconnected; post-copy resumes ({left} pages to send)",
+            st.vm_id, inc.peer
+        );
+        let printed_round = st.source.stats.rounds.len();
+        self.outgoing = Some(Outgoing {
+            vm_id: st.vm_id,
+            conn: inc.conn,
+            source: st.source,
+            method: st.method,
+            printed_round,
+        });
     }
 
     /// `migrate cancel`: aborts the outgoing migration (unless the guest has already
@@ -1227,7 +1413,21 @@ impl Migrations {
                 o.source.phase()
             );
         }
+        for st in &self.stranded {
+            println!(
+                "  interrupted: post-copy of guest {} to {}: {} pages not sent; memory kept until it reconnects",
+                st.vm_id,
+                st.source.stats.peer,
+                st.source.pages_left()
+            );
+        }
         if let Some(i) = &self.incoming {
+            if let Some(r) = &i.reconnect {
+                println!(
+                    "  recovering: post-copy link to {} lost; {} reconnection attempts so far",
+                    i.peer, r.attempts
+                );
+            }
             match (&i.phase, i.receiver.postcopy()) {
                 (IncomingPhase::Postcopy { id, .. }, Some(p)) => println!(
                     "  in progress: guest {id} runs here, post-copy from {}: {} of {} pages still to come ({} remote faults so far)",

@@ -106,7 +106,33 @@ enum Phase {
     AwaitCommit(u32),
     /// Post-copy: guest `id` runs here; its missing pages are arriving.
     Postcopy(u32),
+    /// Post-copy link lost: guest `id` runs here (and waits at a missing page); the
+    /// kernel reconnects to the source and calls [`Receiver::reattach`].
+    Recovering(u32),
+    /// Reconnected: Recover and the Missing bitmap sent, waiting for the source's
+    /// READY before asking for anything.
+    Reattaching(u32),
+    /// (At a source) a destination reconnected with Recover: collecting its bitmap.
+    RecoverMissing,
     Done,
+}
+
+/// How long a post-copy link may stay silent before the destination reconnects.
+const POST_IDLE_US: u64 = 10_000_000;
+/// Largest guest a Recover may describe (the most EPT maps: 1 GiB).
+const MAX_RECOVER_BYTES: u64 = 1 << 30;
+
+/// What a destination that reconnected for an interrupted post-copy said.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecoverRequest {
+    /// The guest's clock in the interrupted stream's Hello.
+    pub time_ns: u64,
+    /// Its memory size.
+    pub mem_bytes: u64,
+    /// Page messages the destination received.
+    pub pages: u64,
+    /// Pages it still lacks (bit p of word w: page 64w+p).
+    pub missing: Vec<u64>,
 }
 
 /// The outcome, when finished.
@@ -118,16 +144,9 @@ pub enum Outcome {
     Discarded(String),
     /// Guest `id` is complete but paused: COMMIT never came.
     CommitLost(u32),
-    /// Post-copy was interrupted after COMMIT: guest `id` runs here but lacks
-    /// `missing` pages, which stay on the source; it waits at the first it touches.
-    Stranded {
-        /// Guest id here.
-        id: u32,
-        /// Pages still on the source.
-        missing: u64,
-        /// What interrupted it.
-        why: String,
-    },
+    /// (At a source) the connection was a destination reconnecting for an
+    /// interrupted post-copy.
+    Recover(RecoverRequest),
 }
 
 /// Post-copy progress on the destination.
@@ -200,6 +219,14 @@ pub struct Receiver<M> {
     /// Messages for the source queued behind what the link has not taken yet
     /// (post-copy: Resumed, Request, PostDone share the link).
     out: Vec<u8>,
+    /// Why post-copy was last interrupted (for the console), and how many times.
+    pub interrupted: Option<String>,
+    /// Post-copy interruptions recovered from.
+    pub recoveries: u64,
+    /// Post-copy ended in a way no reconnection can mend (the guest is paused).
+    pub failed: Option<String>,
+    /// (At a source) the Recover being received.
+    recover: Option<RecoverRequest>,
 }
 
 impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
@@ -227,7 +254,42 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
             full: FullCheck::default(),
             post: None,
             out: Vec::new(),
+            interrupted: None,
+            recoveries: 0,
+            failed: None,
+            recover: None,
         }
+    }
+
+    /// Post-copy interrupted: the id of the guest that runs here while the kernel
+    /// reconnects to its source.
+    pub fn recovering(&self) -> Option<u32> {
+        match self.phase {
+            Phase::Recovering(id) => Some(id),
+            _ => None,
+        }
+    }
+
+    /// A new connection to the source is open (post-copy recovery): tell it who we
+    /// are and which pages are still missing, then wait for its READY.
+    pub fn reattach(&mut self, now_us: u64) {
+        let Phase::Recovering(id) = self.phase else {
+            return;
+        };
+        self.dec = wire::Decoder::new();
+        self.out.clear();
+        self.farewell.clear();
+        let time_ns = self.hello.as_ref().map_or(0, |h| h.time_ns);
+        wire::put_recover(&mut self.out, time_ns, self.pages * 4096, self.page_msgs);
+        if let Some(p) = self.post.as_mut() {
+            p.requested = None;
+            for (i, chunk) in p.missing.chunks(wire::MISSING_WORDS).enumerate() {
+                wire::put_missing(&mut self.out, (i * wire::MISSING_WORDS) as u64, chunk);
+            }
+        }
+        self.last_activity_us = now_us;
+        self.deadline_us = now_us.saturating_add(stream_deadline_us(self.pages * 4096));
+        self.phase = Phase::Reattaching(id);
     }
 
     /// Post-copy progress, if this stream uses it.
@@ -235,9 +297,13 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
         self.post.as_ref()
     }
 
-    /// Whether post-copy is under way (guest running here, pages still arriving).
+    /// Whether post-copy is under way (guest running here, pages still to come),
+    /// including while the link is being recovered.
     pub fn in_postcopy(&self) -> bool {
-        matches!(self.phase, Phase::Postcopy(_))
+        matches!(
+            self.phase,
+            Phase::Postcopy(_) | Phase::Recovering(_) | Phase::Reattaching(_)
+        )
     }
 
     /// Queues a message for the source (sent in order with the receiver's own).
@@ -291,6 +357,10 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
         if self.phase == Phase::Done {
             return true;
         }
+        if matches!(self.phase, Phase::Recovering(_)) {
+            // No link until the kernel reattaches one.
+            return false;
+        }
         if let Err((code, why)) = self.step(link, inst, now_us) {
             self.finish(link, inst, code, why);
             return true;
@@ -324,14 +394,14 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
                 inst.commit_lost(id);
                 self.outcome = Some(Outcome::CommitLost(id));
             }
-            Phase::Postcopy(id) => {
+            Phase::Postcopy(id) | Phase::Reattaching(id) => {
                 // The guest is ours and runs; what it lacks is on the source. Keep
-                // everything: it waits at the first missing page it touches.
-                self.outcome = Some(Outcome::Stranded {
-                    id,
-                    missing: self.post.as_ref().map_or(0, |p| p.left),
-                    why,
-                });
+                // everything (it waits at the first missing page it touches) and
+                // let the kernel reconnect.
+                self.interrupted = Some(why);
+                link.close();
+                self.phase = Phase::Recovering(id);
+                return;
             }
             _ => {
                 self.mem = None; // discard everything received
@@ -411,13 +481,15 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
                 }),
             ));
         }
-        if now_us - self.last_activity_us > self.idle_timeout_us {
+        let idle = if self.in_postcopy() {
+            self.idle_timeout_us.min(POST_IDLE_US)
+        } else {
+            self.idle_timeout_us
+        };
+        if now_us - self.last_activity_us > idle {
             return Err((
                 reject::MALFORMED,
-                alloc::format!(
-                    "no data from the source for {} s",
-                    self.idle_timeout_us / 1_000_000
-                ),
+                alloc::format!("no data from the source for {} s", idle / 1_000_000),
             ));
         }
         Ok(())
@@ -454,6 +526,55 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
                 self.mem = Some(mem);
                 self.hello = Some(h);
                 self.phase = Phase::Stream;
+            }
+            (
+                Phase::Hello,
+                Msg::Recover {
+                    time_ns,
+                    mem_bytes,
+                    pages,
+                },
+            ) => {
+                if mem_bytes > MAX_RECOVER_BYTES {
+                    return Err(bad(alloc::format!("Recover for {mem_bytes} bytes")));
+                }
+                self.pages = mem_bytes / wire::PAGE as u64;
+                self.recover = Some(RecoverRequest {
+                    time_ns,
+                    mem_bytes,
+                    pages,
+                    missing: Vec::new(),
+                });
+                self.phase = Phase::RecoverMissing;
+            }
+            (Phase::RecoverMissing, Msg::Missing { first, words }) => {
+                let total = self.pages.div_ceil(64);
+                let r = self
+                    .recover
+                    .as_mut()
+                    .ok_or_else(|| bad("no Recover".into()))?;
+                let n = (words.len() / 8) as u64;
+                if first != r.missing.len() as u64 || first + n > total {
+                    return Err(bad(alloc::format!(
+                        "Missing words {first}..{} out of order (expected {} of {total})",
+                        first + n,
+                        r.missing.len()
+                    )));
+                }
+                for c in words.chunks_exact(8) {
+                    let mut w = [0u8; 8];
+                    w.copy_from_slice(c);
+                    r.missing.push(u64::from_le_bytes(w));
+                }
+                if r.missing.len() as u64 == total {
+                    self.outcome = self.recover.take().map(Outcome::Recover);
+                    self.phase = Phase::Done;
+                }
+            }
+            (Phase::Reattaching(id), Msg::Ready) => {
+                // The source has our bitmap: pages and requests flow again.
+                self.recoveries += 1;
+                self.phase = Phase::Postcopy(id);
             }
             (Phase::Hello, m) => {
                 return Err(bad(alloc::format!(
@@ -613,16 +734,17 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
                 }
                 if pages != self.page_msgs || checksum != self.checksum.value() {
                     // Only a faulty source gets here (the channel is authenticated):
-                    // the guest already runs on this memory. Stop it rather than let it
-                    // compute on wrong data; the source keeps its copy.
+                    // the guest already runs on this memory. Pause it rather than let
+                    // it compute on wrong data; the source keeps its copy. Final: no
+                    // reconnection would make this memory right.
                     inst.commit_lost(id);
-                    return Err((
-                        reject::VERIFY,
-                        alloc::format!(
-                            "post-copy memory checksum mismatch ({pages} pages sent, {} arrived)",
-                            self.page_msgs
-                        ),
+                    self.failed = Some(alloc::format!(
+                        "post-copy memory checksum mismatch ({pages} pages sent, {} arrived): guest paused",
+                        self.page_msgs
                     ));
+                    link.close();
+                    self.phase = Phase::Done;
+                    return Ok(());
                 }
                 let f = self
                     .post
@@ -856,5 +978,6 @@ fn name(m: &Msg<'_>) -> &'static str {
         Msg::Request { .. } => "Request",
         Msg::PostDone(_) => "PostDone",
         Msg::Fetch(_) => "Fetch",
+        Msg::Recover { .. } => "Recover",
     }
 }

@@ -323,6 +323,8 @@ impl Source {
                 // Too late to take the guest back: it runs on the destination. Keep
                 // what it lacks; say so.
                 self.phase = Phase::Stranded;
+                // Deltas will not be used again (see `resume`): free the cache now.
+                self.cache = super::delta::DeltaCache::new(0);
                 self.stats.total_us = now_us - self.started_us;
                 self.stats.outcome = alloc::format!(
                     "post-copy interrupted: {e}; {} pages not sent yet; all of the guest's memory is kept here",
@@ -362,6 +364,50 @@ impl Source {
                 | Phase::Stranded
                 | Phase::Done
         )
+    }
+
+    /// The Hello this migration began with (identifies a stranded post-copy).
+    pub fn hello(&self) -> &Hello {
+        &self.hello
+    }
+
+    /// Post-copy recovery: the destination of this stranded migration reconnected
+    /// over a new link, holding `pages` page messages and lacking the pages in
+    /// `missing`. Sends those (requested ones first) as before, then End. Pages sent
+    /// as deltas are not trusted across the break: from here every page goes whole.
+    pub fn resume(&mut self, missing: &[u64], pages: u64, now_us: u64) -> Result<(), String> {
+        if self.phase != Phase::Stranded || !self.post {
+            return Err(String::from("no interrupted post-copy"));
+        }
+        if missing.len() != self.sending.len() {
+            return Err(alloc::format!(
+                "bitmap of {} words for a guest of {} pages",
+                missing.len(),
+                self.pages
+            ));
+        }
+        self.sending.copy_from_slice(missing);
+        if !self.pages.is_multiple_of(64) {
+            if let Some(last) = self.sending.last_mut() {
+                *last &= (1u64 << (self.pages % 64)) - 1;
+            }
+        }
+        self.page_msgs = pages;
+        self.cache = super::delta::DeltaCache::new(0);
+        self.urgent.clear();
+        self.end_sent = false;
+        self.cursor = 0;
+        self.out.clear();
+        self.out_off = 0;
+        self.reply = wire::Decoder::new();
+        self.farewell.clear();
+        self.last_queued = 0;
+        self.last_progress_us = now_us;
+        wire::put_control(&mut self.out, wire::tag::READY);
+        self.stats.postcopy.recoveries += 1;
+        self.stats.outcome = String::from("ok");
+        self.phase = Phase::Postcopy;
+        Ok(())
     }
 
     /// Post-copy pages not yet sent (and not confirmed): what a stranded migration

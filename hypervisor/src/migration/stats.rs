@@ -122,6 +122,8 @@ pub struct PostcopyStats {
     pub prepaged: u64,
     /// The destination's figures (from PostDone on the source).
     pub remote: super::wire::PostFigures,
+    /// Times the link was lost after the hand-over and post-copy resumed on a new one.
+    pub recoveries: u64,
 }
 
 impl MigrationStats {
@@ -157,7 +159,7 @@ impl MigrationStats {
             .collect();
         let _ = write!(
             s,
-            "MIGRATION-STATS role={} guest={} image={} mem_bytes={} peer={} method={} mode={} outcome={} total_us={} downtime_us={} dt_freeze_sent_us={} dt_sent_ready_us={} dt_commit_wire_us={} dt_resume_us={} downtime_joined={} rounds={} bytes={} pages={} zero_pages={} final_dirty={} final_bytes={} stop={} throughput_kBps={} verify={} delta_pages={} delta_saved={} postcopy={} post_missing={} post_pages={} post_bytes={} requests={} prepaged={} faults={} fault_median_us={} fault_max_us={} last_page_us={} per_round={}",
+            "MIGRATION-STATS role={} guest={} image={} mem_bytes={} peer={} method={} mode={} outcome={} total_us={} downtime_us={} dt_freeze_sent_us={} dt_sent_ready_us={} dt_commit_wire_us={} dt_resume_us={} downtime_joined={} rounds={} bytes={} pages={} zero_pages={} final_dirty={} final_bytes={} stop={} throughput_kBps={} verify={} delta_pages={} delta_saved={} postcopy={} post_missing={} post_pages={} post_bytes={} requests={} prepaged={} faults={} fault_median_us={} fault_max_us={} last_page_us={} recoveries={} per_round={}",
             self.role,
             self.guest,
             self.image,
@@ -195,6 +197,7 @@ impl MigrationStats {
             self.postcopy.remote.fault_median_us,
             self.postcopy.remote.fault_max_us,
             self.postcopy.remote.last_page_us,
+            self.postcopy.recoveries,
             if per_round.is_empty() { String::from("-") } else { per_round.join(",") },
         );
         s
@@ -251,7 +254,7 @@ impl fmt::Display for MigrationStats {
             let p = &self.postcopy;
             write!(
                 f,
-                "\n  post-copy: {} pages missing at the hand-over; {} pages ({} bytes) sent after it; {} remote faults, {} requests, {} pages prepaged; fault service median {} us, max {} us; last page {} ms after COMMIT",
+                "\n  post-copy: {} pages missing at the hand-over; {} pages ({} bytes) sent after it; {} remote faults, {} requests, {} pages prepaged; fault service median {} us, max {} us; last page {} ms after COMMIT; link recovered {} times",
                 p.missing_at_handover,
                 self.post.pages,
                 self.post.bytes,
@@ -260,7 +263,8 @@ impl fmt::Display for MigrationStats {
                 p.prepaged,
                 p.remote.fault_median_us,
                 p.remote.fault_max_us,
-                p.remote.last_page_us / 1000
+                p.remote.last_page_us / 1000,
+                p.recoveries
             )?;
         }
         Ok(())

@@ -1021,16 +1021,104 @@ fn postcopy_link_lost_after_commit_keeps_both_halves() {
     assert!(g.gone, "the guest is the destination's: never thawed here");
     let left = src.pages_left();
     assert!(left > 0 && left < 512, "{left}");
-    match rcv.outcome {
-        Some(Outcome::Stranded { id: 5, missing, .. }) => {
-            assert!(
-                missing >= left,
-                "destination lacks {missing}, source kept {left}"
-            );
-            let remote = h.remote.iter().filter(|r| **r).count() as u64;
-            assert_eq!(remote, missing);
-        }
-        ref o => panic!("{o:?}"),
-    }
+    // The destination keeps the guest (committed) and reconnects; it lacks at least
+    // what the source never sent.
+    assert_eq!(rcv.outcome, Some(Outcome::Committed(5)));
+    assert_eq!(rcv.recovering(), Some(5));
+    let missing = rcv.postcopy().map_or(0, |p| p.left);
+    assert!(
+        missing >= left,
+        "destination lacks {missing}, source kept {left}"
+    );
+    let remote = h.remote.iter().filter(|r| **r).count() as u64;
+    assert_eq!(remote, missing);
     // `migrate` checked every page that did arrive against the source's.
+}
+
+#[test]
+fn postcopy_recovers_over_a_new_link_and_completes() {
+    let pages = 512;
+    let mut g = FakeGuest::new(pages, 4, 128);
+    let mut h = host();
+    // First link: dies partway through the pages after the hand-over.
+    let (src, mut rcv) = migrate(&mut g, &mut h, postcopy(16), 64 * 1024, Some(300 * 1024));
+    let mut src = src;
+    assert_eq!(src.phase(), Phase::Stranded, "{}", src.stats.outcome);
+    assert_eq!(rcv.recovering(), Some(5));
+    assert!(rcv.in_postcopy());
+    let frozen = g.mem.clone();
+    // What the destination's guest wrote meanwhile is in its memory; rebuild the
+    // expected memory from the source's frozen copy plus those pages as they are.
+    let mut shadow = frozen.clone();
+    {
+        let (mem, _, _) = h.installed.as_ref().unwrap();
+        for p in (0..pages).filter(|p| !h.remote[*p]) {
+            shadow[p * PAGE..(p + 1) * PAGE].copy_from_slice(&mem[p * PAGE..(p + 1) * PAGE]);
+        }
+    }
+    // Second link: the destination says who it is and what it lacks; a receiver at
+    // the source (its listener) decodes that.
+    let (mut a, mut b) = pipe(64 * 1024);
+    rcv.reattach(1_000_000);
+    let mut at_source: Receiver<Vec<u8>> = Receiver::new(1_000_000, 5_000_000);
+    let mut scratch = host();
+    let mut now = 1_000_000u64;
+    while at_source.outcome.is_none() {
+        now += 100;
+        rcv.poll(&mut b, &mut h, now);
+        at_source.poll(&mut a, &mut scratch, now);
+        assert!(now < 2_000_000, "no Recover arrived");
+    }
+    let Some(Outcome::Recover(req)) = at_source.outcome.take() else {
+        panic!("{:?}", at_source.outcome)
+    };
+    assert_eq!(req.mem_bytes, (pages * PAGE) as u64);
+    assert_eq!(req.time_ns, 42);
+    let lacking: u64 = req.missing.iter().map(|w| u64::from(w.count_ones())).sum();
+    assert!(lacking > 0);
+    assert!(scratch.installed.is_none(), "a Recover allocates no guest");
+    src.resume(&req.missing, req.pages, now).unwrap();
+    let (mut s_done, mut r_done) = (false, false);
+    for _ in 0..200_000 {
+        now += 100;
+        if !s_done {
+            s_done = src.poll(&mut g, &mut a, now) == Status::Finished;
+        }
+        h.run_dest(&mut shadow, g.rate, g.ws, now);
+        if !r_done {
+            r_done = rcv.poll(&mut b, &mut h, now);
+        }
+        if s_done && r_done {
+            break;
+        }
+    }
+    assert_eq!(src.phase(), Phase::Done, "{}", src.stats.outcome);
+    assert_eq!(src.stats.postcopy.recoveries, 1);
+    assert_eq!(rcv.recoveries, 1);
+    assert!(rcv.failed.is_none());
+    assert!(h.remote.iter().all(|r| !r), "a page never arrived");
+    let (mem, _, _) = h.installed.as_ref().unwrap();
+    for p in 0..pages {
+        assert_eq!(
+            &shadow[p * PAGE..(p + 1) * PAGE],
+            &mem[p * PAGE..(p + 1) * PAGE],
+            "page {p} differs after recovery"
+        );
+    }
+}
+
+#[test]
+fn a_recover_for_an_unknown_or_huge_guest_is_refused() {
+    let mut m = Vec::new();
+    wire::put_recover(&mut m, 1, 1 << 40, 0);
+    let (mut a, mut b) = pipe(64 * 1024);
+    b.send(&m);
+    let mut r: Receiver<Vec<u8>> = Receiver::new(0, 5_000_000);
+    let mut h = host();
+    assert!(r.poll(&mut a, &mut h, 10));
+    assert!(
+        matches!(r.outcome, Some(Outcome::Discarded(_))),
+        "{:?}",
+        r.outcome
+    );
 }

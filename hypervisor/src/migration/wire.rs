@@ -20,6 +20,7 @@
 //! | 9   | DeltaPage | pfn u64, then a delta against the page's previous version ([`super::delta`]), at most 4032 bytes; only when Hello announced it | S→D |
 //! | 8   | Digest    | first pfn u64, then 1..=128 hashes u64 of consecutive pages of the guest's memory at the freeze (`verify=full`; between Device and End, covering every page in order) | S→D |
 //! | 10  | Missing   | post-copy: first word u64, then 1..=64 bitmap words u64 (bit p of word w: page 64w+p is not held by the destination and will come later); in order, covering every page, before Vcpu | S→D |
+//! | 13  | Recover   | post-copy recovery, first message on a new connection from the destination: the guest's Hello time ns u64, memory bytes u64, page messages received u64; then its Missing bitmap (D→S); the source answers Ready and resumes sending | D→S |
 //! | 12  | Fetch     | restore: checkpoint name (1..=64 of `[A-Za-z0-9._-]`); the first message on a connection a hypervisor opens to a store, which answers with that checkpoint's stream (or Reject) | D→S |
 //! | 11  | PostEnd   | post-copy hand-over point in place of End: page messages so far u64, pages still missing u64 | S→D |
 //! | 16  | Ready     | empty: the destination holds and has checked everything    | D→S |
@@ -113,6 +114,7 @@ pub mod tag {
     pub const MISSING: u8 = 10;
     pub const POST_END: u8 = 11;
     pub const FETCH: u8 = 12;
+    pub const RECOVER: u8 = 13;
     pub const READY: u8 = 16;
     pub const REJECT: u8 = 17;
     pub const COMMIT: u8 = 18;
@@ -296,6 +298,15 @@ pub enum Msg<'a> {
     PostDone(PostFigures),
     /// Restore: send the stream of this stored checkpoint.
     Fetch(&'a str),
+    /// Post-copy recovery: the destination reconnects for an interrupted post-copy.
+    Recover {
+        /// The guest's clock in the interrupted stream's Hello (identifies it).
+        time_ns: u64,
+        /// Its memory size.
+        mem_bytes: u64,
+        /// Page messages the destination received.
+        pages: u64,
+    },
 }
 
 /// A malformed stream.
@@ -435,6 +446,14 @@ pub fn put_fetch(out: &mut Vec<u8>, name: &str) {
     out.extend_from_slice(name);
 }
 
+/// Appends a Recover.
+pub fn put_recover(out: &mut Vec<u8>, time_ns: u64, mem_bytes: u64, pages: u64) {
+    header(out, tag::RECOVER, 24);
+    for v in [time_ns, mem_bytes, pages] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
 /// Appends a PostEnd.
 pub fn put_post_end(out: &mut Vec<u8>, pages: u64, missing: u64) {
     header(out, tag::POST_END, 16);
@@ -519,7 +538,7 @@ fn length_ok(t: u8, len: usize) -> Result<bool, WireError> {
         tag::DELTA => (8..=8 + super::delta::MAX_DELTA).contains(&len),
         tag::DIGEST => len > 8 && len <= 8 + 8 * DIGEST_PER_MSG && (len - 8).is_multiple_of(8),
         tag::READY => len == 0,
-        tag::COMMIT | tag::RESUMED => len == 24,
+        tag::COMMIT | tag::RESUMED | tag::RECOVER => len == 24,
         tag::REJECT | tag::ABORT => (4..=4 + MAX_REASON).contains(&len),
         other => return Err(WireError::BadTag(other)),
     })
@@ -709,6 +728,17 @@ fn parse(t: u8, p: &[u8]) -> Result<Msg<'_>, WireError> {
             missing: u64_at(p, 8),
         },
         tag::REQUEST => Msg::Request { pfn: u64_at(p, 0) },
+        tag::RECOVER => {
+            let mem_bytes = u64_at(p, 8);
+            if mem_bytes == 0 || !mem_bytes.is_multiple_of(PAGE as u64) {
+                return Err(WireError::BadField("memory size"));
+            }
+            Msg::Recover {
+                time_ns: u64_at(p, 0),
+                mem_bytes,
+                pages: u64_at(p, 16),
+            }
+        }
         tag::FETCH => {
             let name = text(p, "checkpoint name")?;
             if !valid_checkpoint_name(name) {
@@ -901,6 +931,8 @@ mod tests {
         ends.push(s.len());
         put_fetch(&mut s, "verify-1.ckpt");
         ends.push(s.len());
+        put_recover(&mut s, 7, 8192, 9);
+        ends.push(s.len());
         (s, ends)
     }
 
@@ -1047,6 +1079,11 @@ mod tests {
                 last_page_us: 4,
             }),
             Msg::Fetch("verify-1.ckpt"),
+            Msg::Recover {
+                time_ns: 7,
+                mem_bytes: 8192,
+                pages: 9,
+            },
         ];
         for e in expect {
             next(&mut d);
@@ -1104,8 +1141,8 @@ mod tests {
         // Tag 0 (a zeroed header) and unknown tags.
         assert_eq!(first_error(&[0; HEADER]), WireError::BadTag(0));
         assert_eq!(
-            first_error(&[13, 0, 0, 0, 0, 0, 0, 0]),
-            WireError::BadTag(13)
+            first_error(&[14, 0, 0, 0, 0, 0, 0, 0]),
+            WireError::BadTag(14)
         );
         assert_eq!(
             first_error(&[0xFF, 0, 0, 0, 0, 0, 0, 0]),
