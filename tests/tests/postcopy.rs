@@ -110,3 +110,53 @@ fn bochs_pair_postcopy_and_hybrid() {
         Ok(())
     });
 }
+
+fn consoles(lab: &mut hv_tests::Lab) -> (&mut Console, &mut Console) {
+    let (a, b) = lab.instances.split_at_mut(1);
+    (&mut a[0].console, &mut b[0].console)
+}
+
+#[test]
+#[ignore = "boots an emulator pair: run with cargo xtask test"]
+fn bochs_pair_postcopy_survives_a_partition() {
+    scenario("bochs-postcopy-partition", Setup::bochs_pair(), |lab| {
+        // A guest large enough that its pages are still streaming when B is cut off.
+        let (a, _) = consoles(lab);
+        a.command("start verify mem=32 rate=100 check=0", CMD_TIMEOUT)?;
+        a.wait_for("[g1] verify: ", GUEST_TIMEOUT)?;
+        let out = a.command("migrate 1 10.0.0.2 mode=postcopy timeout=4", CMD_TIMEOUT)?;
+        expect(&out, "migrate: guest 1 (")?;
+        let (_, b) = consoles(lab);
+        let id = session::wait_arrived(b, MIGRATE_TIMEOUT)?;
+        // Cut B off mid post-copy: the source gives up on the link after 4 s and
+        // keeps the guest's memory; B's guest runs on, waiting at missing pages.
+        lab.hub()?.partition(1).map_err(|e| e.to_string())?;
+        let (a, b) = consoles(lab);
+        a.wait_for("post-copy interrupted", MIGRATE_TIMEOUT)?;
+        b.wait_for("reconnecting to 10.0.0.1", MIGRATE_TIMEOUT)?;
+        let rows = session::listed(b, "verify")?;
+        if rows.len() != 1 {
+            return Err(format!("the guest must stay on B while cut off: {rows:?}"));
+        }
+        std::thread::sleep(Duration::from_secs(5));
+        lab.hub()?.heal(1).map_err(|e| e.to_string())?;
+        let (a, b) = consoles(lab);
+        b.wait_for("reconnected to its source", MIGRATE_TIMEOUT)?;
+        a.wait_for("migrated to 10.0.0.2", MIGRATE_TIMEOUT)?;
+        let done = b.wait_for("post-copy complete, all ", MIGRATE_TIMEOUT)?;
+        eprintln!("{}", done.lines().last().unwrap_or(""));
+        if !b
+            .wait_for("\n", CMD_TIMEOUT)?
+            .contains("link recovered 1 times")
+        {
+            return Err("B did not count the recovery".into());
+        }
+        if !session::self_check(b, "verify", id)? {
+            return Err("verify guest failed its check after a recovered post-copy".into());
+        }
+        if !session::listed(a, "verify")?.is_empty() {
+            return Err("the source still holds the guest after post-copy completed".into());
+        }
+        Ok(())
+    });
+}

@@ -1169,7 +1169,7 @@ impl Migrations {
         }
         let left: u64 = req.missing.iter().map(|w| u64::from(w.count_ones())).sum();
         println!(
-            "migrate: guest {} : its destination {} reconnected; post-copy resumes ({left} pages to send)",
+            "migrate: guest {}: its destination {} reconnected; post-copy resumes ({left} pages to send)",
             st.vm_id, inc.peer
         );
         let printed_round = st.source.stats.rounds.len();
