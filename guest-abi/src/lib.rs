@@ -78,6 +78,14 @@ pub enum Hypercall {
     /// Fetch and clear the request the operator posted for this guest ([`Request`]).
     /// Returns the request number (0 = none).
     TakeRequest = 8,
+    /// Free-page hint: the RSI pages from RDI (page aligned, inside guest memory) hold
+    /// nothing the guest needs (RDX = 1), or are in use again (RDX = 0). A migration
+    /// sends a page hinted free as a zero page, unless the guest wrote it after the
+    /// hint (the hypervisor sees the write in EPT, so a stale hint loses nothing); so
+    /// after a migration a hinted page that was not written since reads as zeros.
+    /// Hints are not carried across a migration. Returns the pages hinted, 0 when the
+    /// hypervisor cannot see writes (no EPT dirty flags) and ignores hints.
+    FreePages = 9,
 }
 
 impl Hypercall {
@@ -92,6 +100,7 @@ impl Hypercall {
             6 => Self::Info,
             7 => Self::Report,
             8 => Self::TakeRequest,
+            9 => Self::FreePages,
             _ => return None,
         })
     }

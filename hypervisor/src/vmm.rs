@@ -336,6 +336,7 @@ impl Vmm {
             "info",
             "report",
             "take-request",
+            "free-pages",
         ];
         let calls: Vec<String> = vm
             .stats
@@ -344,7 +345,7 @@ impl Vmm {
             .enumerate()
             .skip(1)
             .filter(|(_, n)| **n > 0)
-            .map(|(i, n)| format!("{}={n}", names[i]))
+            .map(|(i, n)| format!("{}={n}", names.get(i).unwrap_or(&"?")))
             .collect();
         println!(
             "  hypercalls: {} (failed: {})",

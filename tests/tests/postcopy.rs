@@ -107,6 +107,29 @@ fn bochs_pair_postcopy_and_hybrid() {
             return Err("dirtier failed its check after hybrid migration".into());
         }
         expect(&b.command("migrations", CMD_TIMEOUT)?, " ok")?;
+
+        // 4. Free-page hints: a guest whose spare memory holds junk moves with about
+        //    its used memory on the wire when it says which pages are free.
+        let mut wire = Vec::new();
+        for hint in [0, 1] {
+            let (a, b) = (&mut *a, &mut *b);
+            let id = session::start(a, &format!("dirtier pages=256 rate=50 fill=1 hint={hint}"))?;
+            a.wait_for(&format!("[g{id}] dirtier: wrote"), GUEST_TIMEOUT)?;
+            let m = session::migrate(a, b, id, "10.0.0.2", "", MIGRATE_TIMEOUT)?;
+            eprintln!("dirtier hint={hint}: {}", m.summary);
+            if !session::self_check(b, "dirtier", m.new_id)? {
+                return Err(format!("dirtier (hint={hint}) failed its check"));
+            }
+            b.command(&format!("kill {}", m.new_id), CMD_TIMEOUT)?;
+            wire.push((m.stats.bytes, figure(&m.stats, "free_pages")?));
+        }
+        let ((without, _), (with, free)) = (wire[0], wire[1]);
+        eprintln!("free-page hints: {without} bytes without, {with} with ({free} pages free)");
+        if free == 0 || with * 3 > without {
+            return Err(format!(
+                "free-page hints: {with} bytes with ({free} pages free), {without} without"
+            ));
+        }
         Ok(())
     });
 }

@@ -1,6 +1,8 @@
 //! `dirtier`: dirties memory at a known rate, to load live migration's pre-copy.
 //!
-//! Arguments: `pages=W` (working set, default 256 pages of its free memory) and `rate=R`
+//! Arguments: `pages=W` (working set, default 256 pages of its free memory), `fill=1` (write
+//! junk into the rest of free memory), `hint=1` (report the rest as free, so a migration
+//! can skip it) and `rate=R`
 //! (page writes per second, default 1000; `0` = as fast as it can, a CPU hog that only
 //! the hypervisor's preemption timer takes the CPU from). Write `k` stores the counter
 //! `k + 1` into word 0 of page `k % W` (round robin), paced on absolute time in batches
@@ -39,9 +41,25 @@ fn main(args: &rt::Args) -> i32 {
     if w < want as usize {
         println!("dirtier: only {avail} pages free, working set {w}");
     }
-    let ws = &mut region[..w * WORDS_PER_PAGE];
+    let (ws, rest) = region.split_at_mut(w * WORDS_PER_PAGE);
     for p in 0..w {
         ws[p * WORDS_PER_PAGE] = 0;
+    }
+    // `fill=1`: the rest of free memory holds non-zero junk (as memory an allocator
+    // freed would); `hint=1`: tell the hypervisor those pages are free.
+    let spare = rest.len() / WORDS_PER_PAGE;
+    if args.u64_or("fill", 0) != 0 {
+        for p in 0..spare {
+            rest[p * WORDS_PER_PAGE] = 0xF1EE_0000_0000_0000 | p as u64;
+        }
+        println!("dirtier: filled {spare} spare pages with junk");
+    }
+    if args.u64_or("hint", 0) != 0 && spare > 0 {
+        let at = rt::mem::free_base() + (w * rt::mem::PAGE_SIZE) as u64;
+        match rt::hint_free(at, spare as u64, true) {
+            Ok(n) => println!("dirtier: hinted {n} spare pages free"),
+            Err(e) => println!("dirtier: free-page hint refused: {e:?}"),
+        }
     }
     println!(
         "dirtier: working set {w} pages at {:#x}, rate {}",

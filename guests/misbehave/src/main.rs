@@ -115,7 +115,7 @@ fn hammer(secs: u64, seed: u64) -> i32 {
                 3 => OUTSIDE,      // far outside
                 _ => u64::MAX - 3, // wraps
             };
-            let _ = match (i >> 40) % 9 {
+            let _ = match (i >> 40) % 10 {
                 // Zero-length writes: the console path runs, nothing is printed.
                 0 => hypercall(Hypercall::ConsoleWrite, ptr, 0, 0, 0),
                 1 => hypercall(Hypercall::ConsoleWrite, ptr, 1 << 40, 0, 0),
@@ -125,6 +125,8 @@ fn hammer(secs: u64, seed: u64) -> i32 {
                 5 => hypercall(Hypercall::Info, ptr, 0, 0, 0),
                 6 => hypercall(Hypercall::Report, i % 7, i, i, 0),
                 7 => hypercall(Hypercall::TakeRequest, 0, 0, 0, 0),
+                // Hints over good, unaligned, huge and wrapping ranges (either way).
+                8 => hypercall(Hypercall::FreePages, ptr & !0xFFF, i >> 52, i & 3, 0),
                 _ => raw_hypercall(UNKNOWN_CALL + (i >> 50)),
             };
             calls += 1;

@@ -159,6 +159,13 @@ pub fn report(kind: ReportKind, value: u64, detail: u64) {
     let _ = call(Hypercall::Report, kind as u64, value, detail);
 }
 
+/// Free-page hint ([`Hypercall::FreePages`]): `pages` pages from `addr` (page aligned)
+/// hold nothing this guest needs (`free`), or are in use again. Returns the pages the
+/// hypervisor took as hinted (0 if it ignores hints).
+pub fn hint_free(addr: u64, pages: u64, free: bool) -> Result<u64, ErrorCode> {
+    call(Hypercall::FreePages, addr, pages, u64::from(free))
+}
+
 /// Fetches and clears the operator's pending request.
 pub fn take_request() -> Request {
     match call(Hypercall::TakeRequest, 0, 0, 0) {

@@ -181,6 +181,10 @@ impl SourceGuest for VmGuest<'_> {
         self.vm.device_state()
     }
 
+    fn free_pages(&mut self, sink: &mut dyn FnMut(usize)) {
+        self.vm.free_pages(sink);
+    }
+
     fn hand_over(&mut self) {
         // Never runs here again. Post-copy still serves its memory from here until
         // the destination holds all of it; then (or on `kill`) it is freed.

@@ -52,6 +52,9 @@ pub trait SourceGuest {
     fn device_state(&mut self) -> Vec<u8>;
     /// Marks the guest as gone: it will never run here again.
     fn hand_over(&mut self);
+    /// Pages the guest hinted free and has not written since (called once, before
+    /// tracking starts or the guest is frozen). By default none.
+    fn free_pages(&mut self, _sink: &mut dyn FnMut(usize)) {}
 }
 
 /// Tunables of one migration (console options).
@@ -199,6 +202,8 @@ pub struct Source {
     urgent: VecDeque<usize>,
     /// Post-copy: End (the checksum over all memory) has been queued.
     end_sent: bool,
+    /// Pages hinted free by the guest and not written since: sent as zero pages.
+    free: Vec<u64>,
     /// The figures, complete when the migration finishes.
     pub stats: MigrationStats,
 }
@@ -224,6 +229,13 @@ fn collect_into(g: &mut dyn SourceGuest, bits: &mut [u64]) {
 
 fn count(bits: &[u64]) -> u64 {
     bits.iter().map(|w| u64::from(w.count_ones())).sum()
+}
+
+/// Pages written (`dirty`) are no longer free, whatever the hint said.
+fn forget_written(free: &mut [u64], dirty: &[u64]) {
+    for (f, d) in free.iter_mut().zip(dirty) {
+        *f &= !d;
+    }
 }
 
 fn bit(bits: &[u64], pfn: usize) -> bool {
@@ -293,6 +305,7 @@ impl Source {
             post: params.postcopy == PostMode::Always,
             urgent: VecDeque::new(),
             end_sent: false,
+            free: Vec::new(),
             stats,
         }
     }
@@ -472,6 +485,16 @@ impl Source {
                 }
                 LinkState::Open => {
                     wire::put_hello(&mut self.out, &self.hello);
+                    // Free-page hints, read before tracking takes the dirty flags.
+                    let mut free = alloc::vec![0u64; self.pages.div_ceil(64)];
+                    g.free_pages(&mut |pfn| {
+                        if let Some(w) = free.get_mut(pfn / 64) {
+                            *w |= 1 << (pfn % 64);
+                        }
+                    });
+                    if free.iter().any(|w| *w != 0) {
+                        self.free = free;
+                    }
                     self.round_started_us = now_us;
                     self.last_progress_us = now_us;
                     if self.params.postcopy == PostMode::Always {
@@ -549,6 +572,7 @@ impl Source {
             self.frozen_at_us = now_us;
             self.round_started_us = now_us;
             collect_into(g, &mut self.sending);
+            forget_written(&mut self.free, &self.sending);
             self.cursor = 0;
             self.phase = if self.post {
                 Phase::PostFreeze
@@ -651,10 +675,16 @@ impl Source {
         } else {
             &mut self.cur
         };
-        if wire::is_zero(data) {
+        let hinted = bit(&self.free, pfn);
+        if hinted || wire::is_zero(data) {
+            // A page hinted free (and not written since) goes as zeros, whatever it
+            // holds: the guest said it needs none of it.
             wire::put_zero(&mut self.out, pfn as u64);
             self.checksum.set(pfn, wire::zero_hash(pfn as u64));
             cur.zero_pages += 1;
+            if hinted {
+                self.stats.free_pages += 1;
+            }
             self.cache.sent_zero(pfn);
         } else {
             // Pages re-sent after round 0 have proved hot: cache them, and send later
@@ -807,6 +837,7 @@ impl Source {
                 wire::put_round_end(&mut self.out, self.round, self.cur.pages as u32);
                 self.cur.bytes += (self.out.len() - before) as u64;
                 collect_into(g, &mut self.next);
+                forget_written(&mut self.free, &self.next);
                 let dirty = count(&self.next);
                 self.cur.round = self.round;
                 self.cur.us = now_us - self.round_started_us;

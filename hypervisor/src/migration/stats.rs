@@ -104,6 +104,9 @@ pub struct MigrationStats {
     pub verify_full: bool,
     /// Post-copy: what was sent after the hand-over (pages pushed or asked for).
     pub post: RoundStats,
+    /// Pages sent as zeros because the guest hinted them free (counted in the zero
+    /// pages too).
+    pub free_pages: u64,
     /// Post-copy figures (all zero when the guest moved by pre-copy only).
     pub postcopy: PostcopyStats,
 }
@@ -159,7 +162,7 @@ impl MigrationStats {
             .collect();
         let _ = write!(
             s,
-            "MIGRATION-STATS role={} guest={} image={} mem_bytes={} peer={} method={} mode={} outcome={} total_us={} downtime_us={} dt_freeze_sent_us={} dt_sent_ready_us={} dt_commit_wire_us={} dt_resume_us={} downtime_joined={} rounds={} bytes={} pages={} zero_pages={} final_dirty={} final_bytes={} stop={} throughput_kBps={} verify={} delta_pages={} delta_saved={} postcopy={} post_missing={} post_pages={} post_bytes={} requests={} prepaged={} faults={} fault_median_us={} fault_max_us={} last_page_us={} recoveries={} per_round={}",
+            "MIGRATION-STATS role={} guest={} image={} mem_bytes={} peer={} method={} mode={} outcome={} total_us={} downtime_us={} dt_freeze_sent_us={} dt_sent_ready_us={} dt_commit_wire_us={} dt_resume_us={} downtime_joined={} rounds={} bytes={} pages={} zero_pages={} final_dirty={} final_bytes={} stop={} throughput_kBps={} verify={} delta_pages={} delta_saved={} free_pages={} postcopy={} post_missing={} post_pages={} post_bytes={} requests={} prepaged={} faults={} fault_median_us={} fault_max_us={} last_page_us={} recoveries={} per_round={}",
             self.role,
             self.guest,
             self.image,
@@ -187,6 +190,7 @@ impl MigrationStats {
             if self.verify_full { "full" } else { "sent" },
             self.rounds.iter().chain([&self.last]).map(|r| r.delta_pages).sum::<u64>(),
             self.rounds.iter().chain([&self.last]).map(|r| r.delta_saved).sum::<u64>(),
+            self.free_pages,
             u8::from(self.postcopy.used),
             self.postcopy.missing_at_handover,
             self.post.pages,

@@ -47,6 +47,17 @@ impl PageBitmap {
         }
     }
 
+    /// Calls `f` for every marked page, in ascending order (the bitmap is unchanged).
+    pub fn for_each(&self, mut f: impl FnMut(usize)) {
+        for (i, w) in self.words.iter().enumerate() {
+            let mut bits = *w;
+            while bits != 0 {
+                f(i * 64 + bits.trailing_zeros() as usize);
+                bits &= bits - 1;
+            }
+        }
+    }
+
     /// Whether no page is marked.
     pub fn count_is_zero(&self) -> bool {
         self.words.iter().all(|w| *w == 0)

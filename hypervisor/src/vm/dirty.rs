@@ -111,6 +111,15 @@ impl Vm {
     pub fn collect_dirty(&mut self, mut sink: impl FnMut(usize)) {
         let Some(method) = self.tracking else { return };
         let pages = self.pages();
+        // A page reported written loses its free-page hint: its dirty flag is cleared
+        // below, so the hint could not tell it was written any more.
+        let mut free = self.free.take();
+        let mut sink = |pfn: usize| {
+            if let Some(f) = free.as_mut() {
+                f.unset(pfn);
+            }
+            sink(pfn)
+        };
         if method == Tracking::Pml {
             self.drain_pml();
         }
@@ -136,6 +145,7 @@ impl Vm {
             sink(pfn);
         });
         self.dirty = Some(dirty);
+        self.free = free;
         self.invept();
     }
 

@@ -96,7 +96,7 @@ pub struct VmStats {
     /// Exits by basic exit reason.
     pub exits: [u64; 70],
     /// Hypercalls by number (index = call number, 0 = unknown).
-    pub hypercalls: [u64; 9],
+    pub hypercalls: [u64; 10],
     /// Hypercalls that failed validation.
     pub hypercall_errors: u64,
     /// Latest report per [`ReportKind`] (value, detail).
@@ -107,7 +107,7 @@ impl Default for VmStats {
     fn default() -> Self {
         Self {
             exits: [0; 70],
-            hypercalls: [0; 9],
+            hypercalls: [0; 10],
             hypercall_errors: 0,
             reports: [None; 4],
         }
@@ -198,6 +198,9 @@ pub struct Vm {
     /// Post-copy: pages still on the source (unmapped in EPT, so a touch exits); `None`
     /// once every page is here.
     remote: Option<PageBitmap>,
+    /// Free-page hints: pages the guest said hold nothing it needs, whose EPT dirty
+    /// flag was cleared at the hint (allocated at the first hint; one bit per page).
+    free: Option<PageBitmap>,
     /// Post-copy: when the guest blocked on a remote page (µs), and how many times.
     pub fault_at_us: u64,
     /// Post-copy: touches of pages that had not arrived.
@@ -371,6 +374,7 @@ impl Vm {
             watch_first_run: false,
             first_run_us: None,
             remote: None,
+            free: None,
             fault_at_us: 0,
             remote_faults: 0,
             vmcs_active: false,
@@ -412,6 +416,7 @@ impl Vm {
             + self.pml.as_ref().map_or(0, |p| p.count());
         let heap = self.dirty.as_ref().map_or(0, |d| d.bytes())
             + self.remote.as_ref().map_or(0, |d| d.bytes())
+            + self.free.as_ref().map_or(0, |d| d.bytes())
             + self.out.capacity();
         (frames, heap)
     }
@@ -443,6 +448,67 @@ impl Vm {
         }
         self.remote = (bits.count() > 0).then_some(bits);
         Ok(())
+    }
+
+    /// Free-page hint for `pages` pages from page `first`: mark them free (clearing
+    /// their EPT dirty flags, so a later write shows) or in use. Returns the pages
+    /// hinted; 0 without EPT dirty flags (a write could not be seen: hints ignored).
+    pub fn hint_free(&mut self, first: usize, pages: usize, free: bool) -> Result<u64, String> {
+        if !self.ad_enabled {
+            return Ok(0);
+        }
+        let total = self.pages();
+        if self.free.is_none() {
+            if !free {
+                return Ok(pages as u64);
+            }
+            self.free = Some(PageBitmap::new(total).map_err(|_| String::from("out of heap"))?);
+        }
+        let leaves = ept::leaves_mut(self.ept.as_u64_mut(), total);
+        if let Some(bits) = self.free.as_mut() {
+            for pfn in first..first + pages {
+                if free {
+                    bits.set(pfn);
+                    ept::clear_dirty(leaves, pfn);
+                } else {
+                    bits.unset(pfn);
+                }
+            }
+        }
+        if free {
+            // A cached translation with the dirty flag set would not set it again.
+            let _ = hw::invept(Some(self.eptp())).or_else(|_| hw::invept(None));
+        }
+        Ok(pages as u64)
+    }
+
+    /// Forgets the free-page hint of page `pfn` (it was written).
+    pub(crate) fn unhint(&mut self, pfn: usize) {
+        if let Some(f) = self.free.as_mut() {
+            f.unset(pfn);
+        }
+    }
+
+    /// Reports the pages hinted free and not written since (their EPT dirty flag is
+    /// still clear) to `sink`, and forgets the hints of pages written since. Call
+    /// before dirty tracking starts (it owns the dirty flags from then on).
+    pub fn free_pages(&mut self, mut sink: impl FnMut(usize)) {
+        let pages = self.pages();
+        let Some(bits) = self.free.as_mut() else {
+            return;
+        };
+        let leaves = ept::leaves_mut(self.ept.as_u64_mut(), pages);
+        let mut written = alloc::vec::Vec::new();
+        bits.for_each(|pfn| {
+            if leaves.get(pfn).is_some_and(|e| e & ept::DIRTY == 0) {
+                sink(pfn);
+            } else {
+                written.push(pfn);
+            }
+        });
+        for pfn in written {
+            bits.unset(pfn);
+        }
     }
 
     /// Whether page `pfn` is still on the source (post-copy).

@@ -588,7 +588,7 @@ impl Vm {
         let result: Result<u64, ErrorCode> = match Hypercall::from_raw(call) {
             None => Err(ErrorCode::UnknownCall),
             Some(hc) => {
-                self.stats.hypercalls[(call as usize).min(8)] += 1;
+                self.stats.hypercalls[(call as usize).min(9)] += 1;
                 match hc {
                     Hypercall::ConsoleWrite => self.hc_console_write(a0, a1),
                     Hypercall::Time => Ok(self.clock.read(time::now_ns())),
@@ -618,6 +618,7 @@ impl Vm {
                         None => Err(ErrorCode::BadArgument),
                     },
                     Hypercall::TakeRequest => Ok(core::mem::take(&mut self.request)),
+                    Hypercall::FreePages => self.hc_free_pages(a0, a1, a2),
                     _ => Err(ErrorCode::UnknownCall),
                 }
             }
@@ -678,6 +679,16 @@ impl Vm {
         }
     }
 
+    fn hc_free_pages(&mut self, gpa: u64, pages: u64, free: u64) -> Result<u64, ErrorCode> {
+        if !gpa.is_multiple_of(4096) || free > 1 {
+            return Err(ErrorCode::BadArgument);
+        }
+        let len = pages.checked_mul(4096).ok_or(ErrorCode::BadAddress)?;
+        self.guest_range(gpa, len)?;
+        self.hint_free((gpa / 4096) as usize, pages as usize, free == 1)
+            .map_err(|_| ErrorCode::BadArgument)
+    }
+
     fn hc_info(&mut self, ptr: u64) -> Result<u64, ErrorCode> {
         let size = core::mem::size_of::<GuestInfo>() as u64;
         let range = self.guest_range(ptr, size)?;
@@ -691,10 +702,11 @@ impl Vm {
         self.mem.as_bytes_mut()[range].copy_from_slice(&b);
         // The hypervisor's own writes bypass EPT dirty tracking: mark them while a
         // migration tracks (a bit per page, however often this is called).
-        if let Some(d) = &mut self.dirty {
-            for pfn in first..=last {
+        for pfn in first..=last {
+            if let Some(d) = &mut self.dirty {
                 d.set(pfn);
             }
+            self.unhint(pfn);
         }
         Ok(0)
     }
