@@ -259,7 +259,8 @@ mod tests {
             }
         }
         assert_eq!(Hypercall::from_raw(0), None);
-        assert_eq!(Hypercall::from_raw(9), None);
+        assert_eq!(Hypercall::from_raw(9), Some(Hypercall::FreePages));
+        assert_eq!(Hypercall::from_raw(10), None);
     }
 
     #[test]
