@@ -153,6 +153,17 @@ fn matrix(quick: bool) -> Vec<Config> {
             });
         }
     }
+    // A guest whose spare memory holds junk (as freed memory does), without and with
+    // free-page hints.
+    for mode in ["precopy+junk", "precopy+junk-hinted"] {
+        v.push(Config {
+            mem_mib: mems[0],
+            level: LEVELS[1],
+            method: "pml",
+            mode,
+            ws: Some(256),
+        });
+    }
     // The working-set dimension: the same dirty rate concentrated on fewer pages.
     let mem_mib = if quick { 16 } else { 32 };
     let sets: &[u64] = if quick { &[256] } else { &[256, 1024, 4096] };
@@ -333,7 +344,15 @@ fn migrate_once(
     };
     let args = match cfg.ws {
         None => format!("verify mem={} rate={rate_pps} check=0", cfg.mem_mib),
-        Some(w) => format!("dirtier mem={} pages={w} rate={rate_pps}", cfg.mem_mib),
+        Some(w) => format!(
+            "dirtier mem={} pages={w} rate={rate_pps}{}",
+            cfg.mem_mib,
+            match cfg.mode {
+                "precopy+junk" => " fill=1",
+                "precopy+junk-hinted" => " fill=1 hint=1",
+                _ => "",
+            }
+        ),
     };
     let id = session::start(a, &args)?;
     // Memory filled (verify) or first writes reported (dirtier): running.
@@ -349,6 +368,7 @@ fn migrate_once(
         "precopy+full" => format!("dirty={} verify=full", cfg.method),
         "precopy+delta" => format!("dirty={} cache=8", cfg.method),
         "postcopy" | "hybrid" => format!("dirty={} mode={}", cfg.method, cfg.mode),
+        "precopy+junk" | "precopy+junk-hinted" => format!("dirty={}", cfg.method),
         _ => format!("dirty={}", cfg.method),
     };
     let m = session::migrate(a, b, id, "10.0.0.2", &opts, Duration::from_secs(900))?;
@@ -523,8 +543,8 @@ mod tests {
 
     #[test]
     fn quick_matrix_is_small() {
-        assert_eq!(matrix(true).len(), 10);
-        assert_eq!(matrix(false).len(), 2 * 4 * 4 + 1 + 2 + 8 + 3);
+        assert_eq!(matrix(true).len(), 12);
+        assert_eq!(matrix(false).len(), 2 * 4 * 4 + 1 + 2 + 8 + 2 + 3);
     }
 
     #[test]
