@@ -37,7 +37,8 @@
 
 /// Version of this ABI; [`BootInfo::abi_version`] carries it, and a guest built against
 /// another major version should refuse to run.
-pub const ABI_VERSION: u32 = 1;
+/// (v2: [`GuestInfo::restores`], [`Hypercall::FreePages`], [`Hypercall::Move`].)
+pub const ABI_VERSION: u32 = 2;
 
 /// Guest-physical address of the [`BootInfo`] page.
 pub const BOOT_INFO_ADDR: u64 = 0x1000;
@@ -86,6 +87,16 @@ pub enum Hypercall {
     /// Hints are not carried across a migration. Returns the pages hinted, 0 when the
     /// hypervisor cannot see writes (no EPT dirty flags) and ignores hints.
     FreePages = 9,
+    /// Guest-initiated migration: move this guest to the hypervisor at IPv4 address RDI
+    /// (a.b.c.d as `a << 24 | b << 16 | c << 8 | d`), TCP port RSI (0 = 7000); RDX = 0
+    /// to migrate there, 1 to checkpoint there (a store keeps a copy; the guest stays).
+    /// Only if the operator allowed it for this guest (`allow-move <id> on`; off by
+    /// default): otherwise fails at once with [`ErrorCode::Refused`]. The guest then
+    /// waits (it does not run) until the move ends, and learns the outcome when it runs
+    /// again: 0 on the destination after a migration (or on the source after a
+    /// checkpoint), [`ErrorCode::MoveFailed`] back on the source if it failed (the
+    /// console says why).
+    Move = 10,
 }
 
 impl Hypercall {
@@ -101,6 +112,7 @@ impl Hypercall {
             7 => Self::Report,
             8 => Self::TakeRequest,
             9 => Self::FreePages,
+            10 => Self::Move,
             _ => return None,
         })
     }
@@ -117,6 +129,10 @@ pub enum ErrorCode {
     BadAddress = 2,
     /// A length or argument is out of range.
     BadArgument = 3,
+    /// The hypervisor's policy refuses the call (e.g. `Move` not allowed, or busy).
+    Refused = 4,
+    /// A requested move (migration or checkpoint) did not happen; the guest runs on.
+    MoveFailed = 5,
 }
 
 impl ErrorCode {
@@ -131,6 +147,8 @@ impl ErrorCode {
             v if v >= 0 => Ok(rax),
             -1 => Err(Self::UnknownCall),
             -2 => Err(Self::BadAddress),
+            -4 => Err(Self::Refused),
+            -5 => Err(Self::MoveFailed),
             _ => Err(Self::BadArgument),
         }
     }
@@ -142,6 +160,8 @@ impl core::fmt::Display for ErrorCode {
             Self::UnknownCall => "unknown hypercall",
             Self::BadAddress => "buffer outside guest memory",
             Self::BadArgument => "argument out of range",
+            Self::Refused => "refused by the hypervisor's policy",
+            Self::MoveFailed => "the move did not happen",
         })
     }
 }
@@ -218,10 +238,13 @@ pub struct GuestInfo {
     pub migrations: u64,
     /// Size of guest memory in bytes.
     pub mem_bytes: u64,
+    /// How many times this guest was restored from a checkpoint (a restored copy
+    /// counts one more than the copy that was checkpointed).
+    pub restores: u64,
 }
 
 const _: () = assert!(core::mem::size_of::<BootInfo>() == 40 + MAX_ARGS);
-const _: () = assert!(core::mem::size_of::<GuestInfo>() == 24);
+const _: () = assert!(core::mem::size_of::<GuestInfo>() == 32);
 
 /// Issues a hypercall. Guest side only: on the host or in the hypervisor it would fault.
 ///
@@ -260,7 +283,8 @@ mod tests {
         }
         assert_eq!(Hypercall::from_raw(0), None);
         assert_eq!(Hypercall::from_raw(9), Some(Hypercall::FreePages));
-        assert_eq!(Hypercall::from_raw(10), None);
+        assert_eq!(Hypercall::from_raw(10), Some(Hypercall::Move));
+        assert_eq!(Hypercall::from_raw(11), None);
     }
 
     #[test]
@@ -269,6 +293,8 @@ mod tests {
             ErrorCode::UnknownCall,
             ErrorCode::BadAddress,
             ErrorCode::BadArgument,
+            ErrorCode::Refused,
+            ErrorCode::MoveFailed,
         ] {
             assert!((e.to_raw() as i64) < 0);
             assert_eq!(ErrorCode::decode(e.to_raw()), Err(e));

@@ -273,9 +273,34 @@ impl Kernel {
             "pci" | "net" | "ip" | "ping" | "netbench" => {
                 crate::net::commands::execute(self.net.as_mut(), name, rest)
             }
-            "migrate" => {
-                self.migrations
-                    .cmd_migrate(self.net.as_mut(), &mut self.vmm, rest, cmd.usage)
+            "migrate" | "checkpoint" => self.migrations.cmd_migrate(
+                self.net.as_mut(),
+                &mut self.vmm,
+                rest,
+                cmd.usage,
+                name == "checkpoint",
+            ),
+            "restore" => self
+                .migrations
+                .cmd_restore(self.net.as_mut(), &mut self.vmm, rest, cmd.usage),
+            "allow-move" => {
+                let [id, on] = rest else { return Err(usage()) };
+                let id = args::parse_u32("guest id", id)?;
+                let on = match *on {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err(usage()),
+                };
+                let vm = self
+                    .vmm
+                    .get_mut(id)
+                    .ok_or_else(|| cmd_err!("no guest with id {id} (see 'vms')"))?;
+                vm.allow_move = on;
+                println!(
+                    "guest {id} may {}move itself (Move hypercall)",
+                    if on { "" } else { "not " }
+                );
+                Ok(())
             }
             "migrations" => {
                 self.migrations.cmd_migrations();

@@ -337,6 +337,7 @@ impl Vmm {
             "report",
             "take-request",
             "free-pages",
+            "move",
         ];
         let calls: Vec<String> = vm
             .stats

@@ -166,6 +166,20 @@ pub fn hint_free(addr: u64, pages: u64, free: bool) -> Result<u64, ErrorCode> {
     call(Hypercall::FreePages, addr, pages, u64::from(free))
 }
 
+/// Asks to be migrated to the hypervisor at `ip` (`a << 24 | b << 16 | c << 8 | d`),
+/// TCP port `port` (0: 7000) ([`Hypercall::Move`]). Returns when the move has ended:
+/// `Ok` on the destination (the migration count is one higher), `Err(MoveFailed)` back
+/// here if it failed, `Err(Refused)` at once if the operator did not allow it.
+pub fn move_to(ip: u32, port: u16) -> Result<u64, ErrorCode> {
+    call(Hypercall::Move, u64::from(ip), u64::from(port), 0)
+}
+
+/// Asks for a checkpoint of this guest at the store at `ip`/`port` (as [`move_to`]);
+/// returns `Ok` when the store holds it, on this hypervisor.
+pub fn checkpoint_to(ip: u32, port: u16) -> Result<u64, ErrorCode> {
+    call(Hypercall::Move, u64::from(ip), u64::from(port), 1)
+}
+
 /// Fetches and clears the operator's pending request.
 pub fn take_request() -> Request {
     match call(Hypercall::TakeRequest, 0, 0, 0) {

@@ -45,8 +45,23 @@ pub const COMMANDS: &[Command] = &[
     Command { name: "netbench", usage: "<ip> [MiB]", help: "TCP bulk transfer to a peer's sink" },
     Command {
         name: "migrate",
-        usage: "<id> <ip>[:port] [downtime=<ms>] [max-rounds=<n>] [bandwidth=<MB/s>] [dirty=pml|ad|wp] [mode=precopy|stop] [verify=full|sent] [cache=<MiB>] [timeout=<s>]",
+        usage: "<id> <ip>[:port] [downtime=<ms>] [max-rounds=<n>] [bandwidth=<MB/s>] [dirty=pml|ad|wp] [mode=precopy|stop|postcopy|hybrid] [prepage=<pages>] [verify=full|sent] [cache=<MiB>] [timeout=<s>]",
         help: "live-migrate a guest to a peer",
+    },
+    Command {
+        name: "checkpoint",
+        usage: "<id> <store-ip>[:port] [downtime=<ms>] [max-rounds=<n>] [dirty=pml|ad|wp] [mode=precopy|stop] [cache=<MiB>] [timeout=<s>]",
+        help: "copy a running guest to a store; it keeps running here",
+    },
+    Command {
+        name: "restore",
+        usage: "<store-ip>[:port] <checkpoint>",
+        help: "start a guest from a checkpoint kept by a store",
+    },
+    Command {
+        name: "allow-move",
+        usage: "<id> on|off",
+        help: "let a guest migrate or checkpoint itself (Move hypercall); off by default",
     },
     Command { name: "migrations", usage: "", help: "list past migrations with their figures" },
     Command {

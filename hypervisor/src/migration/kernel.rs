@@ -240,7 +240,13 @@ impl Installer for VmmInstaller<'_> {
         let ctx = self.vmm.host_context().ok_or("destination has no VMX")?;
         vm.setup_vmcs(&ctx, &state)?;
         vm.restore_device_state(device)?;
-        vm.migrations = hello.migrations + 1;
+        if hello.flags & wire::hello_flags::RESTORED != 0 {
+            // A copy started from a checkpoint: not a migration, a new restore.
+            vm.migrations = hello.migrations;
+            vm.restores += 1;
+        } else {
+            vm.migrations = hello.migrations + 1;
+        }
         vm.freeze();
         self.vmm.vms.push(vm);
         Ok(id)
@@ -286,6 +292,14 @@ impl Installer for VmmInstaller<'_> {
     }
 }
 
+/// A guest that asked to move (and waits for it) learns that the move failed.
+fn fail_move(vm: &mut Vm) {
+    if vm.state == VmState::Moving {
+        vm.regs.rax = guest_abi::ErrorCode::MoveFailed.to_raw();
+        vm.state = VmState::Running;
+    }
+}
+
 /// How long the listener may sit in a half-open handshake before it is reset.
 pub const HANDSHAKE_TIMEOUT_US: u64 = 5_000_000;
 /// How long a finished migration's socket may linger to deliver its last message.
@@ -298,6 +312,8 @@ pub const HISTORY: usize = 32;
 const RESUME_WAIT_US: u64 = 2_000_000;
 
 struct Outgoing {
+    /// A checkpoint to a store (the guest stays here).
+    checkpoint: bool,
     vm_id: u32,
     conn: Conn,
     source: Source,
@@ -332,6 +348,8 @@ struct Incoming {
     phase: IncomingPhase,
     /// Post-copy recovery in progress.
     reconnect: Option<Reconnect>,
+    /// A restore: the checkpoint asked for (this side opened the connection).
+    restore: Option<String>,
 }
 
 /// The destination reconnecting to the source of an interrupted post-copy.
@@ -791,6 +809,7 @@ impl Migrations {
                     peer_ip,
                     phase: IncomingPhase::Receiving,
                     reconnect: None,
+                    restore: None,
                 });
             }
             _ => {
@@ -811,6 +830,7 @@ impl Migrations {
         self.service_listener(net);
         self.poll_incoming(net, vmm);
         self.poll_outgoing(net, vmm);
+        self.start_moves(net, vmm);
         self.outgoing.is_some() || self.incoming.is_some()
     }
 
@@ -971,6 +991,14 @@ impl Migrations {
                 };
                 let full = inc.receiver.full_check();
                 let post = inc.receiver.postcopy().map(|p| p.at_handover);
+                if let Some(name) = &inc.restore {
+                    println!(
+                        "restore: guest {id} ({}) restored from checkpoint {name} and running ({} bytes in {} ms)",
+                        stats.image,
+                        inc.receiver.bytes,
+                        stats.total_us / 1000
+                    );
+                }
                 println!(
                     "migrate: guest {id} ({}) arrived and resumed ({} bytes in {} ms, downtime {} us{}{})",
                     stats.image,
@@ -1099,6 +1127,17 @@ impl Migrations {
                 method: out.method,
             });
             return;
+        } else if out.source.phase() == Phase::Done && out.checkpoint {
+            if let Some(vm) = vmm.get_mut(id) {
+                if vm.state == VmState::Moving {
+                    // It asked for this checkpoint: it runs on, RAX = 0.
+                    vm.state = VmState::Running;
+                }
+            }
+            println!(
+                "migrate: guest {id} checkpointed to {}: done; it keeps running here",
+                stats.peer
+            );
         } else if out.source.phase() == Phase::Done {
             // Free the guest: it now belongs to the destination. Dropping it VMCLEARs
             // its VMCS, invalidates its EPT and frees its frames.
@@ -1107,6 +1146,9 @@ impl Migrations {
             }
             println!("migrate: guest {id} migrated to {}: done", stats.peer);
         } else {
+            if let Some(vm) = vmm.get_mut(id) {
+                fail_move(vm);
+            }
             if let Some(e) = out.conn.channel_error() {
                 stats.outcome = e;
             }
@@ -1122,6 +1164,112 @@ impl Migrations {
         println!("{stats}");
         println!("{}", stats.line());
         self.record(&stats);
+    }
+
+    /// Starts the moves guests asked for (`Move` hypercall), one at a time; a move
+    /// that cannot start fails at once and the guest runs on.
+    fn start_moves(&mut self, net: &mut NetStack, vmm: &mut Vmm) {
+        if self.outgoing.is_some() {
+            return;
+        }
+        let Some(vm) = vmm.vms.iter_mut().find(|v| v.move_request.is_some()) else {
+            return;
+        };
+        let id = vm.id;
+        let Some(req) = vm.move_request.take() else {
+            return;
+        };
+        if vm.state != VmState::Moving {
+            return;
+        }
+        let method = match vmm.vmx.as_ref() {
+            Some(v) => Tracking::best(&v.caps),
+            None => return,
+        };
+        let params = Params {
+            checkpoint: req.checkpoint,
+            ..Params::default()
+        };
+        let [a, b, c, d] = req.ip;
+        println!(
+            "migrate: guest {id} asks to {} {a}.{b}.{c}.{d}:{}",
+            if req.checkpoint {
+                "checkpoint itself to"
+            } else {
+                "move to"
+            },
+            req.port
+        );
+        if let Err(e) = self.start_outgoing(net, vmm, id, req.ip, req.port, params, method) {
+            println!("migrate: guest {id}'s move failed to start: {e}");
+            if let Some(vm) = vmm.get_mut(id) {
+                fail_move(vm);
+            }
+        }
+    }
+
+    /// `restore <store-ip>[:port] <checkpoint>`: asks a store for a checkpoint and
+    /// receives it as an incoming migration (it arrives as a new guest).
+    pub fn cmd_restore(
+        &mut self,
+        net: Option<&mut NetStack>,
+        vmm: &mut Vmm,
+        argv: &[&str],
+        usage: &str,
+    ) -> Result<(), CmdError> {
+        let [peer, name] = argv else {
+            return Err(cmd_err!("usage: restore {usage}"));
+        };
+        if !wire::valid_checkpoint_name(name) {
+            return Err(cmd_err!(
+                "bad checkpoint name '{}' (1-64 of A-Z a-z 0-9 . _ -)",
+                wire::printable(name, 64)
+            ));
+        }
+        let (ip, port) = args::parse_endpoint(peer, PORT)?;
+        let net = net.ok_or_else(|| cmd_err!("no network: restore needs the e1000"))?;
+        if vmm.vmx.is_none() {
+            return Err(cmd_err!("no VMX here"));
+        }
+        if self.incoming.is_some() {
+            return Err(cmd_err!(
+                "busy receiving a migration; try again when it has ended"
+            ));
+        }
+        let Some(key) = &self.key else {
+            return Err(cmd_err!(
+                "no migration key: set the store's key first ('key set <64 hex digits>')"
+            ));
+        };
+        let now = time::now_us();
+        let chan = SecureChannel::initiator(key, &mut self.rng, now)
+            .map_err(|e| cmd_err!("cannot start the secure channel: {e}"))?;
+        let sock = net
+            .open_tcp(RX_WINDOW, 16 * 1024)
+            .map_err(|e| cmd_err!("cannot open a socket: {e}"))?;
+        net.tcp(sock.h()).set_ack_delay(None);
+        let addr = Ipv4Address::new(ip[0], ip[1], ip[2], ip[3]);
+        net.connect(sock.h(), addr, port)
+            .map_err(|e| cmd_err!("cannot connect to {addr}:{port}: {e}"))?;
+        let mut receiver = Receiver::new(now, 30_000_000);
+        let mut m = Vec::new();
+        wire::put_fetch(&mut m, name);
+        receiver.queue(&m);
+        println!("restore: asking {addr}:{port} for checkpoint {name}");
+        self.incoming = Some(Incoming {
+            conn: Conn {
+                sock,
+                chan: Some(chan),
+            },
+            receiver,
+            started_us: now,
+            peer: format!("{addr}:{port}"),
+            peer_ip: Some(addr),
+            phase: IncomingPhase::Receiving,
+            reconnect: None,
+            restore: Some(String::from(*name)),
+        });
+        Ok(())
     }
 
     /// A destination reconnected for an interrupted post-copy: resume the stranded
@@ -1178,6 +1326,7 @@ impl Migrations {
         );
         let printed_round = st.source.stats.rounds.len();
         self.outgoing = Some(Outgoing {
+            checkpoint: false,
             vm_id: st.vm_id,
             conn: inc.conn,
             source: st.source,
@@ -1232,38 +1381,28 @@ impl Migrations {
         }
     }
 
-    /// `migrate <id> <ip>[:port] [options]` or `migrate cancel`.
+    /// `migrate <id> <ip>[:port] [options]` or `migrate cancel`; `checkpoint <id>
+    /// <ip>[:port] [options]` (`checkpoint` true) copies the guest to a store instead.
     pub fn cmd_migrate(
         &mut self,
         net: Option<&mut NetStack>,
         vmm: &mut Vmm,
         argv: &[&str],
         usage: &str,
+        checkpoint: bool,
     ) -> Result<(), CmdError> {
-        if argv == ["cancel"] {
+        let cmd = if checkpoint { "checkpoint" } else { "migrate" };
+        if argv == ["cancel"] && !checkpoint {
             let net = net.ok_or_else(|| cmd_err!("no network: no migration to cancel"))?;
             return self.cancel(net, vmm);
         }
         let (pos, opts) = args::split_options(argv);
         let [id, peer] = pos[..] else {
-            return Err(cmd_err!("usage: migrate {usage}"));
+            return Err(cmd_err!("usage: {cmd} {usage}"));
         };
         let id = args::parse_u32("guest id", id)?;
         let (ip, port) = args::parse_endpoint(peer, PORT)?;
         let net = net.ok_or_else(|| cmd_err!("no network: migration needs the e1000"))?;
-        if self.outgoing.is_some() {
-            return Err(cmd_err!(
-                "a migration is already running; wait for it to finish (or 'migrate cancel')"
-            ));
-        }
-        if self.guest_busy(id).is_some() {
-            return Err(cmd_err!("guest {id} is arriving here by migration"));
-        }
-        let Some(key) = &self.key else {
-            return Err(cmd_err!(
-                "no migration key: set the same key on both hypervisors first ('key set <64 hex digits>'); migrations never travel unencrypted"
-            ));
-        };
         let caps = vmm
             .vmx
             .as_ref()
@@ -1322,9 +1461,48 @@ impl Migrations {
                 "prepage" => {
                     params.prepage = args::parse_in_range("prepage (pages)", v, 0, 256)? as u32
                 }
-                _ => return Err(cmd_err!("unknown option '{k}' (usage: migrate {usage})")),
+                _ => return Err(cmd_err!("unknown option '{k}' (usage: {cmd} {usage})")),
             }
         }
+        params.checkpoint = checkpoint;
+        if checkpoint && params.postcopy != PostMode::Off {
+            return Err(cmd_err!("a checkpoint is pre-copy (or mode=stop): the guest stays here"));
+        }
+        match vmm.get_mut(id).map(|v| &v.state) {
+            Some(VmState::Moving) => {
+                return Err(cmd_err!("guest {id} is moving itself (Move hypercall)"))
+            }
+            None => return Err(cmd_err!("no guest with id {id} (see 'vms')")),
+            _ => {}
+        }
+        self.start_outgoing(net, vmm, id, ip, port, params, method)
+    }
+
+    /// Starts migrating (or checkpointing) guest `id` to `ip:port`.
+    #[allow(clippy::too_many_arguments)]
+    fn start_outgoing(
+        &mut self,
+        net: &mut NetStack,
+        vmm: &mut Vmm,
+        id: u32,
+        ip: [u8; 4],
+        port: u16,
+        params: Params,
+        method: Tracking,
+    ) -> Result<(), CmdError> {
+        if self.outgoing.is_some() {
+            return Err(cmd_err!(
+                "a migration is already running; wait for it to finish (or 'migrate cancel')"
+            ));
+        }
+        if self.guest_busy(id).is_some() {
+            return Err(cmd_err!("guest {id} is arriving here by migration"));
+        }
+        let Some(key) = &self.key else {
+            return Err(cmd_err!(
+                "no migration key: set the same key on both hypervisors first ('key set <64 hex digits>'); migrations never travel unencrypted"
+            ));
+        };
         let vm = vmm
             .get_mut(id)
             .ok_or_else(|| cmd_err!("no guest with id {id} (see 'vms')"))?;
@@ -1335,7 +1513,7 @@ impl Migrations {
             ));
         }
         match vm.state {
-            VmState::Running | VmState::Halted(_) | VmState::Paused => {}
+            VmState::Running | VmState::Halted(_) | VmState::Paused | VmState::Moving => {}
             ref s => {
                 return Err(cmd_err!(
                     "guest {id} is {}; only a live guest can migrate",
@@ -1363,6 +1541,7 @@ impl Migrations {
                 method.name()
             },
             mode: match (params.stop_and_copy, params.postcopy) {
+                _ if params.checkpoint => "checkpoint",
                 (true, _) => "stop",
                 (_, PostMode::Always) => "postcopy",
                 (_, PostMode::Hybrid) => "hybrid",
@@ -1395,6 +1574,7 @@ impl Migrations {
         );
         let source = Source::new(params, hello, stats, time::now_us());
         self.outgoing = Some(Outgoing {
+            checkpoint: params.checkpoint,
             vm_id: id,
             conn: Conn {
                 sock,

@@ -510,6 +510,10 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
             (Phase::Hello | Phase::Stream, Msg::Abort { reason, .. }) => {
                 return Err((0, alloc::format!("source aborted: {reason}")));
             }
+            (Phase::Hello, Msg::Reject { code, reason }) => {
+                // A store refusing a restore (no such checkpoint, damaged file).
+                return Err((0, alloc::format!("refused (code {code}): {reason}")));
+            }
             (Phase::Hello, Msg::Hello(h)) => {
                 if h.flags & wire::hello_flags::CHECKPOINT != 0 {
                     // A checkpoint leaves the guest running at its source: a

@@ -82,6 +82,9 @@ pub struct Params {
     pub postcopy: PostMode,
     /// Post-copy prepaging: pages around a requested page sent with it (0: off).
     pub prepage: u32,
+    /// A checkpoint to a store: at READY the guest is thawed here (it goes on
+    /// running) instead of handed over; COMMIT tells the store the copy is final.
+    pub checkpoint: bool,
 }
 
 /// When the source switches to post-copy.
@@ -108,6 +111,7 @@ impl Default for Params {
             verify_full: false,
             postcopy: PostMode::Off,
             prepage: 16,
+            checkpoint: false,
         }
     }
 }
@@ -275,6 +279,9 @@ impl Source {
         }
         if params.postcopy != PostMode::Off {
             hello.flags |= wire::hello_flags::POSTCOPY;
+        }
+        if params.checkpoint {
+            hello.flags |= wire::hello_flags::CHECKPOINT;
         }
         let pages = (hello.mem_bytes / wire::PAGE as u64) as usize;
         Self {
@@ -923,8 +930,13 @@ impl Source {
                     .map_err(|e| alloc::format!("bad reply from peer: {e}"))?
                 {
                     Msg::Ready if self.phase == Phase::AwaitReady && self.out.is_empty() => {
-                        // Point of no return: the guest is the destination's from here.
-                        g.hand_over();
+                        if self.params.checkpoint {
+                            // The store holds a complete copy: the guest goes on here.
+                            g.thaw();
+                        } else {
+                            // Point of no return: the guest is the destination's now.
+                            g.hand_over();
+                        }
                         self.ready_at_us = now_us;
                         let sent = if self.state_sent_us == 0 {
                             now_us
@@ -949,10 +961,15 @@ impl Source {
                     Msg::Resumed(t)
                         if matches!(self.phase, Phase::AwaitResumed | Phase::Postcopy) =>
                     {
-                        self.stats.dt_commit_wire_us = t.commit_wire_us;
-                        self.stats.dt_resume_us = t.commit_to_resume_us;
-                        self.stats.downtime_us = t.downtime_us;
-                        self.stats.downtime_joined = true;
+                        if self.params.checkpoint {
+                            // The pause ended here, at READY.
+                            self.stats.downtime_joined = true;
+                        } else {
+                            self.stats.dt_commit_wire_us = t.commit_wire_us;
+                            self.stats.dt_resume_us = t.commit_to_resume_us;
+                            self.stats.downtime_us = t.downtime_us;
+                            self.stats.downtime_joined = true;
+                        }
                         self.stats.total_us = now_us - self.started_us;
                         if self.phase == Phase::AwaitResumed {
                             self.phase = Phase::Done;

@@ -52,6 +52,8 @@ pub enum VmState {
     /// Paused for the stop-and-copy phase of a migration, or arrived and waiting for
     /// the source's COMMIT.
     Frozen,
+    /// Asked to be moved (`Move` hypercall) and waits until the move has ended.
+    Moving,
     /// Arrived by post-copy and touched page `pfn`, which has not arrived yet: waits
     /// until the migration maps it.
     Fetching(usize),
@@ -69,6 +71,7 @@ impl VmState {
             Self::Halted(_) => "sleeping",
             Self::Paused => "paused",
             Self::Frozen => "frozen",
+            Self::Moving => "moving",
             Self::Fetching(_) => "fetching",
             Self::Exited(_) => "exited",
             Self::Stopped(_) => "stopped",
@@ -96,7 +99,7 @@ pub struct VmStats {
     /// Exits by basic exit reason.
     pub exits: [u64; 70],
     /// Hypercalls by number (index = call number, 0 = unknown).
-    pub hypercalls: [u64; 10],
+    pub hypercalls: [u64; 11],
     /// Hypercalls that failed validation.
     pub hypercall_errors: u64,
     /// Latest report per [`ReportKind`] (value, detail).
@@ -107,7 +110,7 @@ impl Default for VmStats {
     fn default() -> Self {
         Self {
             exits: [0; 70],
-            hypercalls: [0; 10],
+            hypercalls: [0; 11],
             hypercall_errors: 0,
             reports: [None; 4],
         }
@@ -179,6 +182,12 @@ pub struct Vm {
     frozen_at_ns: Option<u64>,
     /// Times the guest arrived by migration.
     pub migrations: u64,
+    /// Times the guest was restored from a checkpoint.
+    pub restores: u64,
+    /// The operator allows this guest to move itself (`allow-move`).
+    pub allow_move: bool,
+    /// A move the guest asked for, not started yet.
+    pub move_request: Option<MoveRequest>,
     /// Operator request waiting for `TakeRequest`.
     pub request: u64,
     out: Vec<u8>,
@@ -208,6 +217,17 @@ pub struct Vm {
     /// The VMCS has been VMCLEARed and loaded at least once: it must be VMCLEARed
     /// again before its frame is freed.
     vmcs_active: bool,
+}
+
+/// A move a guest asked for ([`Hypercall::Move`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MoveRequest {
+    /// Peer IPv4 address.
+    pub ip: [u8; 4],
+    /// Peer TCP port.
+    pub port: u16,
+    /// Checkpoint to a store instead of migrating.
+    pub checkpoint: bool,
 }
 
 /// Dirty-tracking method in force on a guest.
@@ -366,6 +386,9 @@ impl Vm {
             clock: GuestClock::starting_at(time::now_ns()),
             frozen_at_ns: None,
             migrations: 0,
+            restores: 0,
+            allow_move: false,
+            move_request: None,
             request: 0,
             out: Vec::new(),
             pre_freeze: None,
@@ -587,7 +610,8 @@ impl Vm {
     }
 
     /// The PV-device state for migration: the guest clock, a pending sleep, the
-    /// operator's pending request and whether it was paused (guest frozen).
+    /// operator's pending request, whether it was paused (guest frozen), and how many
+    /// times it was restored from a checkpoint.
     pub fn device_state(&self) -> Vec<u8> {
         let now = self.frozen_at_ns.unwrap_or_else(|| self.guest_time_ns());
         let (sleep_until, paused) = match self.pre_freeze.as_ref().unwrap_or(&self.state) {
@@ -595,8 +619,8 @@ impl Vm {
             VmState::Paused => (0, 1),
             _ => (0, 0),
         };
-        let mut out = Vec::with_capacity(32);
-        for w in [now, sleep_until, self.request, paused] {
+        let mut out = Vec::with_capacity(40);
+        for w in [now, sleep_until, self.request, paused, self.restores] {
             out.extend_from_slice(&w.to_le_bytes());
         }
         out
@@ -604,10 +628,16 @@ impl Vm {
 
     /// Restores [`Vm::device_state`] on the destination (before COMMIT).
     pub fn restore_device_state(&mut self, b: &[u8]) -> Result<(), String> {
-        if b.len() != 32 {
-            return Err(format!("device state has {} bytes, expected 32", b.len()));
+        // 32 bytes from a hypervisor before restore counts (read as 0 restores).
+        if b.len() != 32 && b.len() != 40 {
+            return Err(format!("device state has {} bytes, expected 40", b.len()));
         }
-        let w = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+        let w = |i: usize| {
+            b.get(i * 8..i * 8 + 8)
+                .and_then(|s| s.try_into().ok())
+                .map_or(0, u64::from_le_bytes)
+        };
+        self.restores = w(4);
         self.set_guest_time_ns(w(0));
         self.frozen_at_ns = Some(w(0));
         self.request = w(2);

@@ -588,7 +588,7 @@ impl Vm {
         let result: Result<u64, ErrorCode> = match Hypercall::from_raw(call) {
             None => Err(ErrorCode::UnknownCall),
             Some(hc) => {
-                self.stats.hypercalls[(call as usize).min(9)] += 1;
+                self.stats.hypercalls[(call as usize).min(10)] += 1;
                 match hc {
                     Hypercall::ConsoleWrite => self.hc_console_write(a0, a1),
                     Hypercall::Time => Ok(self.clock.read(time::now_ns())),
@@ -619,6 +619,15 @@ impl Vm {
                     },
                     Hypercall::TakeRequest => Ok(core::mem::take(&mut self.request)),
                     Hypercall::FreePages => self.hc_free_pages(a0, a1, a2),
+                    Hypercall::Move => {
+                        let r = self.hc_move(a0, a1, a2);
+                        if r.is_ok() {
+                            // Waits for the move; RAX = 0 is what it finds on the
+                            // destination (the kernel sets an error if it fails).
+                            end = Some(SliceEnd::Blocked);
+                        }
+                        r
+                    }
                     _ => Err(ErrorCode::UnknownCall),
                 }
             }
@@ -679,6 +688,22 @@ impl Vm {
         }
     }
 
+    fn hc_move(&mut self, ip: u64, port: u64, kind: u64) -> Result<u64, ErrorCode> {
+        if ip > u64::from(u32::MAX) || port > u64::from(u16::MAX) || kind > 1 {
+            return Err(ErrorCode::BadArgument);
+        }
+        if !self.allow_move || self.move_request.is_some() {
+            return Err(ErrorCode::Refused);
+        }
+        self.move_request = Some(MoveRequest {
+            ip: (ip as u32).to_be_bytes(),
+            port: if port == 0 { 7000 } else { port as u16 },
+            checkpoint: kind == 1,
+        });
+        self.state = VmState::Moving;
+        Ok(0)
+    }
+
     fn hc_free_pages(&mut self, gpa: u64, pages: u64, free: u64) -> Result<u64, ErrorCode> {
         if !gpa.is_multiple_of(4096) || free > 1 {
             return Err(ErrorCode::BadArgument);
@@ -692,11 +717,12 @@ impl Vm {
     fn hc_info(&mut self, ptr: u64) -> Result<u64, ErrorCode> {
         let size = core::mem::size_of::<GuestInfo>() as u64;
         let range = self.guest_range(ptr, size)?;
-        let mut b = [0u8; 24];
+        let mut b = [0u8; 32];
         b[0..4].copy_from_slice(&ABI_VERSION.to_le_bytes());
         b[4..8].copy_from_slice(&self.id.to_le_bytes());
         b[8..16].copy_from_slice(&self.migrations.to_le_bytes());
         b[16..24].copy_from_slice(&self.mem_bytes.to_le_bytes());
+        b[24..32].copy_from_slice(&self.restores.to_le_bytes());
         let first = range.start / 4096;
         let last = (range.end - 1) / 4096;
         self.mem.as_bytes_mut()[range].copy_from_slice(&b);
