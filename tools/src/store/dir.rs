@@ -45,7 +45,7 @@ pub struct Entry {
     pub migrations: u64,
     /// Guest time at the snapshot (ns).
     pub guest_time_ns: u64,
-    /// When it was committed (UTC, `YYYY-MM-DDTHH:MM:SSZ`).
+    /// When it was written (UTC, `YYYY-MM-DDTHH:MM:SSZ`).
     pub created: String,
     /// The same, Unix seconds.
     pub created_unix: u64,

@@ -120,7 +120,7 @@ enum Phase {
     Receiving(Box<Incoming>),
     /// Written to `<name>.tmp`, READY sent.
     AwaitCommit {
-        pending: Pending,
+        pending: Box<Pending>,
         deadline_us: u64,
     },
     /// Restoring: the store is the source.
@@ -330,43 +330,17 @@ impl Session {
             .map_err(|e| bad(format!("malformed stream: {e}")))?;
         match (&mut self.phase, msg) {
             (Phase::First, Msg::Hello(h)) => {
-                if h.flags & hello_flags::CHECKPOINT == 0 {
-                    return Err(bad(
-                        "this is a checkpoint store: a migration stream needs the CHECKPOINT flag"
-                            .into(),
-                    ));
+                // From here a failure is a refused checkpoint of this image.
+                self.event = None;
+                let image = h.name.clone();
+                let r = self.begin_checkpoint(h, store, now_us);
+                if let Err((_, why)) = &r {
+                    self.event = Some(Event::CheckpointFailed {
+                        image,
+                        reason: why.clone(),
+                    });
                 }
-                if h.flags & hello_flags::POSTCOPY != 0 {
-                    return Err(bad("a checkpoint cannot be post-copy".into()));
-                }
-                if h.mem_bytes > store.max_mem {
-                    return Err((
-                        reject::RESOURCES,
-                        format!(
-                            "guest memory {} bytes exceeds this store's {}",
-                            h.mem_bytes, store.max_mem
-                        ),
-                    ));
-                }
-                let mut mem = Vec::new();
-                mem.try_reserve_exact(h.mem_bytes as usize)
-                    .map_err(|_| (reject::RESOURCES, "out of memory".to_string()))?;
-                mem.resize(h.mem_bytes as usize, 0);
-                let pages = h.mem_bytes / PAGE as u64;
-                self.phase = Phase::Receiving(Box::new(Incoming {
-                    deadline_us: now_us.saturating_add(stream_deadline_us(h.mem_bytes)),
-                    hello: h,
-                    mem,
-                    pages,
-                    checksum: wire::Checksum::new(pages as usize),
-                    page_msgs: 0,
-                    next_round: 0,
-                    vcpu: None,
-                    device: None,
-                    digest_pages: 0,
-                    mismatched: 0,
-                    first_mismatch: None,
-                }));
+                r?;
             }
             (Phase::First, Msg::Fetch(name)) => {
                 let name = name.to_string();
@@ -433,7 +407,7 @@ impl Session {
                     // Nothing else is queued on this link: it can always take 8 bytes
                     // unless it is gone.
                     self.phase = Phase::AwaitCommit {
-                        pending,
+                        pending: Box::new(pending),
                         deadline_us: now_us,
                     };
                     return Err((
@@ -442,7 +416,7 @@ impl Session {
                     ));
                 }
                 self.phase = Phase::AwaitCommit {
-                    pending,
+                    pending: Box::new(pending),
                     deadline_us: now_us.saturating_add(COMMIT_TIMEOUT_US),
                 };
             }
@@ -454,7 +428,7 @@ impl Session {
                     unreachable!("matched AwaitCommit above")
                 };
                 let image = pending.entry.image.clone();
-                match store.commit(pending) {
+                match store.commit(*pending) {
                     Ok(entry) => {
                         self.event = Some(Event::Checkpoint(entry));
                         let mut m = Vec::new();
@@ -497,6 +471,47 @@ impl Session {
             }
             (_, m) => return Err(bad(format!("unexpected {}", msg_name(&m)))),
         }
+        Ok(())
+    }
+
+    /// A Hello as the first message: a checkpoint stream begins.
+    fn begin_checkpoint(&mut self, h: Hello, store: &Store, now_us: u64) -> Result<(), Fail> {
+        if h.flags & hello_flags::CHECKPOINT == 0 {
+            return Err(bad(
+                "this is a checkpoint store: a migration stream needs the CHECKPOINT flag".into(),
+            ));
+        }
+        if h.flags & hello_flags::POSTCOPY != 0 {
+            return Err(bad("a checkpoint cannot be post-copy".into()));
+        }
+        if h.mem_bytes > store.max_mem {
+            return Err((
+                reject::RESOURCES,
+                format!(
+                    "guest memory {} bytes exceeds this store's {}",
+                    h.mem_bytes, store.max_mem
+                ),
+            ));
+        }
+        let mut mem = Vec::new();
+        mem.try_reserve_exact(h.mem_bytes as usize)
+            .map_err(|_| (reject::RESOURCES, "out of memory".to_string()))?;
+        mem.resize(h.mem_bytes as usize, 0);
+        let pages = h.mem_bytes / PAGE as u64;
+        self.phase = Phase::Receiving(Box::new(Incoming {
+            deadline_us: now_us.saturating_add(stream_deadline_us(h.mem_bytes)),
+            hello: h,
+            mem,
+            pages,
+            checksum: wire::Checksum::new(pages as usize),
+            page_msgs: 0,
+            next_round: 0,
+            vcpu: None,
+            device: None,
+            digest_pages: 0,
+            mismatched: 0,
+            first_mismatch: None,
+        }));
         Ok(())
     }
 
