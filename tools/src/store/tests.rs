@@ -1101,3 +1101,137 @@ fn leftover_tmp_files_are_removed_at_start() {
     assert!(files(&t.0).is_empty());
     assert!(store.list().is_empty());
 }
+
+/// The network runner on a real hub (loopback UDP, no emulator): a host endpoint
+/// plays the hypervisor, connecting three times in a row: a Fetch of an unknown name,
+/// a checkpoint, and a restore of that checkpoint.
+#[test]
+fn the_network_runner_serves_one_connection_after_another() {
+    use crate::bxnet::BxEndpoint;
+    use crate::hub::{Hub, HubConfig, Member};
+    use std::sync::atomic::AtomicBool;
+    use std::sync::{mpsc, Arc};
+    use std::time::Duration;
+
+    let t = TempDir::new("net");
+    let base = crate::emu::free_udp_range(4);
+    let hub = Hub::start(
+        vec![
+            Member::socket_pair("store", base),
+            Member::socket_pair("hv", base + 2),
+        ],
+        HubConfig {
+            seed: Some(1),
+            ..HubConfig::default()
+        },
+    )
+    .unwrap();
+    let key = "11".repeat(32);
+    let cfg = super::net::Config {
+        dir: t.0.clone(),
+        key_hex: key.clone(),
+        hub_port: base,
+        ip: super::net::DEFAULT_IP,
+        mac: super::net::DEFAULT_MAC,
+        max_mem: 1 << 30,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, lines) = mpsc::channel::<String>();
+    let server = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            super::net::serve(&cfg, &stop, &mut |l| {
+                let _ = tx.send(l);
+            })
+        })
+    };
+    let wait_line = |prefix: &str| -> String {
+        loop {
+            let l = lines
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("no {prefix} line"));
+            if l.starts_with(prefix) {
+                return l;
+            }
+        }
+    };
+    let listen = wait_line("STORE-LISTEN");
+    assert!(listen.contains("ip=10.0.0.9 port=7000"), "{listen}");
+    let mut ep =
+        BxEndpoint::new(base + 2, [0x52, 0x54, 0, 0x12, 0x34, 0x77], [10, 0, 0, 7]).unwrap();
+    let secs = Duration::from_secs;
+    // 1. Unknown name.
+    ep.connect([10, 0, 0, 9], 7000, secs(20)).unwrap();
+    ep.secure(&key, secs(20)).unwrap();
+    let mut m = Vec::new();
+    wire::put_fetch(&mut m, "nothing-1");
+    ep.send_all(&m, secs(10)).unwrap();
+    let reply = ep.recv_until_close(secs(10));
+    assert_eq!(messages(&reply)[0].2, "no checkpoint named nothing-1");
+    ep.close();
+    let l = wait_line("STORE-RESTORE");
+    assert!(l.ends_with("outcome=no checkpoint named nothing-1"), "{l}");
+    // 2. A checkpoint.
+    let pages = 16usize;
+    let mut mem = vec![0u8; pages * PAGE];
+    let mut s = Vec::new();
+    wire::put_hello(&mut s, &hello(pages, hello_flags::CHECKPOINT));
+    let mut sum = wire::Checksum::new(pages);
+    for p in 0..pages {
+        mem[p * PAGE + 1] = p as u8 + 1;
+        let page = &mem[p * PAGE..(p + 1) * PAGE];
+        wire::put_page(&mut s, p as u64, page);
+        sum.set(p, wire::page_hash(p as u64, page));
+    }
+    wire::put_state(&mut s, wire::tag::VCPU, &[1; 64]);
+    wire::put_state(&mut s, wire::tag::DEVICE, &[2; 8]);
+    wire::put_end(&mut s, pages as u64, sum.value());
+    ep.connect([10, 0, 0, 9], 7000, secs(20)).unwrap();
+    ep.secure(&key, secs(20)).unwrap();
+    ep.send_all(&s, secs(20)).unwrap();
+    let reply = ep.recv_until_close(secs(2));
+    assert_eq!(messages(&reply).len(), 1, "READY: {reply:?}");
+    assert_eq!(reply[0], wire::tag::READY);
+    let mut m = Vec::new();
+    wire::put_commit(&mut m, &wire::CommitTimes::default());
+    ep.send_all(&m, secs(10)).unwrap();
+    let reply = ep.recv_until_close(secs(10));
+    assert_eq!(reply.first(), Some(&wire::tag::RESUMED), "{reply:?}");
+    ep.close();
+    let l = wait_line("STORE-CHECKPOINT");
+    assert!(
+        l.starts_with("STORE-CHECKPOINT name=fake-1 image=fake mem_bytes=65536 bytes="),
+        "{l}"
+    );
+    assert!(l.contains(&format!(
+        "sha256={}",
+        format::hex(&format::memory_sha256(&mem))
+    )));
+    // 3. Restore it.
+    ep.connect([10, 0, 0, 9], 7000, secs(20)).unwrap();
+    ep.secure(&key, secs(20)).unwrap();
+    let mut m = Vec::new();
+    wire::put_fetch(&mut m, "fake-1");
+    ep.send_all(&m, secs(10)).unwrap();
+    let stream = ep.recv_until_close(secs(3));
+    let msgs = messages(&stream);
+    assert_eq!(msgs[0].0, "Hello");
+    assert!(msgs.iter().any(|m| m.0.starts_with("End")), "{msgs:?}");
+    let mut m = Vec::new();
+    wire::put_control(&mut m, wire::tag::READY);
+    ep.send_all(&m, secs(10)).unwrap();
+    let commit = ep.recv_until_close(secs(3));
+    assert_eq!(commit.first(), Some(&wire::tag::COMMIT), "{commit:?}");
+    let mut m = Vec::new();
+    wire::put_resumed(&mut m, &wire::ResumedTimes::default());
+    ep.send_all(&m, secs(10)).unwrap();
+    ep.close();
+    let l = wait_line("STORE-RESTORE");
+    assert!(
+        l.contains("name=fake-1") && l.ends_with("resumed=yes outcome=ok"),
+        "{l}"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    server.join().unwrap().unwrap();
+    drop(hub);
+}
