@@ -3,7 +3,7 @@
 //! ([`hypervisor::migration::wire`]) inside the secure channel, on TCP port 7000 at its
 //! own address (10.0.0.9 by default).
 //!
-//! * [`format`]: the checkpoint file (versioned, zero pages sparse, SHA-256 sealed).
+//! * [`format`](mod@format): the checkpoint file (versioned, zero pages sparse, SHA-256 sealed).
 //! * [`dir`]: the store directory: atomic, never-overwriting writes and the JSON index.
 //! * [`session`]: one connection (checkpoint in, or restore out), pure over a
 //!   [`Link`](hypervisor::migration::link::Link), tested on the host.
