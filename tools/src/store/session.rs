@@ -734,5 +734,6 @@ fn msg_name(m: &Msg<'_>) -> &'static str {
         Msg::Request { .. } => "Request",
         Msg::PostDone(_) => "PostDone",
         Msg::Fetch(_) => "Fetch",
+        Msg::Recover { .. } => "Recover",
     }
 }
