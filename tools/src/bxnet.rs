@@ -66,7 +66,7 @@ impl Device for UdpEth {
 }
 
 /// Handshake nonces from the host's RNG.
-struct HostRng;
+pub struct HostRng;
 
 impl NonceSource for HostRng {
     fn fill(&mut self, buf: &mut [u8]) -> Result<(), NonceError> {
@@ -281,6 +281,55 @@ impl BxEndpoint {
             .get_mut::<tcp::Socket>(self.tcp)
             .connect(ctx, remote, self.next_port)
             .map_err(|e| format!("connect: {e}"))
+    }
+
+    /// Listens on TCP `port` for the next connection, dropping any current one (and its
+    /// secure channel). One connection at a time: call again once it is over to accept
+    /// the next; see [`Self::accepted`].
+    pub fn listen(&mut self, port: u16) -> Result<(), String> {
+        self.chan = None;
+        self.raw_sent.clear();
+        self.flip_at = None;
+        if self.socket().is_open() {
+            self.socket().abort();
+            self.poll();
+        }
+        self.socket()
+            .listen(port)
+            .map_err(|e| format!("listen on port {port}: {e}"))
+    }
+
+    /// Polls the stack; once a peer has connected to the listening socket (its SYN
+    /// arrived), the peer's address as `ip:port`.
+    pub fn accepted(&mut self) -> Option<String> {
+        self.poll();
+        let s = self.socket();
+        match s.state() {
+            tcp::State::Listen | tcp::State::Closed => None,
+            _ => Some(
+                s.remote_endpoint()
+                    .map_or_else(|| "?".to_string(), |e| e.to_string()),
+            ),
+        }
+    }
+
+    /// Waits (at most `timeout`) until what was sent has been acknowledged and the
+    /// connection has closed, then drops it: the end of an accepted connection whose
+    /// channel already queued its close.
+    pub fn linger(&mut self, timeout: Duration) {
+        let deadline = StdInstant::now() + timeout;
+        while StdInstant::now() < deadline {
+            self.poll();
+            let s = self.socket();
+            if s.send_queue() == 0 {
+                s.close(); // FIN after everything queued (idempotent)
+            }
+            if matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        self.abort();
     }
 
     /// Sends a SYN to `ip:port` and then goes silent (the caller does not poll until

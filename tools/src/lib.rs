@@ -10,4 +10,5 @@ pub mod emu;
 pub mod hub;
 pub mod session;
 pub mod stats;
+pub mod store;
 pub mod streams;

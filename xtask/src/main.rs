@@ -10,6 +10,7 @@ mod plot;
 mod progress;
 mod run;
 mod soak;
+mod store;
 mod test;
 
 use std::path::PathBuf;
@@ -44,12 +45,29 @@ enum Cmd {
         /// Boot two linked instances, A = 10.0.0.1 and B = 10.0.0.2.
         #[arg(long)]
         pair: bool,
+        /// Start a guest store (10.0.0.9) beside the instances; its lines show as `S|`.
+        #[arg(long)]
+        store: bool,
+        /// The store's directory (with --store).
+        #[arg(
+            long,
+            value_name = "DIR",
+            default_value = "out/store",
+            requires = "store"
+        )]
+        store_dir: PathBuf,
         #[command(flatten)]
         emu: EmuArgs,
     },
     /// Boot a linked pair, live-migrate a running counter guest from A to B, show it
     /// continuing there and print the migration's figures.
     Demo(PairArgs),
+    /// Run the guest store (checkpoint and restore) on the network of the lab that
+    /// `cargo xtask run` is running, until Ctrl-C; or list its checkpoints.
+    ///
+    /// Prints one line per event: STORE-CHECKPOINT name=... image=... mem_bytes=...
+    /// bytes=... sha256=..., STORE-RESTORE name=... peer=... outcome=ok|<reason>, ...
+    Store(store::StoreArgs),
     /// Run the host unit tests, then the end-to-end scenarios in the emulators.
     Test(test::TestArgs),
     /// Run the migration benchmark matrix, or compare/re-plot earlier results.
@@ -199,7 +217,22 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Build => build::run_build().map(|_| ()),
-        Cmd::Run { pair, emu } => BootOpts::new(&emu, pair).and_then(|o| run::run(&o)),
+        Cmd::Run {
+            pair,
+            store,
+            store_dir,
+            emu,
+        } => BootOpts::new(&emu, pair).and_then(|o| {
+            let s = store::StoreArgs {
+                dir: store_dir,
+                lab: PathBuf::from("out/run"),
+                ip: std::net::Ipv4Addr::new(10, 0, 0, 9),
+                max_mem: 4096,
+                list: false,
+            };
+            run::run(&o, store.then_some(&s))
+        }),
+        Cmd::Store(s) => store::run(&s),
         Cmd::Demo(p) => BootOpts::new(&p.emu, true).and_then(|o| demo::run(&o)),
         Cmd::Test(t) => test::run(&t),
         Cmd::Bench(b) => bench::run(&b),
@@ -278,6 +311,11 @@ mod tests {
             "build",
             "completions bash",
             "soak --migrations 20 --seed 5",
+            "run --pair --store",
+            "run --pair --store --store-dir /tmp/ckpts",
+            "store",
+            "store --dir out/store --lab out/run",
+            "store --list",
         ] {
             let args = std::iter::once("xtask").chain(line.split(' '));
             if let Err(e) = Cli::try_parse_from(args) {

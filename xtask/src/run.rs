@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use hv_tools::emu::{Emulator, Lab, LabConfig};
 
+use crate::store::{self, LabFile, StoreArgs, StoreThread};
 use crate::{build, deps, out_dir, BootOpts};
 
 /// Checks the emulator's tools.
@@ -25,6 +26,12 @@ pub fn ensure_emulator(e: Emulator) -> Result<(), String> {
 
 /// Builds and boots per `opts`; returns the running lab.
 pub fn boot(opts: &BootOpts, work: &str) -> Result<Lab, String> {
+    boot_with(opts, work, 0)
+}
+
+/// [`boot`] with `extra_hub_ports` hub ports for host endpoints after the instances'
+/// (the guest store's, for `run`).
+pub fn boot_with(opts: &BootOpts, work: &str, extra_hub_ports: u16) -> Result<Lab, String> {
     let iso = build::run_build()?;
     ensure_emulator(opts.emulator)?;
     let cfg = LabConfig {
@@ -35,7 +42,7 @@ pub fn boot(opts: &BootOpts, work: &str) -> Result<Lab, String> {
         mem_mib: opts.mem_mib,
         bochs_ips: opts.ips,
         net: true,
-        extra_hub_ports: 0,
+        extra_hub_ports,
         hub: opts.hub.clone(),
     };
     eprintln!(
@@ -63,20 +70,67 @@ fn stty(args: &[&str]) {
         .status();
 }
 
-/// `cargo xtask run`.
-pub fn run(opts: &BootOpts) -> Result<(), String> {
-    let mut lab = boot(opts, "run")?;
+/// `cargo xtask run`; with `store`, a guest store runs beside the lab.
+///
+/// The lab's hub always reserves one port after the instances' for a store, and
+/// `out/run/lab.json` says which, so `cargo xtask store` can join this lab later.
+pub fn run(opts: &BootOpts, store: Option<&StoreArgs>) -> Result<(), String> {
+    let mut lab = boot_with(opts, "run", 1)?;
+    let work = out_dir().join("run");
+    let instances = lab.instances.len() as u16;
+    let store_hub_port = lab.hub_base + 2 * instances;
+    store::write_lab_file(
+        &work,
+        &LabFile {
+            pid: std::process::id(),
+            hub_base: lab.hub_base,
+            instances,
+            store_hub_port,
+            key_file: work.join("migration.key"),
+        },
+    )?;
+    let store = match store {
+        Some(a) => {
+            let t = store::spawn(a, &work.join("migration.key"), store_hub_port)?;
+            eprintln!(
+                "xtask: guest store at {} (directory {}): 'checkpoint <vm> {}', 'restore {} <name>'",
+                a.ip,
+                a.dir.display(),
+                a.ip,
+                a.ip
+            );
+            Some(t)
+        }
+        None => {
+            eprintln!(
+                "xtask: hub port {store_hub_port} is reserved for a guest store: 'cargo xtask store' joins this lab"
+            );
+            None
+        }
+    };
     for inst in &lab.instances {
         print!("{}", inst.console.log());
     }
-    if opts.pair {
-        pair_terminal(&mut lab)
+    let r = if opts.pair {
+        pair_terminal(&mut lab, store.as_ref())
     } else {
-        single_terminal(&mut lab)
+        single_terminal(&mut lab, store.as_ref())
+    };
+    drop(store);
+    let _ = std::fs::remove_file(work.join(store::LAB_FILE));
+    r
+}
+
+/// Prints the store's lines that arrived (`S| ...`), with `eol` at their ends.
+fn store_lines(store: Option<&StoreThread>, eol: &str) {
+    if let Some(s) = store {
+        while let Ok(l) = s.lines.try_recv() {
+            print!("S| {l}{eol}");
+        }
     }
 }
 
-fn single_terminal(lab: &mut Lab) -> Result<(), String> {
+fn single_terminal(lab: &mut Lab, store: Option<&StoreThread>) -> Result<(), String> {
     eprintln!("\r\nxtask: console attached (Ctrl-] to quit)\r");
     let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
     if interactive {
@@ -103,6 +157,7 @@ fn single_terminal(lab: &mut Lab) -> Result<(), String> {
         }
     });
     let result = loop {
+        store_lines(store, "\r\n");
         let log = inst.console.log();
         if log.len() > printed {
             let mut out = std::io::stdout();
@@ -131,7 +186,7 @@ fn single_terminal(lab: &mut Lab) -> Result<(), String> {
     result
 }
 
-fn pair_terminal(lab: &mut Lab) -> Result<(), String> {
+fn pair_terminal(lab: &mut Lab, store: Option<&StoreThread>) -> Result<(), String> {
     eprintln!("xtask: pair ready. Lines go to the selected instance (now A); '@a'/'@b' switch,");
     eprintln!("       'a: <cmd>' / 'b: <cmd>' send once, '@quit' ends both. A is 10.0.0.1, B is 10.0.0.2.");
     let (tx, rx) = std::sync::mpsc::channel::<Option<String>>();
@@ -156,6 +211,7 @@ fn pair_terminal(lab: &mut Lab) -> Result<(), String> {
     let mut partial = [String::new(), String::new()];
     let mut selected = 0usize;
     loop {
+        store_lines(store, "\n");
         for (i, inst) in lab.instances.iter().enumerate() {
             let log = inst.console.log();
             if log.len() > printed[i] {
