@@ -280,9 +280,10 @@ impl Kernel {
                 cmd.usage,
                 name == "checkpoint",
             ),
-            "restore" => self
-                .migrations
-                .cmd_restore(self.net.as_mut(), &mut self.vmm, rest, cmd.usage),
+            "restore" => {
+                self.migrations
+                    .cmd_restore(self.net.as_mut(), &mut self.vmm, rest, cmd.usage)
+            }
             "allow-move" => {
                 let [id, on] = rest else { return Err(usage()) };
                 let id = args::parse_u32("guest id", id)?;

@@ -1466,7 +1466,9 @@ impl Migrations {
         }
         params.checkpoint = checkpoint;
         if checkpoint && params.postcopy != PostMode::Off {
-            return Err(cmd_err!("a checkpoint is pre-copy (or mode=stop): the guest stays here"));
+            return Err(cmd_err!(
+                "a checkpoint is pre-copy (or mode=stop): the guest stays here"
+            ));
         }
         match vmm.get_mut(id).map(|v| &v.state) {
             Some(VmState::Moving) => {

@@ -521,9 +521,6 @@ impl Source {
                 }
             }
         }
-        if state == LinkState::Closed {
-            return Err(alloc::format!("connection lost during {:?}", self.phase));
-        }
         if matches!(self.phase, Phase::Committing | Phase::AwaitResumed) {
             // The guest is gone from here whatever happens now: a lost COMMIT leaves it
             // paused at the destination, never running twice. What is left is to push
@@ -548,9 +545,19 @@ impl Source {
                 && (state == LinkState::Closed || waited > RESUMED_TIMEOUT_US)
             {
                 link.close();
+                if self.params.checkpoint {
+                    // Only Resumed says the store kept it (it discards a copy whose
+                    // COMMIT it never got). The guest runs here either way.
+                    return Err(String::from(
+                        "the store did not confirm the checkpoint (no Resumed after COMMIT)",
+                    ));
+                }
                 self.phase = Phase::Done;
             }
             return Ok(());
+        }
+        if state == LinkState::Closed {
+            return Err(alloc::format!("connection lost during {:?}", self.phase));
         }
         self.read_replies(g, link, now_us)?;
         if self.phase == Phase::Committing {
