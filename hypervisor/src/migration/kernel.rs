@@ -868,9 +868,11 @@ impl Migrations {
                 if !finished {
                     return;
                 }
-                if let Some(Outcome::Recover(req)) = inc.receiver.outcome.take() {
-                    if let Some(inc) = self.incoming.take() {
-                        self.recover(net, vmm, inc, req);
+                if matches!(inc.receiver.outcome, Some(Outcome::Recover(_))) {
+                    if let Some(mut inc) = self.incoming.take() {
+                        if let Some(Outcome::Recover(req)) = inc.receiver.outcome.take() {
+                            self.recover(net, vmm, inc, req);
+                        }
                     }
                     return;
                 }
@@ -880,10 +882,16 @@ impl Migrations {
                         .conn
                         .channel_error()
                         .unwrap_or_else(|| wire::printable(why, 200));
-                    println!(
-                        "migrate: incoming migration discarded: {why} (from {})",
-                        inc.peer
-                    );
+                    match &inc.restore {
+                        Some(name) => println!(
+                            "restore: checkpoint {name} from {} not restored: {why}",
+                            inc.peer
+                        ),
+                        None => println!(
+                            "migrate: incoming migration discarded: {why} (from {})",
+                            inc.peer
+                        ),
+                    }
                 }
                 let Some(mut inc) = self.incoming.take() else {
                     return;
