@@ -208,6 +208,8 @@ pub struct Source {
     end_sent: bool,
     /// Pages hinted free by the guest and not written since: sent as zero pages.
     free: Vec<u64>,
+    /// Checkpoint: when the guest was let go again (its snapshot was all encoded).
+    thawed_at_us: Option<u64>,
     /// The figures, complete when the migration finishes.
     pub stats: MigrationStats,
 }
@@ -313,6 +315,7 @@ impl Source {
             urgent: VecDeque::new(),
             end_sent: false,
             free: Vec::new(),
+            thawed_at_us: None,
             stats,
         }
     }
@@ -611,6 +614,15 @@ impl Source {
                 self.flush(link, now_us);
             }
             _ => {}
+        }
+        if self.params.checkpoint
+            && self.phase == Phase::AwaitReady
+            && self.thawed_at_us.is_none()
+        {
+            // A checkpoint's snapshot is fixed once its last page is encoded (the
+            // stream holds copies): the guest runs on while the store writes it.
+            g.thaw();
+            self.thawed_at_us = Some(now_us);
         }
         Ok(())
     }
@@ -938,8 +950,11 @@ impl Source {
                 {
                     Msg::Ready if self.phase == Phase::AwaitReady && self.out.is_empty() => {
                         if self.params.checkpoint {
-                            // The store holds a complete copy: the guest goes on here.
-                            g.thaw();
+                            // The store holds a complete copy (the guest was let go
+                            // as soon as its snapshot was encoded).
+                            if self.thawed_at_us.is_none() {
+                                g.thaw();
+                            }
                         } else {
                             // Point of no return: the guest is the destination's now.
                             g.hand_over();
@@ -959,7 +974,8 @@ impl Source {
                         self.stats.dt_freeze_sent_us = times.freeze_to_sent_us;
                         self.stats.dt_sent_ready_us = times.sent_to_ready_us;
                         // Until the destination reports, the pause known here.
-                        self.stats.downtime_us = now_us - self.frozen_at_us;
+                        self.stats.downtime_us =
+                            self.thawed_at_us.unwrap_or(now_us) - self.frozen_at_us;
                         self.stats.total_us = now_us - self.started_us;
                         self.stats.outcome = String::from("ok");
                         self.phase = Phase::Committing;
