@@ -26,7 +26,10 @@ fn main(args: &rt::Args) -> i32 {
     let mut migrations = rt::info().migrations;
     let mut restores = rt::info().restores;
     let every = args.u64_or("move-every", 0);
-    let peers = [args.get("a").and_then(parse_ip), args.get("b").and_then(parse_ip)];
+    let peers = [
+        args.get("a").and_then(parse_ip),
+        args.get("b").and_then(parse_ip),
+    ];
     let mut deadline = rt::time_ns();
     let mut seq: u64 = 0;
     loop {

@@ -615,9 +615,7 @@ impl Source {
             }
             _ => {}
         }
-        if self.params.checkpoint
-            && self.phase == Phase::AwaitReady
-            && self.thawed_at_us.is_none()
+        if self.params.checkpoint && self.phase == Phase::AwaitReady && self.thawed_at_us.is_none()
         {
             // A checkpoint's snapshot is fixed once its last page is encoded (the
             // stream holds copies): the guest runs on while the store writes it.
