@@ -1292,8 +1292,13 @@ impl Migrations {
         // Forget interrupted migrations whose guest the operator killed.
         self.stranded
             .retain(|s| vmm.vms.iter().any(|v| v.id == s.vm_id));
+        // Only the destination the guest was handed to may take up its post-copy:
+        // another keyed peer claiming it would get the guest's pages.
+        let from = inc.peer_ip.map(|ip| ip.to_string());
         let found = self.stranded.iter().position(|s| {
-            s.source.hello().time_ns == req.time_ns && s.source.hello().mem_bytes == req.mem_bytes
+            s.source.hello().time_ns == req.time_ns
+                && s.source.hello().mem_bytes == req.mem_bytes
+                && from.as_deref() == s.source.stats.peer.split(':').next()
         });
         let refusal = match found {
             None => Some((
