@@ -1185,3 +1185,87 @@ fn free_page_hints_skip_free_memory_and_never_lose_a_written_page() {
         assert!(with * 4 < without, "{with} vs {without}");
     }
 }
+
+#[test]
+fn checkpoint_lets_the_guest_go_once_encoded_and_never_hands_it_over() {
+    let mut g = FakeGuest::new(256, 4, 64);
+    let (mut a, mut b) = pipe(1 << 20);
+    let params = Params {
+        checkpoint: true,
+        downtime_us: 2_000,
+        ..Default::default()
+    };
+    let mut src = Source::new(params, hello(256), MigrationStats::default(), 0);
+    let mut dec = Decoder::new();
+    let mut now = 0;
+    let mut saw_end = false;
+    let mut froze = false;
+    // Play the store up to End: the guest is frozen for the last pages, then thawed
+    // before the store has said anything.
+    while !saw_end {
+        now += 100;
+        g.run();
+        assert_eq!(src.poll(&mut g, &mut a, now), Status::Running);
+        froze |= g.frozen;
+        let mut buf = [0u8; 8192];
+        let n = b.recv(&mut buf);
+        let mut off = 0;
+        while off < n {
+            let (used, ready) = dec.push(&buf[off..n]).unwrap();
+            off += used;
+            if ready {
+                match dec.take().unwrap() {
+                    Msg::Hello(h) => assert_ne!(h.flags & wire::hello_flags::CHECKPOINT, 0),
+                    Msg::End { .. } => saw_end = true,
+                    _ => {}
+                }
+            }
+        }
+        assert!(now < 10_000_000, "no End");
+    }
+    src.poll(&mut g, &mut a, now + 100);
+    assert!(froze, "the final pages were sent from a frozen guest");
+    assert!(
+        !g.frozen,
+        "thawed once the snapshot was encoded, before READY"
+    );
+    assert!(!g.gone);
+    // READY: COMMIT follows, the guest is not handed over.
+    let mut m = Vec::new();
+    wire::put_control(&mut m, wire::tag::READY);
+    b.send(&m);
+    for _ in 0..10 {
+        now += 100;
+        g.run();
+        src.poll(&mut g, &mut a, now);
+    }
+    assert!(!g.gone, "a checkpoint never hands the guest over");
+    let mut m = Vec::new();
+    wire::put_resumed(&mut m, &wire::ResumedTimes::default());
+    b.send(&m);
+    now += 100;
+    assert_eq!(src.poll(&mut g, &mut a, now), Status::Finished);
+    assert_eq!(src.phase(), Phase::Done, "{}", src.stats.outcome);
+    assert!(src.stats.downtime_us > 0 && src.stats.downtime_us < src.stats.total_us);
+    g.run(); // still runs here
+}
+
+#[test]
+fn a_hypervisor_refuses_a_checkpoint_stream() {
+    let mut g = FakeGuest::new(64, 1, 8);
+    let mut h = host();
+    let params = Params {
+        checkpoint: true,
+        ..Default::default()
+    };
+    let (src, rcv) = migrate(&mut g, &mut h, params, 64 * 1024, None);
+    assert_eq!(src.phase(), Phase::Failed);
+    assert!(
+        src.stats.outcome.contains("goes to a store"),
+        "{}",
+        src.stats.outcome
+    );
+    assert!(matches!(rcv.outcome, Some(Outcome::Discarded(_))));
+    assert!(h.installed.is_none());
+    assert!(!g.gone && !g.frozen);
+}
