@@ -116,15 +116,23 @@ impl Vmm {
         let n = self.vms.len();
         for i in 0..n {
             let idx = (self.cursor + i) % n;
-            if self.vms[idx].state == VmState::Running {
+            let now = time::now();
+            if self.vms[idx].state == VmState::Running && self.vms[idx].throttled_until <= now {
                 self.cursor = idx + 1;
                 let vm = &mut self.vms[idx];
                 if let Err(e) = vm.load_vmcs() {
                     vm.stop(e);
                     return true;
                 }
-                let deadline = time::now() + time::ns_to_ticks(SLICE_US * 1000);
+                // Auto-converge: a throttled guest runs (100 - t)% of a slice, then
+                // waits t% of one, so it dirties memory that much slower.
+                let t = u64::from(vm.throttle_pct.min(99));
+                let slice = time::ns_to_ticks(SLICE_US * 1000);
+                let deadline = now + slice * (100 - t) / 100;
                 let _ = vm.run_slice(&vmx.caps, deadline) == SliceEnd::Blocked;
+                if t > 0 {
+                    vm.throttled_until = time::now() + slice * t / 100;
+                }
                 return true;
             }
         }

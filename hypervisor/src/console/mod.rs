@@ -45,7 +45,7 @@ pub const COMMANDS: &[Command] = &[
     Command { name: "netbench", usage: "<ip> [MiB]", help: "TCP bulk transfer to a peer's sink" },
     Command {
         name: "migrate",
-        usage: "<id> <ip>[:port] [downtime=<ms>] [max-rounds=<n>] [bandwidth=<MB/s>] [dirty=pml|ad|wp] [mode=precopy|stop|postcopy|hybrid] [prepage=<pages>] [verify=full|sent] [cache=<MiB>] [timeout=<s>]",
+        usage: "<id> <ip>[:port] [downtime=<ms>] [max-rounds=<n>] [bandwidth=<MB/s>] [dirty=pml|ad|wp] [mode=precopy|stop|postcopy|hybrid] [prepage=<pages>] [converge=auto|off] [verify=full|sent] [cache=<MiB>] [timeout=<s>]",
         help: "live-migrate a guest to a peer",
     },
     Command {

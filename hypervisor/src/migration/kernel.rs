@@ -185,6 +185,13 @@ impl SourceGuest for VmGuest<'_> {
         self.vm.free_pages(sink);
     }
 
+    fn throttle(&mut self, pct: u8) {
+        self.vm.throttle_pct = pct;
+        if pct == 0 {
+            self.vm.throttled_until = 0;
+        }
+    }
+
     fn hand_over(&mut self) {
         // Never runs here again. Post-copy still serves its memory from here until
         // the destination holds all of it; then (or on `kill`) it is freed.
@@ -1469,6 +1476,13 @@ impl Migrations {
                                 "unknown mode '{v}' (precopy, stop, postcopy, hybrid)"
                             ))
                         }
+                    }
+                }
+                "converge" => {
+                    params.auto_converge = match v {
+                        "auto" => true,
+                        "off" => false,
+                        _ => return Err(cmd_err!("unknown converge '{v}' (auto, off)")),
                     }
                 }
                 "prepage" => {

@@ -55,6 +55,9 @@ pub trait SourceGuest {
     /// Pages the guest hinted free and has not written since (called once, before
     /// tracking starts or the guest is frozen). By default none.
     fn free_pages(&mut self, _sink: &mut dyn FnMut(usize)) {}
+    /// Auto-converge: keep the guest off the CPU for `pct` percent of its time (0:
+    /// not at all). By default ignored.
+    fn throttle(&mut self, _pct: u8) {}
 }
 
 /// Tunables of one migration (console options).
@@ -85,6 +88,10 @@ pub struct Params {
     /// A checkpoint to a store: at READY the guest is thawed here (it goes on
     /// running) instead of handed over; COMMIT tells the store the copy is final.
     pub checkpoint: bool,
+    /// Auto-converge (as QEMU's): when rounds stop shrinking the dirty set, throttle
+    /// the guest (20 %, then 10 % more per round, at most 99 %) instead of stopping,
+    /// until the rest fits the downtime or `max_rounds` is reached.
+    pub auto_converge: bool,
 }
 
 /// When the source switches to post-copy.
@@ -112,6 +119,7 @@ impl Default for Params {
             postcopy: PostMode::Off,
             prepage: 16,
             checkpoint: false,
+            auto_converge: false,
         }
     }
 }
@@ -210,6 +218,8 @@ pub struct Source {
     free: Vec<u64>,
     /// Checkpoint: when the guest was let go again (its snapshot was all encoded).
     thawed_at_us: Option<u64>,
+    /// Auto-converge: the throttle in force (percent).
+    throttle: u8,
     /// The figures, complete when the migration finishes.
     pub stats: MigrationStats,
 }
@@ -316,6 +326,7 @@ impl Source {
             end_sent: false,
             free: Vec::new(),
             thawed_at_us: None,
+            throttle: 0,
             stats,
         }
     }
@@ -468,6 +479,9 @@ impl Source {
         self.out_off = 0;
         wire::put_reason(&mut m, wire::tag::ABORT, 1, &why);
         self.farewell = super::link::say_last(link, &m);
+        if self.throttle > 0 {
+            g.throttle(0);
+        }
         g.thaw();
         self.phase = Phase::Failed;
         self.stats.total_us = now_us - self.started_us;
@@ -586,6 +600,9 @@ impl Source {
             // Everything sent has arrived: freeze, and add what the guest dirtied while
             // the link drained to the pages of the stop-and-copy phase.
             g.freeze()?;
+            if self.throttle > 0 {
+                g.throttle(0);
+            }
             self.frozen_at_us = now_us;
             self.round_started_us = now_us;
             collect_into(g, &mut self.sending);
@@ -620,6 +637,9 @@ impl Source {
             // A checkpoint's snapshot is fixed once its last page is encoded (the
             // stream holds copies): the guest runs on while the store writes it.
             g.thaw();
+            if self.throttle > 0 {
+                g.throttle(0);
+            }
             self.thawed_at_us = Some(now_us);
         }
         Ok(())
@@ -873,13 +893,24 @@ impl Source {
                     .params
                     .bandwidth_bps
                     .unwrap_or(sent * 1_000_000 / elapsed);
-                let decision = stats::decide(
+                let mut decision = stats::decide(
                     &self.stats.rounds,
                     dirty,
                     bandwidth,
                     self.params.downtime_us,
                     self.params.max_rounds,
                 );
+                if self.params.auto_converge && decision == Some(StopReason::NotConverging) {
+                    // Slow the guest down rather than stop with a large dirty set.
+                    self.throttle = if self.throttle == 0 {
+                        20
+                    } else {
+                        (self.throttle + 10).min(99)
+                    };
+                    g.throttle(self.throttle);
+                    self.stats.throttle_pct = self.throttle;
+                    decision = None;
+                }
                 self.cur = RoundStats::default();
                 self.cursor = 0;
                 self.round_started_us = now_us;

@@ -107,6 +107,8 @@ pub struct MigrationStats {
     /// Pages sent as zeros because the guest hinted them free (counted in the zero
     /// pages too).
     pub free_pages: u64,
+    /// Auto-converge: the highest throttle applied (percent of the guest's time).
+    pub throttle_pct: u8,
     /// Post-copy figures (all zero when the guest moved by pre-copy only).
     pub postcopy: PostcopyStats,
 }
@@ -162,7 +164,7 @@ impl MigrationStats {
             .collect();
         let _ = write!(
             s,
-            "MIGRATION-STATS role={} guest={} image={} mem_bytes={} peer={} method={} mode={} outcome={} total_us={} downtime_us={} dt_freeze_sent_us={} dt_sent_ready_us={} dt_commit_wire_us={} dt_resume_us={} downtime_joined={} rounds={} bytes={} pages={} zero_pages={} final_dirty={} final_bytes={} stop={} throughput_kBps={} verify={} delta_pages={} delta_saved={} free_pages={} postcopy={} post_missing={} post_pages={} post_bytes={} requests={} prepaged={} faults={} fault_median_us={} fault_max_us={} last_page_us={} recoveries={} per_round={}",
+            "MIGRATION-STATS role={} guest={} image={} mem_bytes={} peer={} method={} mode={} outcome={} total_us={} downtime_us={} dt_freeze_sent_us={} dt_sent_ready_us={} dt_commit_wire_us={} dt_resume_us={} downtime_joined={} rounds={} bytes={} pages={} zero_pages={} final_dirty={} final_bytes={} stop={} throughput_kBps={} verify={} delta_pages={} delta_saved={} free_pages={} throttle_pct={} postcopy={} post_missing={} post_pages={} post_bytes={} requests={} prepaged={} faults={} fault_median_us={} fault_max_us={} last_page_us={} recoveries={} per_round={}",
             self.role,
             self.guest,
             self.image,
@@ -191,6 +193,7 @@ impl MigrationStats {
             self.rounds.iter().chain([&self.last]).map(|r| r.delta_pages).sum::<u64>(),
             self.rounds.iter().chain([&self.last]).map(|r| r.delta_saved).sum::<u64>(),
             self.free_pages,
+            self.throttle_pct,
             u8::from(self.postcopy.used),
             self.postcopy.missing_at_handover,
             self.post.pages,

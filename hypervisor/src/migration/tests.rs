@@ -130,6 +130,8 @@ struct FakeGuest {
     /// Pages hinted free (free-page hints) and whether each was written since.
     hinted: Vec<bool>,
     written: Vec<bool>,
+    /// Auto-converge throttle in force (percent of its writes held back).
+    throttle: u8,
 }
 
 impl FakeGuest {
@@ -151,6 +153,7 @@ impl FakeGuest {
             untracked: None,
             hinted: vec![false; pages],
             written: vec![false; pages],
+            throttle: 0,
         }
     }
 
@@ -163,7 +166,7 @@ impl FakeGuest {
             !self.gone,
             "split brain: the source ran a guest it handed over"
         );
-        for _ in 0..self.rate {
+        for _ in 0..self.rate * (100 - usize::from(self.throttle)) / 100 {
             let p = (self.rng.next() as usize) % self.ws;
             let off = p * PAGE + (self.rng.next() as usize % 512) * 8;
             let v = self.rng.next() | 1;
@@ -209,6 +212,9 @@ impl SourceGuest for FakeGuest {
     }
     fn hand_over(&mut self) {
         self.gone = true;
+    }
+    fn throttle(&mut self, pct: u8) {
+        self.throttle = pct;
     }
     fn free_pages(&mut self, sink: &mut dyn FnMut(usize)) {
         for p in 0..self.hinted.len() {
@@ -1268,4 +1274,34 @@ fn a_hypervisor_refuses_a_checkpoint_stream() {
     assert!(matches!(rcv.outcome, Some(Outcome::Discarded(_))));
     assert!(h.installed.is_none());
     assert!(!g.gone && !g.frozen);
+}
+
+#[test]
+fn auto_converge_throttles_a_guest_pre_copy_cannot_keep_up_with() {
+    let run = |auto_converge| {
+        let mut g = FakeGuest::new(256, 50, 256);
+        let mut h = host();
+        let params = Params {
+            downtime_us: 2_000,
+            max_rounds: 30,
+            auto_converge,
+            ..Default::default()
+        };
+        let (src, _) = migrate(&mut g, &mut h, params, 16 * 1024, None);
+        assert_eq!(src.phase(), Phase::Done, "{}", src.stats.outcome);
+        assert_eq!(g.throttle, 0, "the throttle is released at the freeze");
+        (
+            src.stats.last.pages,
+            src.stats.throttle_pct,
+            src.stats.stop_reason,
+        )
+    };
+    let (plain_final, plain_t, plain_stop) = run(false);
+    let (auto_final, auto_t, auto_stop) = run(true);
+    eprintln!(
+        "final set: {plain_final} pages ({plain_stop:?}) without, {auto_final} ({auto_stop:?}, throttle {auto_t}%) with auto-converge"
+    );
+    assert_eq!(plain_t, 0);
+    assert!(auto_t >= 20, "{auto_t}");
+    assert!(auto_final < plain_final, "{auto_final} vs {plain_final}");
 }

@@ -186,6 +186,11 @@ pub struct Vm {
     pub restores: u64,
     /// The operator allows this guest to move itself (`allow-move`).
     pub allow_move: bool,
+    /// Auto-converge: percent of each time slice the guest is kept off the CPU while
+    /// a migration cannot keep up with it (0: not throttled).
+    pub throttle_pct: u8,
+    /// Throttled: not runnable before this TSC time.
+    pub throttled_until: u64,
     /// A move the guest asked for, not started yet.
     pub move_request: Option<MoveRequest>,
     /// Operator request waiting for `TakeRequest`.
@@ -388,6 +393,8 @@ impl Vm {
             migrations: 0,
             restores: 0,
             allow_move: false,
+            throttle_pct: 0,
+            throttled_until: 0,
             move_request: None,
             request: 0,
             out: Vec::new(),

@@ -140,8 +140,8 @@ fn matrix(quick: bool) -> Vec<Config> {
         &[LEVELS[3], ("link", 1.0), ("over", 1.5)]
     };
     for &level in post_levels {
-        for mode in ["precopy", "postcopy", "hybrid"] {
-            if mode == "precopy" && level == LEVELS[3] {
+        for mode in ["precopy", "precopy+autoconv", "postcopy", "hybrid"] {
+            if (mode == "precopy" && level == LEVELS[3]) || (mode == "precopy+autoconv" && quick) {
                 continue;
             }
             v.push(Config {
@@ -368,6 +368,7 @@ fn migrate_once(
         "precopy+full" => format!("dirty={} verify=full", cfg.method),
         "precopy+delta" => format!("dirty={} cache=8", cfg.method),
         "postcopy" | "hybrid" => format!("dirty={} mode={}", cfg.method, cfg.mode),
+        "precopy+autoconv" => format!("dirty={} converge=auto", cfg.method),
         "precopy+junk" | "precopy+junk-hinted" => format!("dirty={}", cfg.method),
         _ => format!("dirty={}", cfg.method),
     };
@@ -544,7 +545,7 @@ mod tests {
     #[test]
     fn quick_matrix_is_small() {
         assert_eq!(matrix(true).len(), 12);
-        assert_eq!(matrix(false).len(), 2 * 4 * 4 + 1 + 2 + 8 + 2 + 3);
+        assert_eq!(matrix(false).len(), 2 * 4 * 4 + 1 + 2 + 11 + 2 + 3);
     }
 
     #[test]
