@@ -658,7 +658,9 @@ impl Migrations {
             let arriving = match inc.phase {
                 IncomingPhase::Resuming { id: i, .. } => i == id,
                 IncomingPhase::Postcopy { id: i, .. } => {
-                    if i == id {
+                    // While its source is unreachable the operator may give it up
+                    // (the source may be gone for good).
+                    if i == id && inc.receiver.recovering().is_none() {
                         return Some("receiving its memory by post-copy");
                     }
                     false
@@ -907,8 +909,14 @@ impl Migrations {
                 self.linger(net, inc.conn, tail);
             }
             IncomingPhase::Postcopy { id, .. } => {
-                if inc.receiver.in_postcopy() {
+                let killed = vmm.get_mut(id).is_none();
+                if inc.receiver.in_postcopy() && !killed {
                     return;
+                }
+                if killed {
+                    println!(
+                        "migrate: post-copy of guest {id} abandoned: the guest was killed here"
+                    );
                 }
                 let Some(mut inc) = self.incoming.take() else {
                     return;
@@ -923,6 +931,9 @@ impl Migrations {
                 }
                 stats.postcopy.recoveries = inc.receiver.recoveries;
                 match &inc.receiver.failed {
+                    _ if killed => {
+                        stats.outcome = String::from("post-copy abandoned: guest killed");
+                    }
                     Some(why) => {
                         stats.outcome = format!("post-copy failed: {}", wire::printable(why, 200));
                         println!("migrate: guest {id}: {}", stats.outcome);
