@@ -108,7 +108,29 @@ fn bochs_pair_postcopy_and_hybrid() {
         }
         expect(&b.command("migrations", CMD_TIMEOUT)?, " ok")?;
 
-        // 4. Free-page hints: a guest whose spare memory holds junk moves with about
+        // 4. Auto-converge: the same kind of dirtier moves A -> B by pre-copy with
+        //    converge=auto; the source throttles it until the rest fits.
+        let (a, b) = (&mut *a, &mut *b);
+        let did = session::start(a, "dirtier pages=1024 rate=2000")?;
+        a.wait_for(&format!("[g{did}] dirtier: wrote"), GUEST_TIMEOUT)?;
+        let m = session::migrate(
+            a,
+            b,
+            did,
+            "10.0.0.2",
+            "converge=auto max-rounds=12",
+            MIGRATE_TIMEOUT,
+        )?;
+        eprintln!("auto-converge: {}", m.summary);
+        if figure(&m.stats, "throttle_pct")? == 0 {
+            return Err(format!("auto-converge never throttled: {:?}", m.stats));
+        }
+        if !session::self_check(b, "dirtier", m.new_id)? {
+            return Err("dirtier failed its check after auto-converge".into());
+        }
+        b.command(&format!("kill {}", m.new_id), CMD_TIMEOUT)?;
+
+        // 5. Free-page hints: a guest whose spare memory holds junk moves with about
         //    its used memory on the wire when it says which pages are free.
         let mut wire = Vec::new();
         for hint in [0, 1] {
