@@ -2,7 +2,8 @@
 //!
 //! Arguments: `pages=W` (working set, default 256 pages of its free memory), `fill=1` (write
 //! junk into the rest of free memory), `hint=1` (report the rest as free, so a migration
-//! can skip it) and `rate=R`
+//! can skip it), `work=N` (N rounds of arithmetic before each write, so that with `rate=0`
+//! its dirty rate is set by the CPU it gets) and `rate=R`
 //! (page writes per second, default 1000; `0` = as fast as it can, a CPU hog that only
 //! the hypervisor's preemption timer takes the CPU from). Write `k` stores the counter
 //! `k + 1` into word 0 of page `k % W` (round robin), paced on absolute time in batches
@@ -28,6 +29,7 @@ const SECOND: u64 = 1_000_000_000;
 fn main(args: &rt::Args) -> i32 {
     let want = args.u64_or("pages", 256);
     let rate = args.u64_or("rate", 1000);
+    let work = args.u64_or("work", 0);
     let Some(region) = rt::mem::free_region() else {
         println!("dirtier: no free memory region");
         return 1;
@@ -75,6 +77,13 @@ fn main(args: &rt::Args) -> i32 {
     loop {
         let now = rt::time_ns();
         for _ in 0..pacer.take(now) {
+            // `work=N`: compute between writes, so the dirty rate is bound by the CPU
+            // this guest gets (what auto-converge's throttle takes away).
+            let mut x = total;
+            for _ in 0..work {
+                x = core::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+            core::hint::black_box(x);
             total += 1;
             ws[next * WORDS_PER_PAGE] = total;
             next += 1;
