@@ -1503,6 +1503,13 @@ impl Migrations {
             }
         }
         params.checkpoint = checkpoint;
+        if params.verify_full && params.postcopy != PostMode::Off {
+            // The digest is compared before READY; post-copy hands over before the
+            // memory is there (its End checksum covers every page instead).
+            return Err(cmd_err!(
+                "verify=full is for pre-copy; post-copy checks every page with its End checksum"
+            ));
+        }
         if checkpoint && params.postcopy != PostMode::Off {
             return Err(cmd_err!(
                 "a checkpoint is pre-copy (or mode=stop): the guest stays here"
