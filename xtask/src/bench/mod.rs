@@ -30,9 +30,13 @@ pub use results::{Record, Results, SCHEMA};
 /// `cargo xtask bench` options.
 #[derive(Clone, Debug, Args)]
 pub struct BenchArgs {
-    /// Run a small matrix (5 migrations, 1 repeat) and check the outputs: what CI runs.
+    /// Run a small matrix (12 migrations, 1 repeat) and check the outputs: what CI runs.
     #[arg(long)]
     pub quick: bool,
+    /// Run only the configurations whose label (e.g. "16 MiB high pml+hybrid ws 4096")
+    /// contains one of these words.
+    #[arg(long, value_name = "WORD", num_args = 1..)]
+    pub only: Vec<String>,
     /// Migrations per configuration [default: 3, or 1 with --quick].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub repeats: Option<u32>,
@@ -75,6 +79,27 @@ struct Config {
     /// Working set in pages: `None` runs `verify` (rewrites all of memory), `Some(w)`
     /// runs `dirtier` over `w` pages (the rest of memory stays zero).
     ws: Option<u64>,
+}
+
+impl Config {
+    /// The label `--only` matches: memory, dirty level, method and working set, as
+    /// the table prints them.
+    fn label(&self) -> String {
+        let key = results::Key {
+            mem_mib: self.mem_mib,
+            dirty_level: self.level.0.into(),
+            method: self.method.into(),
+            mode: self.mode.into(),
+            ws_pages: self.ws.unwrap_or(self.mem_mib * 256),
+            workload: if self.ws.is_some() {
+                "dirtier"
+            } else {
+                "verify"
+            }
+            .into(),
+        };
+        key.to_string()
+    }
 }
 
 const LEVELS: [(&str, f64); 4] = [
@@ -153,6 +178,19 @@ fn matrix(quick: bool) -> Vec<Config> {
             });
         }
     }
+    // The verify guest (all of its memory rewritten) at half the link, where pre-copy
+    // needs 3-4x its memory: post-copy and hybrid against the pml row above.
+    if !quick {
+        for mode in ["postcopy", "hybrid"] {
+            v.push(Config {
+                mem_mib: mems[0],
+                level: LEVELS[3],
+                method: "pml",
+                mode,
+                ws: None,
+            });
+        }
+    }
     // A guest whose spare memory holds junk (as freed memory does), without and with
     // free-page hints.
     for mode in ["precopy+junk", "precopy+junk-hinted"] {
@@ -225,7 +263,15 @@ fn run_matrix(args: &BenchArgs) -> Result<Results, String> {
     let quick = args.quick;
     let repeats = args.repeats.unwrap_or(if quick { 1 } else { 3 });
     let opts = BootOpts::new(&args.emu, true)?;
-    let cfgs = matrix(quick);
+    let cfgs: Vec<Config> = matrix(quick)
+        .into_iter()
+        .filter(|c| {
+            args.only.is_empty() || args.only.iter().any(|w| c.label().contains(w.as_str()))
+        })
+        .collect();
+    if cfgs.is_empty() {
+        return Err(format!("no configuration matches {:?}", args.only));
+    }
     let total = cfgs.len() as u64 * u64::from(repeats);
     let mut lab = run::boot(&opts, "bench")?;
     let (a, b) = lab.instances.split_at_mut(1);
@@ -545,7 +591,12 @@ mod tests {
     #[test]
     fn quick_matrix_is_small() {
         assert_eq!(matrix(true).len(), 12);
-        assert_eq!(matrix(false).len(), 2 * 4 * 4 + 1 + 2 + 11 + 2 + 3);
+        assert_eq!(matrix(false).len(), 2 * 4 * 4 + 1 + 2 + 11 + 2 + 2 + 3);
+        let labels: Vec<String> = matrix(false).iter().map(Config::label).collect();
+        assert!(
+            labels.contains(&"16 MiB high pml+hybrid ws 4096".to_string()),
+            "{labels:?}"
+        );
     }
 
     #[test]
