@@ -900,6 +900,14 @@ impl Source {
                     self.params.downtime_us,
                     self.params.max_rounds,
                 );
+                if self.params.postcopy == PostMode::Hybrid && decision.is_none() {
+                    // Each further round re-sends what the guest keeps rewriting; past
+                    // this budget, hand over and send the rest exactly once.
+                    let budget = self.hello.mem_bytes / 4 * 5;
+                    if sent + dirty * wire::PAGE as u64 > budget {
+                        decision = Some(StopReason::WireBudget);
+                    }
+                }
                 if self.params.auto_converge && decision == Some(StopReason::NotConverging) {
                     // Slow the guest down rather than stop with a large dirty set.
                     self.throttle = if self.throttle == 0 {

@@ -40,6 +40,9 @@ pub enum StopReason {
     Baseline,
     /// Post-copy from the start: no pre-copy round.
     Postcopy,
+    /// Hybrid: another round would put more than 1.25x the guest's memory on the
+    /// wire; post-copy sends each remaining page once instead.
+    WireBudget,
 }
 
 impl StopReason {
@@ -51,6 +54,7 @@ impl StopReason {
             Self::MaxRounds => "max-rounds",
             Self::Baseline => "stop-and-copy",
             Self::Postcopy => "postcopy",
+            Self::WireBudget => "wire-budget",
         }
     }
 }
