@@ -220,6 +220,10 @@ pub struct Source {
     thawed_at_us: Option<u64>,
     /// Auto-converge: the throttle in force (percent).
     throttle: u8,
+    /// Hybrid: where in the round the wire budget was last projected.
+    checked_at: usize,
+    /// Ends the current round with this reason (hybrid's mid-round switch).
+    force_stop: Option<StopReason>,
     /// The figures, complete when the migration finishes.
     pub stats: MigrationStats,
 }
@@ -245,6 +249,13 @@ fn collect_into(g: &mut dyn SourceGuest, bits: &mut [u64]) {
 
 fn count(bits: &[u64]) -> u64 {
     bits.iter().map(|w| u64::from(w.count_ones())).sum()
+}
+
+/// Hybrid: the bytes pre-copy may put on the wire before the rest goes by post-copy
+/// (1.15x the memory, leaving room for what the guest dirties while the link drains
+/// before the freeze, so that the whole migration stays under 1.3x).
+fn hybrid_budget(mem_bytes: u64) -> u64 {
+    mem_bytes / 20 * 23
 }
 
 /// Pages written (`dirty`) are no longer free, whatever the hint said.
@@ -327,6 +338,8 @@ impl Source {
             free: Vec::new(),
             thawed_at_us: None,
             throttle: 0,
+            checked_at: 0,
+            force_stop: None,
             stats,
         }
     }
@@ -621,6 +634,9 @@ impl Source {
             }
             Phase::Precopy | Phase::StopCopy => {
                 self.send_pages(g);
+                if self.phase == Phase::Precopy && self.params.postcopy == PostMode::Hybrid {
+                    self.project_wire_budget(g);
+                }
                 if self.cursor >= self.pages {
                     self.end_round(g, now_us);
                 }
@@ -874,6 +890,47 @@ impl Source {
         Ok(())
     }
 
+    /// Hybrid, every 64 pages of a round: what would be on the wire if the guest were
+    /// handed over now (sent so far, plus every page still to send or dirtied again,
+    /// once each). Past [`hybrid_budget`], the round ends here and post-copy sends the
+    /// rest: a guest that rewrites its memory faster than a round takes stops costing
+    /// a round's worth of bytes per round.
+    fn project_wire_budget(&mut self, g: &mut dyn SourceGuest) {
+        if self.cursor >= self.pages || self.cursor < self.checked_at + 64 {
+            return;
+        }
+        self.checked_at = self.cursor;
+        collect_into(g, &mut self.next);
+        forget_written(&mut self.free, &self.next);
+        let rest = |w: usize, word: u64| {
+            let first = w * 64;
+            if first + 64 <= self.cursor {
+                0
+            } else if first >= self.cursor {
+                word
+            } else {
+                word & (u64::MAX << (self.cursor - first))
+            }
+        };
+        let left: u64 = self
+            .next
+            .iter()
+            .zip(&self.sending)
+            .enumerate()
+            .map(|(w, (n, s))| u64::from((n | rest(w, *s)).count_ones()))
+            .sum();
+        let sent: u64 = self.stats.rounds.iter().map(|r| r.bytes).sum::<u64>() + self.cur.bytes;
+        if sent + left * wire::PAGE as u64 > hybrid_budget(self.hello.mem_bytes) {
+            // Hand over now: what this round has not reached yet goes by post-copy.
+            for w in 0..self.next.len() {
+                let r = rest(w, self.sending[w]);
+                self.next[w] |= r;
+            }
+            self.force_stop = Some(StopReason::WireBudget);
+            self.cursor = self.pages;
+        }
+    }
+
     fn end_round(&mut self, g: &mut dyn SourceGuest, now_us: u64) {
         match self.phase {
             Phase::Precopy => {
@@ -893,18 +950,19 @@ impl Source {
                     .params
                     .bandwidth_bps
                     .unwrap_or(sent * 1_000_000 / elapsed);
-                let mut decision = stats::decide(
-                    &self.stats.rounds,
-                    dirty,
-                    bandwidth,
-                    self.params.downtime_us,
-                    self.params.max_rounds,
-                );
+                let mut decision = self.force_stop.take().or_else(|| {
+                    stats::decide(
+                        &self.stats.rounds,
+                        dirty,
+                        bandwidth,
+                        self.params.downtime_us,
+                        self.params.max_rounds,
+                    )
+                });
                 if self.params.postcopy == PostMode::Hybrid && decision.is_none() {
                     // Each further round re-sends what the guest keeps rewriting; past
                     // this budget, hand over and send the rest exactly once.
-                    let budget = self.hello.mem_bytes / 4 * 5;
-                    if sent + dirty * wire::PAGE as u64 > budget {
+                    if sent + dirty * wire::PAGE as u64 > hybrid_budget(self.hello.mem_bytes) {
                         decision = Some(StopReason::WireBudget);
                     }
                 }
@@ -921,6 +979,7 @@ impl Source {
                 }
                 self.cur = RoundStats::default();
                 self.cursor = 0;
+                self.checked_at = 0;
                 self.round_started_us = now_us;
                 if let Some(reason) = decision {
                     self.stats.stop_reason = Some(reason);

@@ -40,8 +40,8 @@ pub enum StopReason {
     Baseline,
     /// Post-copy from the start: no pre-copy round.
     Postcopy,
-    /// Hybrid: another round would put more than 1.25x the guest's memory on the
-    /// wire; post-copy sends each remaining page once instead.
+    /// Hybrid: going on would put more than 1.15x the guest's memory on the wire
+    /// before the hand-over; post-copy sends each remaining page once instead.
     WireBudget,
 }
 
