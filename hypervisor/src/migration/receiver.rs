@@ -684,37 +684,21 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
                 self.hello = Some(hello);
                 self.send_ready(link, inst, id, now_us);
             }
-            (Phase::Postcopy(id), Msg::Page { pfn, data }) => {
-                PostFill {
-                    post: &mut self.post,
-                    checksum: &mut self.checksum,
-                    page_msgs: &mut self.page_msgs,
-                    pages: self.pages,
-                    commit_at_us: self.handover.map(|h| h.commit_at_us),
-                }
-                .page(inst, id, pfn, now_us, |page| {
-                    page.copy_from_slice(data);
-                    Ok(())
-                })?;
-            }
-            (Phase::Postcopy(id), Msg::ZeroPage { pfn }) => {
-                PostFill {
-                    post: &mut self.post,
-                    checksum: &mut self.checksum,
-                    page_msgs: &mut self.page_msgs,
-                    pages: self.pages,
-                    commit_at_us: self.handover.map(|h| h.commit_at_us),
-                }
-                .page(inst, id, pfn, now_us, |page| {
-                    page.fill(0);
-                    Ok(())
-                })?;
-            }
-            (Phase::Postcopy(id), Msg::DeltaPage { pfn, delta }) => {
-                if self
-                    .hello
-                    .as_ref()
-                    .is_none_or(|h| h.flags & wire::hello_flags::DELTA == 0)
+            (
+                Phase::Postcopy(id),
+                m @ (Msg::Page { .. } | Msg::ZeroPage { .. } | Msg::DeltaPage { .. }),
+            ) => {
+                let pfn = match m {
+                    Msg::Page { pfn, .. } | Msg::ZeroPage { pfn } | Msg::DeltaPage { pfn, .. } => {
+                        pfn
+                    }
+                    _ => return Err(bad(String::from("not a page"))),
+                };
+                if matches!(m, Msg::DeltaPage { .. })
+                    && self
+                        .hello
+                        .as_ref()
+                        .is_none_or(|h| h.flags & wire::hello_flags::DELTA == 0)
                 {
                     return Err(bad(
                         "DeltaPage in a stream whose Hello did not announce deltas".into(),
@@ -727,8 +711,18 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
                     pages: self.pages,
                     commit_at_us: self.handover.map(|h| h.commit_at_us),
                 }
-                .page(inst, id, pfn, now_us, |page| {
-                    super::delta::apply(page, delta).map_err(|e| alloc::format!("{e}"))
+                .page(inst, id, pfn, now_us, |page| match m {
+                    Msg::Page { data, .. } => {
+                        page.copy_from_slice(data);
+                        Ok(())
+                    }
+                    Msg::DeltaPage { delta, .. } => {
+                        super::delta::apply(page, delta).map_err(|e| alloc::format!("{e}"))
+                    }
+                    _ => {
+                        page.fill(0);
+                        Ok(())
+                    }
                 })?;
             }
             (Phase::Postcopy(id), Msg::End { pages, checksum }) => {

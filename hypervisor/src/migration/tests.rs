@@ -1345,3 +1345,25 @@ fn hybrid_hands_over_mid_round_before_the_wire_budget_is_spent() {
     );
     assert!(hyb < pre);
 }
+
+#[test]
+fn hybrid_with_delta_compression_stays_exact() {
+    let mut g = FakeGuest::new(256, 50, 256);
+    let mut h = host();
+    let params = Params {
+        downtime_us: 100,
+        max_rounds: 5,
+        postcopy: PostMode::Hybrid,
+        cache_bytes: 1 << 20,
+        ..Default::default()
+    };
+    // `migrate` checks every page of the destination against the source's.
+    let (src, rcv) = migrate(&mut g, &mut h, params, 16 * 1024, None);
+    assert_eq!(src.phase(), Phase::Done, "{}", src.stats.outcome);
+    assert_eq!(rcv.outcome, Some(Outcome::Committed(5)));
+    assert!(src.stats.postcopy.used);
+    assert!(
+        src.stats.post.delta_pages > 0,
+        "no page went as a delta after the hand-over"
+    );
+}
