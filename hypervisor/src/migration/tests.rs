@@ -1363,3 +1363,73 @@ fn hybrid_with_delta_compression_stays_exact() {
     assert_eq!(rcv.outcome, Some(Outcome::Committed(5)));
     assert!(src.stats.postcopy.used);
 }
+
+/// A hand-written post-copy stream for 2 pages: page 0 before the hand-over, page 1
+/// missing; the receiver is taken to COMMIT and returned.
+fn postcopy_handed_over(h: &mut FakeHost) -> (Receiver<Vec<u8>>, End, End) {
+    let (mut a, mut b) = pipe(1 << 20);
+    let mut s = Vec::new();
+    let mut hl = hello(2);
+    hl.flags = wire::hello_flags::POSTCOPY;
+    wire::put_hello(&mut s, &hl);
+    wire::put_page(&mut s, 0, &[1; PAGE]);
+    wire::put_missing(&mut s, 0, &[0b10]);
+    wire::put_state(&mut s, wire::tag::VCPU, &[7; 200]);
+    wire::put_state(&mut s, wire::tag::DEVICE, &[9; 16]);
+    wire::put_post_end(&mut s, 1, 1);
+    a.send(&s);
+    let mut r: Receiver<Vec<u8>> = Receiver::new(0, 5_000_000);
+    r.poll(&mut b, h, 10);
+    assert_eq!(h.remote, vec![false, true]);
+    let mut c = Vec::new();
+    wire::put_commit(&mut c, &wire::CommitTimes::default());
+    a.send(&c);
+    r.poll(&mut b, h, 20);
+    assert!(r.in_postcopy());
+    (r, a, b)
+}
+
+#[test]
+fn a_post_copy_page_the_destination_already_holds_is_refused_not_written() {
+    let mut h = host();
+    let (mut r, mut a, mut b) = postcopy_handed_over(&mut h);
+    let mut s = Vec::new();
+    wire::put_page(&mut s, 0, &[0xAA; PAGE]); // page 0 is here already
+    a.send(&s);
+    r.poll(&mut b, &mut h, 30);
+    // Treated as a broken link: the guest stays, its memory untouched, and the
+    // destination reconnects for the pages it still lacks.
+    assert_eq!(r.recovering(), Some(5));
+    let (mem, _, _) = h.installed.as_ref().unwrap();
+    assert!(
+        mem[..PAGE].iter().all(|b| *b == 1),
+        "a held page was overwritten"
+    );
+    assert!(r
+        .interrupted
+        .as_deref()
+        .unwrap_or("")
+        .contains("not one the destination lacks"));
+}
+
+#[test]
+fn a_post_copy_checksum_mismatch_pauses_the_guest_for_good() {
+    let mut h = host();
+    let (mut r, mut a, mut b) = postcopy_handed_over(&mut h);
+    let mut s = Vec::new();
+    wire::put_page(&mut s, 1, &[2; PAGE]);
+    wire::put_end(&mut s, 2, 0xBAD);
+    a.send(&s);
+    assert!(r.poll(&mut b, &mut h, 30));
+    assert_eq!(h.lost, Some(5), "the guest must be paused");
+    assert!(r
+        .failed
+        .as_deref()
+        .unwrap_or("")
+        .contains("checksum mismatch"));
+    assert_eq!(
+        r.recovering(),
+        None,
+        "no reconnection can mend wrong memory"
+    );
+}
