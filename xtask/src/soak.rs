@@ -48,6 +48,11 @@ pub struct SoakArgs {
     /// partition longer than the source's timeout (the migration aborts, the guest stays).
     #[arg(long)]
     pub faults: bool,
+    /// Memory of the verify and dirtier guests, in MiB. A migration moves about this
+    /// much over a link of ~1 MB/s, so it sets the pace of a long soak.
+    #[arg(long, value_name = "MiB", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(2..=64))]
+    pub guest_mem: u32,
     #[command(flatten)]
     pub emu: EmuArgs,
 }
@@ -84,6 +89,8 @@ struct Row {
     downtime_us: u64,
     total_us: u64,
     bytes: u64,
+    /// Wall-clock time of the migration and its checks, in ms.
+    wall_ms: u64,
     /// Invariants that broke after this migration (empty when all held).
     violations: String,
 }
@@ -195,13 +202,20 @@ pub fn run(args: &SoakArgs) -> Result<(), String> {
     let mut guests = [
         start(
             cons[0],
-            &format!("verify mem=16 rate={verify_rate} check=3600"),
+            &format!(
+                "verify mem={} rate={verify_rate} check=3600",
+                args.guest_mem
+            ),
             "verify",
         )?,
         start(cons[0], "counter period=200", "counter")?,
         start(
             cons[0],
-            &format!("dirtier mem=16 pages=512 rate={dirtier_rate}"),
+            &format!(
+                "dirtier mem={} pages={} rate={dirtier_rate}",
+                args.guest_mem,
+                (args.guest_mem * 256 / 2).min(512)
+            ),
             "dirtier",
         )?,
     ];
@@ -210,6 +224,8 @@ pub fn run(args: &SoakArgs) -> Result<(), String> {
     let idle = [session::level(cons[0])?, session::level(cons[1])?];
 
     let mut rows = Vec::new();
+    // Rows go to the CSV as they are made: a run of hours keeps its record if it stops.
+    let mut csv = csv::Writer::from_path(dir.join("soak.csv")).map_err(|e| e.to_string())?;
     let mut progress = Progress::new("soak", u64::from(args.migrations));
     for n in 1..=args.migrations {
         let gi = rng.random_range(0..guests.len());
@@ -245,6 +261,7 @@ pub fn run(args: &SoakArgs) -> Result<(), String> {
             options: options.clone(),
             ..Default::default()
         };
+        let began = std::time::Instant::now();
         let dst_mark = cons[dst].log().len();
         let (s, d) = if src == 0 {
             let (x, y) = cons.split_at_mut(1);
@@ -342,15 +359,18 @@ pub fn run(args: &SoakArgs) -> Result<(), String> {
             }
         }
         row.violations = violations.join("; ");
+        row.wall_ms = began.elapsed().as_millis() as u64;
         if !violations.is_empty() {
             progress.line(&format!("soak: migration {n}: {}", row.violations));
         }
+        csv.serialize(&row).map_err(|e| e.to_string())?;
+        csv.flush().map_err(|e| e.to_string())?;
         rows.push(row);
         progress.finish_one();
     }
     progress.finish();
     drop(lab);
-    write_rows(&dir, &rows)?;
+    write_json(&dir, &rows)?;
     let summary = summarize(seed, &rows);
     print!("{summary}");
     fs::write(dir.join("summary.txt"), &summary).map_err(|e| e.to_string())?;
@@ -363,12 +383,8 @@ pub fn run(args: &SoakArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn write_rows(dir: &std::path::Path, rows: &[Row]) -> Result<(), String> {
-    let mut w = csv::Writer::from_path(dir.join("soak.csv")).map_err(|e| e.to_string())?;
-    for r in rows {
-        w.serialize(r).map_err(|e| e.to_string())?;
-    }
-    w.flush().map_err(|e| e.to_string())?;
+/// The whole record as JSON (written at the end; the CSV is written as it goes).
+fn write_json(dir: &std::path::Path, rows: &[Row]) -> Result<(), String> {
     let json = serde_json::to_string_pretty(rows).map_err(|e| e.to_string())?;
     fs::write(dir.join("soak.json"), json).map_err(|e| e.to_string())
 }
@@ -387,6 +403,7 @@ fn summarize(seed: u64, rows: &[Row]) -> String {
         dts.get(((dts.len() as f64 - 1.0) * q).round() as usize)
             .map_or("-".to_string(), |v| format!("{:.1}", *v as f64 / 1000.0))
     };
+    let wall: u64 = rows.iter().map(|r| r.wall_ms).sum();
     let mut by_opt: BTreeMap<&str, usize> = BTreeMap::new();
     for r in rows.iter().filter(|r| r.completed) {
         *by_opt.entry(r.options.as_str()).or_default() += 1;
@@ -399,7 +416,7 @@ fn summarize(seed: u64, rows: &[Row]) -> String {
         e.1 += usize::from(r.completed);
     }
     format!(
-        "soak summary (seed {seed}):\n  attempted {}\n  completed {}\n  refused or aborted, guest kept on its source (by a fault with --faults) {}\n  lost guests {}\n  guests running twice {}\n  pages mismatched (verify=full rejections) {}\n  failed guest checks or counter gaps {}\n  level changes (frames, sockets or heap leaked) {}\n  downtime ms min/median/max {}/{}/{}\n  completed by options {by_opt:?}\n  faults (attempted, completed) {by_fault:?}\n",
+        "soak summary (seed {seed}):\n  attempted {}\n  completed {}\n  refused or aborted, guest kept on its source (by a fault with --faults) {}\n  lost guests {}\n  guests running twice {}\n  pages mismatched (verify=full rejections) {}\n  failed guest checks or counter gaps {}\n  level changes (frames, sockets or heap leaked) {}\n  downtime ms min/median/max {}/{}/{}\n  completed by options {by_opt:?}\n  faults (attempted, completed) {by_fault:?}\n  wall time {:.1} min ({:.1} s per migration)\n",
         rows.len(),
         count(&|r| r.completed),
         count(&|r| !r.completed),
@@ -411,6 +428,8 @@ fn summarize(seed: u64, rows: &[Row]) -> String {
         pick(0.0),
         pick(0.5),
         pick(1.0),
+        wall as f64 / 60_000.0,
+        wall as f64 / 1000.0 / rows.len().max(1) as f64,
     )
 }
 
