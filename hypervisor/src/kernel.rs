@@ -308,6 +308,7 @@ impl Kernel {
                 Ok(())
             }
             "key" => self.migrations.cmd_key(rest, cmd.usage),
+            "hold" => self.migrations.cmd_hold(rest, cmd.usage),
             "shutdown" => {
                 println!("shutting down");
                 platform::shutdown()

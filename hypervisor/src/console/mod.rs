@@ -69,6 +69,11 @@ pub const COMMANDS: &[Command] = &[
         usage: "[set <64 hex digits> | clear | bench [MiB]]",
         help: "show (fingerprint only), set or clear the migration key; time the cipher",
     },
+    Command {
+        name: "hold",
+        usage: "[drain|freeze|ready|commit|resume <ms> | off]",
+        help: "test hook: the next migration waits at a phase (for fault tests)",
+    },
     Command { name: "shutdown", usage: "", help: "power off (ends the emulator)" },
 ];
 

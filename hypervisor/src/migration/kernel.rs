@@ -513,6 +513,8 @@ pub struct Migrations {
     rng: HwRng,
     /// Post-copy migrations interrupted after the hand-over, awaiting recovery.
     stranded: Vec<Stranded>,
+    /// Test hook armed with `hold`, taken by the next migration it applies to.
+    hold: Option<super::Hold>,
 }
 
 impl Default for Migrations {
@@ -537,6 +539,7 @@ impl Migrations {
             key_origin: "",
             rng: HwRng::new(),
             stranded: Vec::new(),
+            hold: None,
         }
     }
 
@@ -582,6 +585,37 @@ impl Migrations {
     }
 
     /// `key`, `key set <hex>`, `key clear`.
+    /// `hold [<point> <ms> | off]`: arms (or shows, or clears) the test hook for the
+    /// next migration it applies to.
+    pub fn cmd_hold(&mut self, argv: &[&str], usage: &str) -> Result<(), CmdError> {
+        match argv {
+            [] => {}
+            ["off"] => self.hold = None,
+            [point, ms] => {
+                let point = super::HoldPoint::parse(point).ok_or_else(|| {
+                    cmd_err!("unknown hold point '{point}' (drain, freeze, ready, commit, resume)")
+                })?;
+                let ms = args::parse_in_range("hold (ms)", ms, 1, 60_000)? as u32;
+                self.hold = Some(super::Hold { point, ms });
+            }
+            _ => return Err(cmd_err!("usage: hold {usage}")),
+        }
+        match self.hold {
+            Some(h) => println!(
+                "hold: the next {} migration stops at {} for {} ms (test hook)",
+                if h.point.at_source() {
+                    "outgoing"
+                } else {
+                    "incoming"
+                },
+                h.point.name(),
+                h.ms
+            ),
+            None => println!("hold: none armed"),
+        }
+        Ok(())
+    }
+
     pub fn cmd_key(&mut self, argv: &[&str], usage: &str) -> Result<(), CmdError> {
         match argv {
             [] => {
@@ -807,12 +841,16 @@ impl Migrations {
                     return;
                 };
                 println!("migrate: incoming migration from {peer}");
+                let mut receiver = Receiver::new(now, 30_000_000);
+                if self.hold.is_some_and(|h| !h.point.at_source()) {
+                    receiver.set_hold(self.hold.take());
+                }
                 self.incoming = Some(Incoming {
                     conn: Conn {
                         sock: l.sock,
                         chan: Some(chan),
                     },
-                    receiver: Receiver::new(now, 30_000_000),
+                    receiver,
                     started_us: now,
                     peer,
                     peer_ip,
@@ -1534,13 +1572,16 @@ impl Migrations {
         id: u32,
         ip: [u8; 4],
         port: u16,
-        params: Params,
+        mut params: Params,
         method: Tracking,
     ) -> Result<(), CmdError> {
         if self.outgoing.is_some() {
             return Err(cmd_err!(
                 "a migration is already running; wait for it to finish (or 'migrate cancel')"
             ));
+        }
+        if self.hold.is_some_and(|h| h.point.at_source()) {
+            params.hold = self.hold.take();
         }
         if self.guest_busy(id).is_some() {
             return Err(cmd_err!("guest {id} is arriving here by migration"));

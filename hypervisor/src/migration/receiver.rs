@@ -12,6 +12,7 @@ use alloc::vec::Vec;
 
 use super::link::{Link, LinkState};
 use super::wire::{self, Hello, Msg};
+use super::HoldPoint;
 
 /// What the receiver needs from the hypervisor.
 pub trait Installer {
@@ -227,6 +228,12 @@ pub struct Receiver<M> {
     pub failed: Option<String>,
     /// (At a source) the Recover being received.
     recover: Option<RecoverRequest>,
+    /// The test hook's progress ([`super::Hold`]).
+    holder: super::Holder,
+    /// Held at `ready`: the guest installed, READY not sent yet.
+    held_ready: Option<u32>,
+    /// Held at `resume`: COMMIT arrived (guest, its times, when) but not acted on.
+    held_commit: Option<(u32, wire::CommitTimes, u64)>,
 }
 
 impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
@@ -258,7 +265,16 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
             recoveries: 0,
             failed: None,
             recover: None,
+            holder: super::Holder::default(),
+            held_ready: None,
+            held_commit: None,
         }
+    }
+
+    /// Arms a test hook for this migration (`ready` and `resume` are the destination's;
+    /// a failure while held counts as after READY: the guest is kept paused).
+    pub fn set_hold(&mut self, hold: Option<super::Hold>) {
+        self.holder = super::Holder::new(hold);
     }
 
     /// Post-copy interrupted: the id of the guest that runs here while the kernel
@@ -427,6 +443,25 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
         inst: &mut I,
         now_us: u64,
     ) -> Result<(), (u32, String)> {
+        if let Some(id) = self.held_ready {
+            if self.holder.holding(HoldPoint::Ready, now_us) {
+                self.last_activity_us = now_us;
+                return Ok(());
+            }
+            self.held_ready = None;
+            self.send_ready(link, inst, id, now_us);
+        }
+        if let Some((id, t, at)) = self.held_commit {
+            if self.holder.holding(HoldPoint::Resume, now_us) {
+                self.last_activity_us = now_us;
+                return Ok(());
+            }
+            self.held_commit = None;
+            self.on_commit(inst, id, t, at);
+            if self.phase == Phase::Done {
+                return Ok(());
+            }
+        }
         if let Phase::Postcopy(id) = self.phase {
             // Ask for the page the guest waits for (once per page).
             if let (Some(p), Some(pfn)) = (self.post.as_mut(), inst.post_wanted(id)) {
@@ -818,19 +853,11 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
                 self.send_ready(link, inst, id, now_us);
             }
             (Phase::AwaitCommit(id), Msg::Commit(t)) => {
-                let h = handover(&t, self.ready_sent_us, now_us);
-                inst.commit(id, h.pause_to_commit_us);
-                self.handover = Some(h);
-                self.outcome = Some(Outcome::Committed(id));
-                if self.post.is_some() {
-                    // The guest runs here now; its missing pages follow. A stream
-                    // that stalls from here is bounded again by the memory size.
-                    self.phase = Phase::Postcopy(id);
-                    self.deadline_us = now_us.saturating_add(stream_deadline_us(self.pages * 4096));
-                } else {
-                    self.phase = Phase::Done;
+                if self.holder.holding(HoldPoint::Resume, now_us) {
+                    self.held_commit = Some((id, t, now_us));
+                    return Ok(());
                 }
-                // The link stays open: the kernel sends Resumed once the guest ran.
+                self.on_commit(inst, id, t, now_us);
             }
             (Phase::AwaitCommit(_), m) => {
                 return Err(bad(alloc::format!("expected COMMIT, got {}", name(&m))))
@@ -842,6 +869,29 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
 }
 
 impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
+    /// COMMIT arrived (at `now_us`) for guest `id`: it is ours; let it run.
+    fn on_commit<I: Installer<Mem = M>>(
+        &mut self,
+        inst: &mut I,
+        id: u32,
+        t: wire::CommitTimes,
+        now_us: u64,
+    ) {
+        let h = handover(&t, self.ready_sent_us, now_us);
+        inst.commit(id, h.pause_to_commit_us);
+        self.handover = Some(h);
+        self.outcome = Some(Outcome::Committed(id));
+        if self.post.is_some() {
+            // The guest runs here now; its missing pages follow. A stream
+            // that stalls from here is bounded again by the memory size.
+            self.phase = Phase::Postcopy(id);
+            self.deadline_us = now_us.saturating_add(stream_deadline_us(self.pages * 4096));
+        } else {
+            self.phase = Phase::Done;
+        }
+        // The link stays open: the kernel sends Resumed once the guest ran.
+    }
+
     /// Everything is checked and the guest installed (frozen): READY.
     fn send_ready<I: Installer<Mem = M>>(
         &mut self,
@@ -850,6 +900,14 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
         id: u32,
         now_us: u64,
     ) {
+        if self.holder.holding(HoldPoint::Ready, now_us) {
+            // Nothing is read or sent until the hold ends; a failure meanwhile keeps
+            // the guest paused, as after READY.
+            self.held_ready = Some(id);
+            self.deadline_us = u64::MAX;
+            self.phase = Phase::AwaitCommit(id);
+            return;
+        }
         let mut m = Vec::new();
         wire::put_control(&mut m, wire::tag::READY);
         if link.send(&m) != m.len() {

@@ -30,6 +30,7 @@ use alloc::vec::Vec;
 use super::link::{Link, LinkState};
 use super::stats::{self, MigrationStats, RoundStats, StopReason};
 use super::wire::{self, Hello, Msg};
+use super::HoldPoint;
 
 /// What the source needs from the guest being migrated.
 pub trait SourceGuest {
@@ -92,6 +93,8 @@ pub struct Params {
     /// the guest (20 %, then 10 % more per round, at most 99 %) instead of stopping,
     /// until the rest fits the downtime or `max_rounds` is reached.
     pub auto_converge: bool,
+    /// Test hook: stop at a point of the migration for a while ([`super::Hold`]).
+    pub hold: Option<super::Hold>,
 }
 
 /// When the source switches to post-copy.
@@ -120,6 +123,7 @@ impl Default for Params {
             prepage: 16,
             checkpoint: false,
             auto_converge: false,
+            hold: None,
         }
     }
 }
@@ -224,6 +228,10 @@ pub struct Source {
     checked_at: usize,
     /// Ends the current round with this reason (hybrid's mid-round switch).
     force_stop: Option<StopReason>,
+    /// The test hook's progress.
+    holder: super::Holder,
+    /// READY arrived: the COMMIT to send (when a hold at `commit` lets it).
+    pending_commit: Option<wire::CommitTimes>,
     /// The figures, complete when the migration finishes.
     pub stats: MigrationStats,
 }
@@ -340,6 +348,8 @@ impl Source {
             throttle: 0,
             checked_at: 0,
             force_stop: None,
+            holder: super::Holder::new(params.hold),
+            pending_commit: None,
             stats,
         }
     }
@@ -555,6 +565,19 @@ impl Source {
             // The guest is gone from here whatever happens now: a lost COMMIT leaves it
             // paused at the destination, never running twice. What is left is to push
             // COMMIT out and hear how long the guest's pause was.
+            if let Some(mut times) = self.pending_commit {
+                if self.holder.holding(HoldPoint::Commit, now_us) {
+                    return Ok(());
+                }
+                times.ready_to_commit_us = now_us - self.ready_at_us;
+                wire::put_commit(&mut self.out, &times);
+                self.stats.total_us = now_us - self.started_us;
+                if self.thawed_at_us.is_none() {
+                    // Until the destination reports, the pause known here.
+                    self.stats.downtime_us = now_us - self.frozen_at_us;
+                }
+                self.pending_commit = None;
+            }
             self.flush(link, now_us);
             if self.phase == Phase::Committing && self.out.is_empty() {
                 if self.post {
@@ -570,7 +593,7 @@ impl Source {
                 // A bad or missing reply only costs the destination's figures.
                 let _ = self.read_replies(g, link, now_us);
             }
-            let waited = now_us - self.ready_at_us;
+            let waited = now_us - self.ready_at_us - self.holder.held_us(HoldPoint::Commit);
             if self.phase != Phase::Done
                 && (state == LinkState::Closed || waited > RESUMED_TIMEOUT_US)
             {
@@ -594,6 +617,9 @@ impl Source {
             return Ok(());
         }
         self.flush(link, now_us);
+        if self.holder.active() {
+            self.last_progress_us = now_us;
+        }
         if now_us - self.last_progress_us > self.params.timeout_us {
             return Err(alloc::format!(
                 "peer stopped reading for {} s",
@@ -609,7 +635,11 @@ impl Source {
             self.out.drain(..self.out_off);
             self.out_off = 0;
         }
-        if self.phase == Phase::Draining && self.out.is_empty() && link.queued() == 0 {
+        if self.phase == Phase::Draining
+            && self.out.is_empty()
+            && link.queued() == 0
+            && !self.holder.holding(HoldPoint::Drain, now_us)
+        {
             // Everything sent has arrived: freeze, and add what the guest dirtied while
             // the link drained to the pages of the stop-and-copy phase.
             g.freeze()?;
@@ -632,6 +662,7 @@ impl Source {
                 self.send_missing(g);
                 self.flush(link, now_us);
             }
+            Phase::StopCopy if self.holder.holding(HoldPoint::Freeze, now_us) => {}
             Phase::Precopy | Phase::StopCopy => {
                 self.send_pages(g);
                 if self.phase == Phase::Precopy && self.params.postcopy == PostMode::Hybrid {
@@ -1066,7 +1097,8 @@ impl Source {
                             sent_to_ready_us: now_us - sent,
                             ready_to_commit_us: 0,
                         };
-                        wire::put_commit(&mut self.out, &times);
+                        // Encoded on the next poll (after a hold at `commit`, if any).
+                        self.pending_commit = Some(times);
                         self.stats.dt_freeze_sent_us = times.freeze_to_sent_us;
                         self.stats.dt_sent_ready_us = times.sent_to_ready_us;
                         // Until the destination reports, the pause known here.

@@ -338,11 +338,24 @@ fn migrate(
     window: usize,
     budget: Option<usize>,
 ) -> (Source, Receiver<Vec<u8>>) {
+    migrate_held(g, host, params, window, budget, None)
+}
+
+/// [`migrate`] with a test hook armed at the destination.
+fn migrate_held(
+    g: &mut FakeGuest,
+    host: &mut FakeHost,
+    params: Params,
+    window: usize,
+    budget: Option<usize>,
+    dest_hold: Option<super::Hold>,
+) -> (Source, Receiver<Vec<u8>>) {
     let (mut a, mut b) = pipe(window);
     a.w.borrow_mut().budget = budget;
     let pages = g.pages();
     let mut src = Source::new(params, hello(pages), MigrationStats::default(), 0);
     let mut rcv = Receiver::new(0, 5_000_000);
+    rcv.set_hold(dest_hold);
     let mut now = 0u64;
     let (mut s_done, mut r_done) = (false, false);
     let mut frozen_copy: Option<Vec<u8>> = None;
@@ -424,6 +437,45 @@ fn precopy_converges_and_copies_every_page() {
     assert_eq!(hello.name, "fake");
     assert_eq!(hello.migrations, 2);
     assert_eq!(vcpu, vec![7; 200]);
+}
+
+#[test]
+fn a_hold_at_each_phase_delays_it_and_the_migration_still_completes() {
+    use super::{Hold, HoldPoint};
+    for point in [
+        HoldPoint::Drain,
+        HoldPoint::Freeze,
+        HoldPoint::Ready,
+        HoldPoint::Commit,
+        HoldPoint::Resume,
+    ] {
+        let hold = Hold { point, ms: 300 };
+        let mut g = FakeGuest::new(256, 2, 32);
+        let mut h = host();
+        let params = Params {
+            downtime_us: 2_000,
+            hold: point.at_source().then_some(hold),
+            ..Default::default()
+        };
+        let dest = (!point.at_source()).then_some(hold);
+        let (src, rcv) = migrate_held(&mut g, &mut h, params, 64 * 1024, None, dest);
+        assert_eq!(src.phase(), Phase::Done, "{point:?}: {}", src.stats.outcome);
+        assert_eq!(rcv.outcome, Some(Outcome::Committed(5)), "{point:?}");
+        assert_eq!(h.committed, Some(5), "{point:?}");
+        if point != HoldPoint::Resume {
+            // (A hold at `resume` is the destination's own: the source's figures end at
+            // COMMIT without its Resumed here.)
+            assert!(src.stats.total_us >= 300_000, "{point:?}: {}", src.stats.total_us);
+        }
+        if matches!(point, HoldPoint::Freeze | HoldPoint::Ready | HoldPoint::Commit) {
+            // The guest is frozen through these holds: its pause shows them.
+            assert!(
+                src.stats.downtime_us >= 300_000,
+                "{point:?}: downtime {}",
+                src.stats.downtime_us
+            );
+        }
+    }
 }
 
 #[test]
