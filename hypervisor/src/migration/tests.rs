@@ -465,9 +465,16 @@ fn a_hold_at_each_phase_delays_it_and_the_migration_still_completes() {
         if point != HoldPoint::Resume {
             // (A hold at `resume` is the destination's own: the source's figures end at
             // COMMIT without its Resumed here.)
-            assert!(src.stats.total_us >= 300_000, "{point:?}: {}", src.stats.total_us);
+            assert!(
+                src.stats.total_us >= 300_000,
+                "{point:?}: {}",
+                src.stats.total_us
+            );
         }
-        if matches!(point, HoldPoint::Freeze | HoldPoint::Ready | HoldPoint::Commit) {
+        if matches!(
+            point,
+            HoldPoint::Freeze | HoldPoint::Ready | HoldPoint::Commit
+        ) {
             // The guest is frozen through these holds: its pause shows them.
             assert!(
                 src.stats.downtime_us >= 300_000,
