@@ -37,8 +37,10 @@
 
 /// Version of this ABI; [`BootInfo::abi_version`] carries it, and a guest built against
 /// another major version should refuse to run.
-/// (v2: [`GuestInfo::restores`], [`Hypercall::FreePages`], [`Hypercall::Move`].)
-pub const ABI_VERSION: u32 = 2;
+/// (v2: [`GuestInfo::restores`], [`Hypercall::FreePages`], [`Hypercall::Move`];
+/// v3: the PV NIC, [`Hypercall::NetAttach`], [`Hypercall::NetNotify`],
+/// [`Hypercall::NetWait`], [`NetRing`].)
+pub const ABI_VERSION: u32 = 3;
 
 /// Guest-physical address of the [`BootInfo`] page.
 pub const BOOT_INFO_ADDR: u64 = 0x1000;
@@ -97,6 +99,103 @@ pub enum Hypercall {
     /// checkpoint), [`ErrorCode::MoveFailed`] back on the source if it failed (the
     /// console says why).
     Move = 10,
+    /// Attach the guest's PV NIC: RDI = guest-physical address of a [`NetRing`] (page
+    /// aligned; the page must lie inside guest memory), or 0 to detach. Returns the
+    /// NIC's MAC address (byte `i` in bits `8i..8i+8`), chosen by the hypervisor at
+    /// `start` and kept across migrations. The ring is the guest's memory: it moves with
+    /// it, and the guest finds its indices where it left them on the destination.
+    NetAttach = 11,
+    /// Send the frames queued in the transmit ring and fill posted receive buffers
+    /// with frames that arrived. Returns the frames sent. Fails with
+    /// [`ErrorCode::BadArgument`] when no ring is attached or the ring's indices are
+    /// inconsistent (more than [`NET_SLOTS`] outstanding); a bad descriptor only
+    /// completes with [`NET_DESC_ERROR`].
+    NetNotify = 12,
+    /// Sleep until a frame has been written to the receive ring or the monotonic
+    /// time (RDI, nanoseconds) is reached; returns at once if a frame was written
+    /// since the last `NetWait` or `NetNotify` returned. Also sends what the transmit
+    /// ring holds, as `NetNotify` does. Returns 0.
+    NetWait = 13,
+}
+
+/// Descriptors per direction in a [`NetRing`].
+pub const NET_SLOTS: u32 = 32;
+/// Largest Ethernet frame (without FCS) the PV NIC carries: 14-byte header plus a
+/// 1500-byte MTU. Receive buffers should hold this much.
+pub const NET_FRAME_MAX: u32 = 1514;
+/// [`NetDesc::flags`]: the hypervisor is done with this descriptor.
+pub const NET_DESC_DONE: u32 = 1;
+/// [`NetDesc::flags`]: and it was bad (buffer outside guest memory, length out of
+/// range, or a receive buffer too small for the frame): nothing was sent or written.
+pub const NET_DESC_ERROR: u32 = 2;
+
+/// One buffer of the PV NIC.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetDesc {
+    /// Guest-physical address of the buffer.
+    pub addr: u64,
+    /// Transmit: the frame's length (14..=[`NET_FRAME_MAX`]). Receive: the guest
+    /// writes the buffer's capacity, the hypervisor the received frame's length.
+    pub len: u32,
+    /// The guest writes 0 when it posts the descriptor; the hypervisor writes
+    /// [`NET_DESC_DONE`] (and [`NET_DESC_ERROR`]) when it completes it.
+    pub flags: u32,
+}
+
+/// The PV NIC's rings: one page of guest memory shared with the hypervisor
+/// ([`Hypercall::NetAttach`]), virtio-like with free-running `u32` indices (slot =
+/// index % [`NET_SLOTS`]), no interrupts: the guest polls, or sleeps in
+/// [`Hypercall::NetWait`].
+///
+/// * Transmit: the guest fills `tx[tx_avail % NET_SLOTS]`, then increments `tx_avail`
+///   (after a compiler fence) and calls `NetNotify`. The hypervisor sends each
+///   descriptor from `tx_used` to `tx_avail` and increments `tx_used` past it; the
+///   buffer is the guest's again once `tx_used` has passed it.
+/// * Receive: the guest posts an empty buffer in `rx[rx_avail % NET_SLOTS]` and
+///   increments `rx_avail`. The hypervisor writes an arriving frame into the buffer at
+///   `rx_used`, sets its `len` and `flags`, then increments `rx_used`. Frames that find
+///   no posted buffer are dropped (and counted by the hypervisor): TCP retransmits.
+///
+/// The hypervisor writes only `tx_used`, `rx_used`, the `flags` (and receive `len`)
+/// of descriptors it completes, and receive buffers; it reads each descriptor once
+/// and checks it against guest memory, so a guest that changes the ring meanwhile can
+/// only spoil its own frames.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct NetRing {
+    /// Transmit descriptors made available by the guest (free-running).
+    pub tx_avail: u32,
+    /// Transmit descriptors completed by the hypervisor (free-running).
+    pub tx_used: u32,
+    /// Receive buffers posted by the guest (free-running).
+    pub rx_avail: u32,
+    /// Receive buffers filled by the hypervisor (free-running).
+    pub rx_used: u32,
+    /// Reserved, zero.
+    pub _reserved: [u32; 12],
+    /// Transmit descriptors.
+    pub tx: [NetDesc; NET_SLOTS as usize],
+    /// Receive descriptors.
+    pub rx: [NetDesc; NET_SLOTS as usize],
+}
+
+/// Byte offsets in a [`NetRing`] (the hypervisor reads the page as bytes).
+pub mod net_ring {
+    /// `tx_avail`.
+    pub const TX_AVAIL: usize = 0;
+    /// `tx_used`.
+    pub const TX_USED: usize = 4;
+    /// `rx_avail`.
+    pub const RX_AVAIL: usize = 8;
+    /// `rx_used`.
+    pub const RX_USED: usize = 12;
+    /// First transmit descriptor.
+    pub const TX: usize = 64;
+    /// First receive descriptor.
+    pub const RX: usize = 64 + 16 * super::NET_SLOTS as usize;
+    /// Bytes per descriptor.
+    pub const DESC: usize = 16;
 }
 
 impl Hypercall {
@@ -113,6 +212,9 @@ impl Hypercall {
             8 => Self::TakeRequest,
             9 => Self::FreePages,
             10 => Self::Move,
+            11 => Self::NetAttach,
+            12 => Self::NetNotify,
+            13 => Self::NetWait,
             _ => return None,
         })
     }
@@ -245,6 +347,11 @@ pub struct GuestInfo {
 
 const _: () = assert!(core::mem::size_of::<BootInfo>() == 40 + MAX_ARGS);
 const _: () = assert!(core::mem::size_of::<GuestInfo>() == 32);
+const _: () = assert!(core::mem::size_of::<NetDesc>() == net_ring::DESC);
+const _: () = assert!(core::mem::offset_of!(NetRing, tx) == net_ring::TX);
+const _: () = assert!(core::mem::offset_of!(NetRing, rx) == net_ring::RX);
+const _: () = assert!(core::mem::offset_of!(NetRing, rx_used) == net_ring::RX_USED);
+const _: () = assert!(core::mem::size_of::<NetRing>() <= 4096);
 
 /// Issues a hypercall. Guest side only: on the host or in the hypervisor it would fault.
 ///
@@ -284,7 +391,8 @@ mod tests {
         assert_eq!(Hypercall::from_raw(0), None);
         assert_eq!(Hypercall::from_raw(9), Some(Hypercall::FreePages));
         assert_eq!(Hypercall::from_raw(10), Some(Hypercall::Move));
-        assert_eq!(Hypercall::from_raw(11), None);
+        assert_eq!(Hypercall::from_raw(13), Some(Hypercall::NetWait));
+        assert_eq!(Hypercall::from_raw(14), None);
     }
 
     #[test]
