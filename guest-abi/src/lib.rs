@@ -113,7 +113,7 @@ pub enum Hypercall {
     NetNotify = 12,
     /// Sleep until a frame has been written to the receive ring or the monotonic
     /// time (RDI, nanoseconds) is reached; returns at once if a frame was written
-    /// since the last `NetWait` or `NetNotify` returned. Also sends what the transmit
+    /// since the last `NetWait` returned. Also sends what the transmit
     /// ring holds, as `NetNotify` does. Returns 0.
     NetWait = 13,
 }

@@ -104,6 +104,7 @@ pub fn kmain(magic: u32, info_addr: u64) -> ! {
     match crate::net::NetStack::init(&k.cmdline) {
         Ok(n) => {
             println!("net: {}", n.summary());
+            k.vmm.hv_mac = n.mac();
             k.net = Some(n);
         }
         Err(e) => println!("net: not available: {e}"),
@@ -181,6 +182,7 @@ impl Kernel {
                     // not after the next guest slice.
                     n.poll();
                 }
+                self.vmm.service_nics(n);
             }
             if !self.vmm.schedule() {
                 cpu::pause();

@@ -63,6 +63,8 @@ pub struct Vmm {
     /// Loadable images.
     pub images: Vec<Image>,
     cursor: usize,
+    /// The e1000's MAC (the guests' default MACs are derived from it).
+    pub hv_mac: [u8; 6],
 }
 
 impl Vmm {
@@ -80,6 +82,7 @@ impl Vmm {
             next_id: 1,
             images,
             cursor: 0,
+            hv_mac: [0x52, 0x54, 0, 0, 0, 0],
         }
     }
 
@@ -96,6 +99,45 @@ impl Vmm {
             caps: &v.caps,
             host: self.host,
         })
+    }
+
+    /// Moves frames between the guests' PV NICs and the switch: what they sent goes
+    /// out, what waits for them goes into their receive rings (not while frozen: a
+    /// migration's last copy must not change), and arrived guests are announced.
+    pub fn service_nics(&mut self, net: &mut crate::net::NetStack) {
+        let attached = |v: &Vm| v.state.alive() && v.nic.ring.is_some();
+        if net.switch.ports.is_empty() && !self.vms.iter().any(attached) {
+            return;
+        }
+        let mut guests = [(0u32, [0u8; 6]); 64];
+        let mut n = 0;
+        for v in self.vms.iter().filter(|v| attached(v)).take(guests.len()) {
+            guests[n] = (v.id, v.nic.mac);
+            n += 1;
+        }
+        net.sync_guests(&guests[..n]);
+        let now = time::now_us();
+        for vm in self.vms.iter_mut().filter(|v| attached(v)) {
+            if core::mem::take(&mut vm.nic.announce) {
+                net.switch.announce(vm.nic.mac, now);
+            }
+            while let Some(f) = vm.nic.tx_out.pop_front() {
+                net.guest_tx(vm.id, f);
+            }
+            if !matches!(
+                vm.state,
+                VmState::Running | VmState::Halted(_) | VmState::Paused | VmState::Fetching(_)
+            ) {
+                continue;
+            }
+            while let Some(f) = net.switch.front_for(vm.id) {
+                if !vm.net_receive(f) {
+                    break;
+                }
+                net.switch.pop_for(vm.id);
+            }
+        }
+        net.announce_guests();
     }
 
     /// Finds a guest by id.
@@ -195,8 +237,19 @@ impl Vmm {
             .cloned()
             .ok_or_else(|| cmd_err!("no image '{image}' (see 'images')"))?;
         let mut mem = DEFAULT_MEM_MIB;
+        let mut mac = None;
         let mut guest_args: Vec<&str> = Vec::new();
         for a in rest {
+            if let Some(v) = a.strip_prefix("mac=") {
+                let m = crate::vm::nic::parse_mac(v).ok_or_else(|| {
+                    cmd_err!("mac: expected a unicast aa:bb:cc:dd:ee:ff, got '{v}'")
+                })?;
+                if m == self.hv_mac || self.vms.iter().any(|g| g.nic.mac == m) {
+                    return Err(cmd_err!("mac {v} is in use here"));
+                }
+                mac = Some(m);
+                continue;
+            }
             match a.strip_prefix("mem=") {
                 Some(v) => {
                     mem = args::parse_u64("memory size", v)?;
@@ -224,8 +277,9 @@ impl Vmm {
         let ctx = self
             .host_context()
             .ok_or_else(|| cmd_err!("VMX unavailable"))?;
-        let vm = Vm::create(id, &img.name, elf, mem, &guest_args, &ctx)
+        let mut vm = Vm::create(id, &img.name, elf, mem, &guest_args, &ctx)
             .map_err(|e| cmd_err!("cannot start '{image}': {e}"))?;
+        vm.nic.mac = mac.unwrap_or_else(|| crate::vm::nic::default_mac(self.hv_mac, id));
         self.next_id += 1;
         println!(
             "started guest {id} ({image}, {mem} MiB{}{})",
@@ -346,6 +400,9 @@ impl Vmm {
             "take-request",
             "free-pages",
             "move",
+            "net-attach",
+            "net-notify",
+            "net-wait",
         ];
         let calls: Vec<String> = vm
             .stats
@@ -361,6 +418,20 @@ impl Vmm {
             calls.join(" "),
             vm.stats.hypercall_errors
         );
+        if let Some(ring) = vm.nic.ring {
+            let n = &vm.nic.stats;
+            println!(
+                "  nic: MAC {} ring {ring:#x}: tx {} frames {} bytes, rx {} frames {} bytes, rx dropped {}, bad descriptors {}, bad ring {}",
+                crate::net::MacFmt(vm.nic.mac),
+                n.tx_frames,
+                n.tx_bytes,
+                n.rx_frames,
+                n.rx_bytes,
+                n.rx_dropped,
+                n.bad_desc,
+                n.bad_ring
+            );
+        }
         if let Some((v, d)) = vm.stats.reports[1] {
             println!(
                 "  verify: {} ({d} pages checked)",

@@ -248,11 +248,22 @@ impl Installer for VmmInstaller<'_> {
         vm.setup_vmcs(&ctx, &state)?;
         vm.restore_device_state(device)?;
         if hello.flags & wire::hello_flags::RESTORED != 0 {
-            // A copy started from a checkpoint: not a migration, a new restore.
+            // A copy started from a checkpoint: not a migration, a new restore. Its
+            // original may still run: the copy's NIC gets a MAC of its own.
             vm.migrations = hello.migrations;
             vm.restores += 1;
+            vm.nic.mac = crate::vm::nic::default_mac(self.vmm.hv_mac, id);
         } else {
             vm.migrations = hello.migrations + 1;
+        }
+        if vm.nic.ring.is_some() {
+            if let Some(other) = self.vmm.vms.iter().find(|v| v.nic.mac == vm.nic.mac) {
+                return Err(format!(
+                    "the guest's MAC {} is in use here by guest {}",
+                    crate::net::MacFmt(vm.nic.mac),
+                    other.id
+                ));
+            }
         }
         vm.freeze();
         self.vmm.vms.push(vm);
@@ -268,6 +279,8 @@ impl Installer for VmmInstaller<'_> {
             vm.thaw();
             vm.first_run_us = None;
             vm.watch_first_run = true;
+            // Its clients' switches must learn where it is now.
+            vm.nic.announce = vm.nic.ring.is_some();
         }
     }
 

@@ -157,6 +157,27 @@ fn cmd_net(net: &mut NetStack) {
         bench::SINK_PORT,
         net.sink_runs()
     );
+    let sw = &net.switch;
+    println!(
+        "  switch      {} guest port(s); uplink->guests {}, guests->uplink {}, unknown dst {}, to-stack drops {}",
+        sw.ports.len(),
+        sw.uplink_to_guests,
+        sw.guests_to_uplink,
+        sw.unknown,
+        sw.host_dropped
+    );
+    for p in &sw.ports {
+        println!(
+            "    guest {:<4} {}  from-guest {} to-guest {} queued {} dropped {} spoofed {}",
+            p.id,
+            MacFmt(p.mac),
+            p.counters.from_guest,
+            p.counters.to_guest,
+            p.queued(),
+            p.counters.dropped,
+            p.counters.spoofed
+        );
+    }
 }
 
 /// Polls until `done` says so or `timeout_us` passes; returns whether `done` did.

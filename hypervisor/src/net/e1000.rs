@@ -96,6 +96,8 @@ const EERD_START: u32 = 1 << 0;
 const EERD_DONE: u32 = 1 << 4;
 const RCTL_EN: u32 = 1 << 1;
 const RCTL_BAM: u32 = 1 << 15;
+/// Unicast promiscuous: frames for the guests' MACs (behind the switch) are taken too.
+const RCTL_UPE: u32 = 1 << 3;
 const RCTL_SECRC: u32 = 1 << 26;
 const TCTL_EN: u32 = 1 << 1;
 const TCTL_PSP: u32 = 1 << 3;
@@ -446,6 +448,24 @@ impl<R: Regs, M: DmaMemory> E1000<R, M> {
             hw_no_buffer: self.hw.1,
             hw_crc_errors: self.hw.2,
         }
+    }
+
+    /// Takes unicast frames for any MAC (the guests' NICs sit behind this one), or
+    /// only its own.
+    pub fn set_unicast_promiscuous(&mut self, on: bool) {
+        let rctl = self.regs.read(reg::RCTL);
+        let rctl = if on {
+            rctl | RCTL_UPE
+        } else {
+            rctl & !RCTL_UPE
+        };
+        self.regs.write(reg::RCTL, rctl);
+    }
+
+    /// Whether a transmit descriptor is free (after reclaiming the sent ones).
+    pub fn tx_room(&mut self) -> bool {
+        self.tx.reclaim();
+        !self.tx.cur.full()
     }
 
     /// Whether a received frame is waiting (cheap: one descriptor read).

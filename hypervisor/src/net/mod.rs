@@ -19,6 +19,7 @@ pub mod commands;
 pub mod e1000;
 pub mod pci;
 pub mod ring;
+pub mod switch;
 
 use alloc::rc::Rc;
 use alloc::vec;
@@ -175,6 +176,8 @@ pub struct NetStack {
     next_port: u16,
     /// Handles of dropped [`TcpSocket`]s, removed at the start of the next poll.
     released: Rc<RefCell<Vec<SocketHandle>>>,
+    /// The guests' switch (the stack's frames go through it while guests have NICs).
+    pub switch: switch::Switch,
 }
 
 /// A TCP socket with one owner: dropping it gives the socket back (its buffers are
@@ -257,6 +260,7 @@ impl NetStack {
             sink_runs: 0,
             next_port: 49152 + (time::now() % 8192) as u16,
             released: Rc::new(RefCell::new(Vec::new())),
+            switch: switch::Switch::default(),
         };
         let initial = cmdline_ip(cmdline)
             .map(|a| (a, AddrSource::CommandLine))
@@ -283,7 +287,16 @@ impl NetStack {
         let mut active = false;
         // A few rounds so that replies to frames received in this call go out now.
         for _ in 0..4 {
-            let r = self.iface.poll(now(), &mut self.dev, &mut self.sockets);
+            let r = if self.switch.active() {
+                let mut dev = SwitchDev {
+                    mac: self.dev.mac(),
+                    nic: &mut self.dev,
+                    sw: &mut self.switch,
+                };
+                self.iface.poll(now(), &mut dev, &mut self.sockets)
+            } else {
+                self.iface.poll(now(), &mut self.dev, &mut self.sockets)
+            };
             let sink = self.service_sink();
             let changed = r == smoltcp::iface::PollResult::SocketStateChanged;
             active |= changed || sink;
@@ -292,6 +305,30 @@ impl NetStack {
             }
         }
         active
+    }
+
+    /// Makes the switch's ports those of the guests with an attached NIC (id, MAC);
+    /// the first one turns on unicast promiscuity on the e1000.
+    pub fn sync_guests(&mut self, guests: &[(u32, [u8; 6])]) {
+        if self.switch.sync(guests) {
+            self.dev.set_unicast_promiscuous(true);
+        }
+    }
+
+    /// A frame guest `id` sent: to other guests, the stack, or out of the e1000.
+    pub fn guest_tx(&mut self, id: u32, frame: Vec<u8>) {
+        if let Some(f) = self.switch.from_guest(self.dev.mac(), id, frame) {
+            // A full transmit ring drops it (counted by the driver); TCP retransmits.
+            let _ = self.dev.send_with(f.len(), |b| b.copy_from_slice(&f));
+        }
+    }
+
+    /// Sends the announcements that are due (guests that arrived here).
+    pub fn announce_guests(&mut self) {
+        let dev = &mut self.dev;
+        self.switch.due_announces(time::now_us(), |f| {
+            let _ = dev.send_with(f.len(), |b| b.copy_from_slice(f));
+        });
     }
 
     /// How long until the stack needs polling again (for callers that want to idle).
@@ -606,6 +643,95 @@ impl NetStack {
 /// zero-window probes, so when a receiver's window is full and the ACK that reopens it
 /// is lost, the sender would wait for ever (seen as a migration stalling under 5 %
 /// loss); a keep-alive segment every second while idle makes the peer repeat its window.
+/// The stack's view of the e1000 while guests are on the switch: frames for the
+/// guests are taken off to their queues, the guests' frames for the hypervisor come
+/// in, and the stack's own frames reach local guests too. One copy per frame, paid
+/// only while a guest has a NIC.
+struct SwitchDev<'a> {
+    mac: [u8; 6],
+    nic: &'a mut Nic,
+    sw: &'a mut switch::Switch,
+}
+
+/// A received frame (a copy).
+struct OwnedRx(Vec<u8>);
+
+impl smoltcp::phy::RxToken for OwnedRx {
+    fn consume<T, F: FnOnce(&[u8]) -> T>(self, f: F) -> T {
+        f(&self.0)
+    }
+}
+
+/// A frame the stack sends through the switch.
+struct SwitchTx<'a> {
+    nic: &'a mut Nic,
+    sw: &'a mut switch::Switch,
+}
+
+impl smoltcp::phy::TxToken for SwitchTx<'_> {
+    fn consume<T, F: FnOnce(&mut [u8]) -> T>(self, len: usize, f: F) -> T {
+        let mut buf = [0u8; e1000::BUF_SIZE];
+        if len > buf.len() {
+            // Longer than any frame (smoltcp stays within the MTU): built, not sent.
+            return f(&mut vec![0; len]);
+        }
+        let out = f(&mut buf[..len]);
+        if self.sw.from_host(&buf[..len]) {
+            let _ = self.nic.send_with(len, |b| b.copy_from_slice(&buf[..len]));
+        }
+        out
+    }
+}
+
+impl smoltcp::phy::Device for SwitchDev<'_> {
+    type RxToken<'b>
+        = OwnedRx
+    where
+        Self: 'b;
+    type TxToken<'b>
+        = SwitchTx<'b>
+    where
+        Self: 'b;
+
+    fn receive(&mut self, _now: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        let frame = match self.sw.pop_host() {
+            Some(f) => f,
+            None => loop {
+                let (mac, sw) = (self.mac, &mut *self.sw);
+                // Frames for the guests only are consumed here; the loop ends when one
+                // is for the stack or none is left.
+                if let Some(f) = self
+                    .nic
+                    .receive_with(|f| sw.from_uplink(mac, f).then(|| f.to_vec()))?
+                {
+                    break f;
+                }
+            },
+        };
+        Some((
+            OwnedRx(frame),
+            SwitchTx {
+                nic: self.nic,
+                sw: self.sw,
+            },
+        ))
+    }
+
+    fn transmit(&mut self, _now: Instant) -> Option<Self::TxToken<'_>> {
+        if !self.nic.tx_room() {
+            return None;
+        }
+        Some(SwitchTx {
+            nic: self.nic,
+            sw: self.sw,
+        })
+    }
+
+    fn capabilities(&self) -> smoltcp::phy::DeviceCapabilities {
+        self.nic.capabilities()
+    }
+}
+
 fn configure(s: &mut tcp::Socket<'_>) {
     s.set_nagle_enabled(false);
     s.set_keep_alive(Some(smoltcp::time::Duration::from_millis(1000)));

@@ -11,6 +11,7 @@ pub mod clock;
 mod dirty;
 pub mod exits;
 pub mod loader;
+pub mod nic;
 mod vcpu;
 
 use alloc::format;
@@ -99,7 +100,7 @@ pub struct VmStats {
     /// Exits by basic exit reason.
     pub exits: [u64; 70],
     /// Hypercalls by number (index = call number, 0 = unknown).
-    pub hypercalls: [u64; 11],
+    pub hypercalls: [u64; 14],
     /// Hypercalls that failed validation.
     pub hypercall_errors: u64,
     /// Latest report per [`ReportKind`] (value, detail).
@@ -110,7 +111,7 @@ impl Default for VmStats {
     fn default() -> Self {
         Self {
             exits: [0; 70],
-            hypercalls: [0; 11],
+            hypercalls: [0; 14],
             hypercall_errors: 0,
             reports: [None; 4],
         }
@@ -219,6 +220,8 @@ pub struct Vm {
     pub fault_at_us: u64,
     /// Post-copy: touches of pages that had not arrived.
     pub remote_faults: u64,
+    /// The PV NIC (guest-abi v3).
+    pub nic: nic::Nic,
     /// The VMCS has been VMCLEARed and loaded at least once: it must be VMCLEARed
     /// again before its frame is freed.
     vmcs_active: bool,
@@ -407,6 +410,7 @@ impl Vm {
             free: None,
             fault_at_us: 0,
             remote_faults: 0,
+            nic: nic::Nic::default(),
             vmcs_active: false,
         })
     }
@@ -447,7 +451,8 @@ impl Vm {
         let heap = self.dirty.as_ref().map_or(0, |d| d.bytes())
             + self.remote.as_ref().map_or(0, |d| d.bytes())
             + self.free.as_ref().map_or(0, |d| d.bytes())
-            + self.out.capacity();
+            + self.out.capacity()
+            + self.nic.tx_out.iter().map(|f| f.capacity()).sum::<usize>();
         (frames, heap)
     }
 
@@ -617,8 +622,9 @@ impl Vm {
     }
 
     /// The PV-device state for migration: the guest clock, a pending sleep, the
-    /// operator's pending request, whether it was paused (guest frozen), and how many
-    /// times it was restored from a checkpoint.
+    /// operator's pending request, whether it was paused (guest frozen), how many
+    /// times it was restored from a checkpoint, and the PV NIC (ring address, MAC; its
+    /// indices are in the ring, in guest memory).
     pub fn device_state(&self) -> Vec<u8> {
         let now = self.frozen_at_ns.unwrap_or_else(|| self.guest_time_ns());
         let (sleep_until, paused) = match self.pre_freeze.as_ref().unwrap_or(&self.state) {
@@ -626,8 +632,18 @@ impl Vm {
             VmState::Paused => (0, 1),
             _ => (0, 0),
         };
-        let mut out = Vec::with_capacity(40);
-        for w in [now, sleep_until, self.request, paused, self.restores] {
+        let mut out = Vec::with_capacity(56);
+        let ring = self.nic.ring.unwrap_or(0);
+        let mac = nic::mac_word(self.nic.mac);
+        for w in [
+            now,
+            sleep_until,
+            self.request,
+            paused,
+            self.restores,
+            ring,
+            mac,
+        ] {
             out.extend_from_slice(&w.to_le_bytes());
         }
         out
@@ -635,9 +651,10 @@ impl Vm {
 
     /// Restores [`Vm::device_state`] on the destination (before COMMIT).
     pub fn restore_device_state(&mut self, b: &[u8]) -> Result<(), String> {
-        // 32 bytes from a hypervisor before restore counts (read as 0 restores).
-        if b.len() != 32 && b.len() != 40 {
-            return Err(format!("device state has {} bytes, expected 40", b.len()));
+        // 32 bytes from a hypervisor before restore counts (read as 0 restores), 40
+        // from one before the PV NIC (no NIC).
+        if ![32, 40, 56].contains(&b.len()) {
+            return Err(format!("device state has {} bytes, expected 56", b.len()));
         }
         let w = |i: usize| {
             b.get(i * 8..i * 8 + 8)
@@ -645,6 +662,16 @@ impl Vm {
                 .map_or(0, u64::from_le_bytes)
         };
         self.restores = w(4);
+        let ring = w(5);
+        if ring != 0 && !nic::valid_ring(ring, self.mem_bytes) {
+            return Err(format!(
+                "device state: NIC ring at {ring:#x} is not a page of the guest"
+            ));
+        }
+        self.nic.ring = (ring != 0).then_some(ring);
+        if b.len() >= 56 {
+            self.nic.mac = nic::mac_from_word(w(6));
+        }
         self.set_guest_time_ns(w(0));
         self.frozen_at_ns = Some(w(0));
         self.request = w(2);

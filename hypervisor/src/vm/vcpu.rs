@@ -588,7 +588,8 @@ impl Vm {
         let result: Result<u64, ErrorCode> = match Hypercall::from_raw(call) {
             None => Err(ErrorCode::UnknownCall),
             Some(hc) => {
-                self.stats.hypercalls[(call as usize).min(10)] += 1;
+                let slots = self.stats.hypercalls.len();
+                self.stats.hypercalls[(call as usize).min(slots - 1)] += 1;
                 match hc {
                     Hypercall::ConsoleWrite => self.hc_console_write(a0, a1),
                     Hypercall::Time => Ok(self.clock.read(time::now_ns())),
@@ -619,6 +620,27 @@ impl Vm {
                     },
                     Hypercall::TakeRequest => Ok(core::mem::take(&mut self.request)),
                     Hypercall::FreePages => self.hc_free_pages(a0, a1, a2),
+                    Hypercall::NetAttach => self.hc_net_attach(a0),
+                    Hypercall::NetNotify => match self.net_transmit() {
+                        Err(Some(pfn)) => return self.block_on_remote(pfn),
+                        Err(None) => Err(ErrorCode::BadArgument),
+                        Ok(n) => Ok(n),
+                    },
+                    Hypercall::NetWait => {
+                        if let Err(Some(pfn)) = self.net_transmit() {
+                            return self.block_on_remote(pfn);
+                        }
+                        if core::mem::take(&mut self.nic.rx_event) {
+                            Ok(0)
+                        } else {
+                            if a0 > self.guest_time_ns() {
+                                self.state = VmState::Halted(a0);
+                                self.nic.waiting = true;
+                                end = Some(SliceEnd::Blocked);
+                            }
+                            Ok(0)
+                        }
+                    }
                     Hypercall::Move => {
                         let r = self.hc_move(a0, a1, a2);
                         if r.is_ok() {
@@ -712,6 +734,103 @@ impl Vm {
         self.guest_range(gpa, len)?;
         self.hint_free((gpa / 4096) as usize, pages as usize, free == 1)
             .map_err(|_| ErrorCode::BadArgument)
+    }
+
+    fn hc_net_attach(&mut self, gpa: u64) -> Result<u64, ErrorCode> {
+        if gpa == 0 {
+            self.nic.ring = None;
+            return Ok(nic::mac_word(self.nic.mac));
+        }
+        if !nic::valid_ring(gpa, self.mem_bytes) {
+            return Err(ErrorCode::BadAddress);
+        }
+        self.nic.ring = Some(gpa);
+        Ok(nic::mac_word(self.nic.mac))
+    }
+
+    /// Takes what the transmit ring holds (as much as the queue to the switch has
+    /// room for). `Err(Some(pfn))`: the guest must wait for page `pfn` (post-copy);
+    /// `Err(None)`: no ring, or its indices are corrupt.
+    fn net_transmit(&mut self) -> Result<u64, Option<usize>> {
+        let ring = self.nic.ring.ok_or(None)?;
+        let room = nic::TX_QUEUE.saturating_sub(self.nic.tx_out.len());
+        let remote = self.remote.take();
+        let is_remote = |p: usize| remote.as_ref().is_some_and(|r| r.get(p));
+        let mut dirty = self.dirty.take();
+        let mut free = self.free.take();
+        let queue = &mut self.nic.tx_out;
+        let r = nic::tx_drain(
+            self.mem.as_bytes_mut(),
+            ring,
+            room,
+            &mut self.nic.stats,
+            is_remote,
+            |p| {
+                // The hypervisor's writes bypass EPT dirty tracking.
+                if let Some(d) = dirty.as_mut() {
+                    d.set(p);
+                }
+                if let Some(f) = free.as_mut() {
+                    f.unset(p);
+                }
+            },
+            |f| queue.push_back(f),
+        );
+        self.remote = remote;
+        self.dirty = dirty;
+        self.free = free;
+        match r {
+            Ok(n) => Ok(u64::from(n)),
+            Err(nic::RingError::Remote(p)) => Err(Some(p)),
+            Err(nic::RingError::BadIndices) => Err(None),
+        }
+    }
+
+    /// Writes a frame from the switch into the receive ring, waking the guest if it
+    /// waits for one. Returns whether the frame was consumed (written, or dropped
+    /// because its buffer was bad or not here yet); `false`: no buffer posted, keep it.
+    pub fn net_receive(&mut self, frame: &[u8]) -> bool {
+        let Some(ring) = self.nic.ring else {
+            return true;
+        };
+        let remote = self.remote.take();
+        let is_remote = |p: usize| remote.as_ref().is_some_and(|r| r.get(p));
+        let mut dirty = self.dirty.take();
+        let mut free = self.free.take();
+        let r = nic::rx_deliver(
+            self.mem.as_bytes_mut(),
+            ring,
+            frame,
+            &mut self.nic.stats,
+            is_remote,
+            |p| {
+                if let Some(d) = dirty.as_mut() {
+                    d.set(p);
+                }
+                if let Some(f) = free.as_mut() {
+                    f.unset(p);
+                }
+            },
+        );
+        self.remote = remote;
+        self.dirty = dirty;
+        self.free = free;
+        match r {
+            Ok(nic::Delivery::NoBuffer) => return false,
+            Ok(nic::Delivery::Delivered) => {}
+            Ok(nic::Delivery::BadBuffer) | Err(_) => {
+                self.nic.stats.rx_dropped += 1;
+                return true;
+            }
+        }
+        // `waiting` may be stale (the guest woke at its deadline and runs): then the
+        // event must stay for its next NetWait.
+        if core::mem::take(&mut self.nic.waiting) && matches!(self.state, VmState::Halted(_)) {
+            self.state = VmState::Running;
+        } else {
+            self.nic.rx_event = true;
+        }
+        true
     }
 
     fn hc_info(&mut self, ptr: u64) -> Result<u64, ErrorCode> {
