@@ -9,7 +9,15 @@ use std::process::Command;
 use crate::{deps, out_dir, root};
 
 /// The guest images put on the ISO (module name = binary name).
-pub const GUESTS: &[&str] = &["hello", "counter", "dirtier", "verify", "misbehave"];
+pub const GUESTS: &[&str] = &[
+    "hello",
+    "counter",
+    "dirtier",
+    "verify",
+    "misbehave",
+    "echo",
+    "kv",
+];
 
 const TARGET: &str = "x86_64-unknown-none";
 

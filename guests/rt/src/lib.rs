@@ -14,10 +14,15 @@
 //!   [`report`], [`take_request`], ...) and a console ([`print!`], [`println!`]);
 //! * one safe handle on the guest's free memory ([`mem::free_region`]);
 //! * pure, host-tested logic the guests share: [`pattern`] (memory invariants) and
-//!   [`pace`] (rate pacing).
+//!   [`pace`] (rate pacing);
+//! * networking: the PV NIC's rings ([`ring`]), the NIC as a smoltcp device and the
+//!   usual setup and poll loop ([`net`]), and [`once::TakeOnce`] for the large statics
+//!   (buffers, tables) a guest without an allocator needs.
 //!
-//! The only `unsafe` is the hypercall trap (in `guest_abi::hypercall`), the entry stub
-//! and [`mem::free_region`], which turns raw guest-physical addresses into a slice.
+//! The only `unsafe` is the hypercall trap (in `guest_abi::hypercall`), the entry stub,
+//! [`mem::free_region`], which turns raw guest-physical addresses into a slice,
+//! [`once::TakeOnce::take`], and the volatile accesses to the NIC's shared memory in
+//! [`ring::Mem`].
 //! The crate also builds on the host (without the entry and the panic handler), so
 //! `cargo test --manifest-path guests/rt/Cargo.toml --target x86_64-unknown-linux-gnu`
 //! runs the unit tests of the pure modules.
@@ -26,8 +31,11 @@
 pub mod args;
 pub mod console;
 pub mod mem;
+pub mod net;
+pub mod once;
 pub mod pace;
 pub mod pattern;
+pub mod ring;
 
 use core::sync::atomic::{AtomicBool, Ordering};
 
@@ -178,6 +186,30 @@ pub fn move_to(ip: u32, port: u16) -> Result<u64, ErrorCode> {
 /// returns `Ok` when the store holds it, on this hypervisor.
 pub fn checkpoint_to(ip: u32, port: u16) -> Result<u64, ErrorCode> {
     call(Hypercall::Move, u64::from(ip), u64::from(port), 1)
+}
+
+/// Attaches the PV NIC's ring at `ring_gpa` (a page-aligned [`guest_abi::NetRing`] in
+/// guest memory; [`Hypercall::NetAttach`]); returns the NIC's MAC address. Prefer
+/// [`net::PvNic::attach`], which sets the ring up first.
+pub fn net_attach(ring_gpa: u64) -> Result<[u8; 6], ErrorCode> {
+    call(Hypercall::NetAttach, ring_gpa, 0, 0).map(net::mac_from_u64)
+}
+
+/// Detaches the PV NIC's ring ([`Hypercall::NetAttach`] with 0).
+pub fn net_detach() -> Result<(), ErrorCode> {
+    call(Hypercall::NetAttach, 0, 0, 0).map(|_| ())
+}
+
+/// Has the hypervisor send the frames in the transmit ring and fill posted receive
+/// buffers ([`Hypercall::NetNotify`]); returns the frames sent.
+pub fn net_notify() -> Result<u64, ErrorCode> {
+    call(Hypercall::NetNotify, 0, 0, 0)
+}
+
+/// Sends what the transmit ring holds, then sleeps until a frame has been written to the
+/// receive ring or the monotonic clock reads `deadline_ns` ([`Hypercall::NetWait`]).
+pub fn net_wait(deadline_ns: u64) -> Result<(), ErrorCode> {
+    call(Hypercall::NetWait, deadline_ns, 0, 0).map(|_| ())
 }
 
 /// Fetches and clears the operator's pending request.
