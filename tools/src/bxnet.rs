@@ -12,6 +12,7 @@ use std::time::{Duration, Instant as StdInstant};
 
 use hypervisor::migration::link::{Link, LinkState};
 use hypervisor::migration::secure::{MigrationKey, NonceError, NonceSource, SecureChannel};
+use serde::Serialize;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
@@ -22,10 +23,13 @@ struct UdpEth {
     sock: UdpSocket,
     tx_port: u16,
     buf: Vec<u8>,
+    /// What the frames in both directions say about the TCP connection (smoltcp keeps
+    /// no such counters, and a migration's cost shows up as retransmissions).
+    wire: TcpWire,
 }
 
 struct Rx(Vec<u8>);
-struct Tx<'a>(&'a UdpSocket, u16);
+struct Tx<'a>(&'a UdpSocket, u16, &'a mut TcpWire);
 
 impl phy::RxToken for Rx {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
@@ -37,6 +41,7 @@ impl phy::TxToken for Tx<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         let mut frame = vec![0u8; len];
         let r = f(&mut frame);
+        self.2.frame(&frame, true);
         let _ = self.0.send_to(&frame, ("127.0.0.1", self.1));
         r
     }
@@ -48,13 +53,17 @@ impl Device for UdpEth {
 
     fn receive(&mut self, _t: Instant) -> Option<(Rx, Tx<'_>)> {
         match self.sock.recv(&mut self.buf) {
-            Ok(n) => Some((Rx(self.buf[..n].to_vec()), Tx(&self.sock, self.tx_port))),
+            Ok(n) => {
+                self.wire.frame(&self.buf[..n], false);
+                let tx = Tx(&self.sock, self.tx_port, &mut self.wire);
+                Some((Rx(self.buf[..n].to_vec()), tx))
+            }
             Err(_) => None,
         }
     }
 
     fn transmit(&mut self, _t: Instant) -> Option<Tx<'_>> {
-        Some(Tx(&self.sock, self.tx_port))
+        Some(Tx(&self.sock, self.tx_port, &mut self.wire))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -62,6 +71,131 @@ impl Device for UdpEth {
         c.medium = Medium::Ethernet;
         c.max_transmission_unit = 1514;
         c
+    }
+}
+
+/// TCP segments of the endpoint's connection as seen on its wire, counted at the device
+/// layer because smoltcp 0.12 exposes no retransmission counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct WireStats {
+    /// TCP segments sent (all of this endpoint's connections).
+    pub segments_sent: u64,
+    /// TCP segments received for this endpoint's IP.
+    pub segments_received: u64,
+    /// Segments we sent that started below the highest sequence number already sent:
+    /// our retransmissions (timeouts and fast retransmits alike).
+    pub retransmitted: u64,
+    /// Segments received whose sequence space had all arrived before: the peer's
+    /// retransmissions of segments that got through (or duplicates made on the way).
+    /// A peer's retransmission of a segment that was lost arrives only once and cannot
+    /// be told apart here.
+    pub duplicates_received: u64,
+    /// Segments received with RST set.
+    pub resets_received: u64,
+    /// Segments sent with RST set.
+    pub resets_sent: u64,
+}
+
+impl WireStats {
+    /// What was counted since `earlier` (a snapshot of the same endpoint).
+    pub fn since(&self, earlier: &WireStats) -> WireStats {
+        WireStats {
+            segments_sent: self.segments_sent.saturating_sub(earlier.segments_sent),
+            segments_received: self
+                .segments_received
+                .saturating_sub(earlier.segments_received),
+            retransmitted: self.retransmitted.saturating_sub(earlier.retransmitted),
+            duplicates_received: self
+                .duplicates_received
+                .saturating_sub(earlier.duplicates_received),
+            resets_received: self.resets_received.saturating_sub(earlier.resets_received),
+            resets_sent: self.resets_sent.saturating_sub(earlier.resets_sent),
+        }
+    }
+}
+
+/// The sequence space of the connection last seen on the wire.
+#[derive(Default)]
+struct TcpWire {
+    stats: WireStats,
+    /// (local port, remote address, remote port) of the connection tracked.
+    flow: Option<([u8; 2], [u8; 4], [u8; 2])>,
+    /// One past the highest sequence number sent / received on it.
+    snd_max: Option<i32>,
+    rcv_max: Option<i32>,
+}
+
+impl TcpWire {
+    /// Accounts one Ethernet frame (`outgoing`: sent by us). Anything but TCP over IPv4
+    /// is ignored; so are frames too short to parse.
+    fn frame(&mut self, frame: &[u8], outgoing: bool) {
+        use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, TcpPacket};
+        let Ok(eth) = EthernetFrame::new_checked(frame) else {
+            return;
+        };
+        if eth.ethertype() != EthernetProtocol::Ipv4 {
+            return;
+        }
+        let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
+            return;
+        };
+        if ip.next_header() != IpProtocol::Tcp {
+            return;
+        }
+        let Ok(seg) = TcpPacket::new_checked(ip.payload()) else {
+            return;
+        };
+        let (local, remote, remote_ip) = if outgoing {
+            (seg.src_port(), seg.dst_port(), ip.dst_addr())
+        } else {
+            (seg.dst_port(), seg.src_port(), ip.src_addr())
+        };
+        let flow = (
+            local.to_be_bytes(),
+            remote_ip.octets(),
+            remote.to_be_bytes(),
+        );
+        if self.flow != Some(flow) {
+            if !outgoing {
+                // Not (yet) our connection: a stray, or the SYN before our SYN-ACK.
+                self.stats.segments_received += 1;
+                self.stats.resets_received += u64::from(seg.rst());
+                return;
+            }
+            // We sent on a new connection (one socket per endpoint): start over.
+            *self = Self {
+                stats: self.stats,
+                flow: Some(flow),
+                ..Self::default()
+            };
+        }
+        let len = seg.payload().len() as i32 + i32::from(seg.syn()) + i32::from(seg.fin());
+        let start = seg.seq_number().0;
+        let end = start.wrapping_add(len);
+        // Sequence numbers compare modulo 2^32 (RFC 793 3.3).
+        let before = |a: i32, b: i32| a.wrapping_sub(b) < 0;
+        let st = &mut self.stats;
+        if outgoing {
+            st.segments_sent += 1;
+            st.resets_sent += u64::from(seg.rst());
+            if len > 0 {
+                if self.snd_max.is_some_and(|m| before(start, m)) {
+                    st.retransmitted += 1;
+                }
+                if self.snd_max.is_none_or(|m| before(m, end)) {
+                    self.snd_max = Some(end);
+                }
+            }
+        } else {
+            st.segments_received += 1;
+            st.resets_received += u64::from(seg.rst());
+            if len > 0 {
+                match self.rcv_max {
+                    Some(m) if !before(m, end) => st.duplicates_received += 1,
+                    _ => self.rcv_max = Some(end),
+                }
+            }
+        }
     }
 }
 
@@ -156,6 +290,7 @@ impl BxEndpoint {
             sock,
             tx_port: rx_port + 1,
             buf: vec![0; 65536],
+            wire: TcpWire::default(),
         };
         let epoch = StdInstant::now();
         let cfg = Config::new(EthernetAddress(mac).into());
@@ -255,7 +390,21 @@ impl BxEndpoint {
         self.iface.poll(now, &mut self.dev, &mut self.sockets);
     }
 
-    fn socket(&mut self) -> &mut tcp::Socket<'static> {
+    /// The TCP counters seen on the wire since this endpoint was made.
+    pub fn wire_stats(&self) -> WireStats {
+        self.dev.wire.stats
+    }
+
+    /// Turns Nagle's algorithm on or off (on by default, as smoltcp has it). A latency
+    /// probe sending small chunks turns it off, or each chunk waits for the previous
+    /// one's ACK (and the peer's delayed ACK).
+    pub fn set_nagle(&mut self, on: bool) {
+        self.socket().set_nagle_enabled(on);
+    }
+
+    /// The TCP socket itself, for a client that drives it directly (see
+    /// [`crate::echo`]).
+    pub(crate) fn socket(&mut self) -> &mut tcp::Socket<'static> {
         self.sockets.get_mut::<tcp::Socket>(self.tcp)
     }
 

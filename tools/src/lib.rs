@@ -6,6 +6,7 @@
 
 pub mod bxnet;
 pub mod console;
+pub mod echo;
 pub mod emu;
 pub mod hub;
 pub mod session;
