@@ -564,6 +564,44 @@ impl BxEndpoint {
         Ok(())
     }
 
+    /// Receives one line (plain TCP, no channel) up to `\n`, which is not returned.
+    pub fn recv_line(&mut self, timeout: Duration) -> Result<String, String> {
+        let deadline = StdInstant::now() + timeout;
+        let mut out = Vec::new();
+        loop {
+            self.poll();
+            let s = self.socket();
+            if s.can_recv() {
+                let done = s
+                    .recv(|b| {
+                        let n = b
+                            .iter()
+                            .position(|c| *c == b'\n')
+                            .map_or(b.len(), |i| i + 1);
+                        out.extend_from_slice(&b[..n]);
+                        (n, out.last() == Some(&b'\n'))
+                    })
+                    .map_err(|e| format!("recv: {e}"))?;
+                if done {
+                    out.pop();
+                    return String::from_utf8(out).map_err(|_| "reply is not UTF-8".to_string());
+                }
+            } else if !s.may_recv() {
+                return Err(format!(
+                    "connection closed after {:?}",
+                    String::from_utf8_lossy(&out)
+                ));
+            }
+            if StdInstant::now() > deadline {
+                return Err(format!(
+                    "no full line within {timeout:?}: {:?}",
+                    String::from_utf8_lossy(&out)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Receives until the peer closes or `timeout`; returns what arrived (plaintext
     /// through the channel once [`Self::secure`] ran).
     pub fn recv_until_close(&mut self, timeout: Duration) -> Vec<u8> {
