@@ -169,6 +169,11 @@ pub struct PairArgs {
     /// Accepted for compatibility: this command always boots a pair.
     #[arg(long, hide = true)]
     pub pair: bool,
+    /// Demonstrate a guest on the network instead: a host client keeps a TCP
+    /// connection to the `echo` guest while it migrates A -> B -> A, and prints the
+    /// longest stall it saw beside the downtime.
+    #[arg(long)]
+    pub net: bool,
 }
 
 /// Options shared by the subcommands that boot instances.
@@ -233,7 +238,13 @@ fn main() -> ExitCode {
             run::run(&o, store.then_some(&s))
         }),
         Cmd::Store(s) => store::run(&s),
-        Cmd::Demo(p) => BootOpts::new(&p.emu, true).and_then(|o| demo::run(&o)),
+        Cmd::Demo(p) => BootOpts::new(&p.emu, true).and_then(|o| {
+            if p.net {
+                demo::run_net(&o)
+            } else {
+                demo::run(&o)
+            }
+        }),
         Cmd::Test(t) => test::run(&t),
         Cmd::Bench(b) => bench::run(&b),
         Cmd::Soak(s) => soak::run(&s),
@@ -306,6 +317,7 @@ mod tests {
             "run --pair --link-rate 2000000 --link-queue 512 --loss 0.01 --hub-seed 7",
             "run --emulator qemu",
             "demo --pair --emulator bochs",
+            "demo --net",
             "bench --quick --emulator qemu-kvm --repeats 2 --compare old.json",
             "bench --from docs/bench/results.json --out docs/bench",
             "build",
