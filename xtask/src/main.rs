@@ -318,6 +318,8 @@ mod tests {
             "run --emulator qemu",
             "demo --pair --emulator bochs",
             "demo --net",
+            "bench --net",
+            "bench --net --repeats 3 --out /tmp/x",
             "bench --quick --emulator qemu-kvm --repeats 2 --compare old.json",
             "bench --from docs/bench/results.json --out docs/bench",
             "build",

@@ -12,6 +12,7 @@
 //!
 //! `--compare` and `--from` work on results files alone, without booting anything.
 
+mod net;
 mod report;
 mod results;
 
@@ -62,9 +63,15 @@ pub struct BenchArgs {
     /// an existing results.json instead of running; reads the old hand-written format too.
     #[arg(long, value_name = "RESULTS.json", conflicts_with_all = ["quick", "repeats"])]
     pub from: Option<PathBuf>,
-    /// Directory for the outputs [default: out/bench].
+    /// Directory for the outputs [default: out/bench, or out/bench-net with --net].
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
+    /// The application's view instead: the `echo` guest under a host client's steady
+    /// load, migrated once per mode (pre-copy, stop-and-copy, post-copy, hybrid), with
+    /// the hypervisors' downtime beside the stall the client saw and its TCP
+    /// retransmissions; net.csv, net.json and latency.svg (reply latency over time).
+    #[arg(long, conflicts_with_all = ["quick", "only", "compare", "against", "from"])]
+    pub net: bool,
 }
 
 /// One configuration of the matrix.
@@ -241,6 +248,14 @@ fn load(path: &Path) -> Result<Results, String> {
 
 /// `cargo xtask bench`.
 pub fn run(args: &BenchArgs) -> Result<(), String> {
+    if args.net {
+        let opts = crate::BootOpts::new(&args.emu, true)?;
+        let dir = args
+            .out
+            .clone()
+            .unwrap_or_else(|| out_dir().join("bench-net"));
+        return net::run(&opts, &dir, args.repeats.unwrap_or(1));
+    }
     let old = args.compare.as_deref().map(load).transpose()?;
     if let (Some(old), Some(new)) = (&old, &args.against) {
         print!("{}", report::compare_text(old, &load(new)?));
