@@ -40,9 +40,12 @@ fn bochs_pair_guest_tcp_connection_survives_migration() {
             [10, 0, 0, 90],
         )
         .map_err(|e| e.to_string())?;
-        client
-            .connect(ECHO_IP, 7, Duration::from_secs(60))
-            .map_err(|e| format!("connect to the echo guest: {e}"))?;
+        if let Err(e) = client.connect(ECHO_IP, 7, Duration::from_secs(60)) {
+            // The switch's and the NIC's counters say where the frames stopped.
+            let net = a.command("net", CMD_TIMEOUT)?;
+            let stats = a.command(&format!("stats {echo}"), CMD_TIMEOUT)?;
+            return Err(format!("connect to the echo guest: {e}\n{net}\n{stats}"));
+        }
         let cfg = EchoConfig {
             rate: 8 * 1024,
             chunk: 256,
@@ -66,8 +69,11 @@ fn bochs_pair_guest_tcp_connection_survives_migration() {
         let m1 = session::migrate(a, b, echo, "10.0.0.2", "", MIGRATE_TIMEOUT)?;
         let before = run.echoed();
         if !run.wait_echoed(before + 16 * 1024, Duration::from_secs(90)) {
+            let na = a.command("net", CMD_TIMEOUT)?;
+            let nb = b.command("net", CMD_TIMEOUT)?;
+            let sb = b.command(&format!("stats {}", m1.new_id), CMD_TIMEOUT)?;
             return Err(format!(
-                "no echo from B after the migration ({} bytes echoed)",
+                "no echo from B after the migration ({} bytes echoed)\nA: {na}\nB: {nb}\n{sb}",
                 run.echoed()
             ));
         }

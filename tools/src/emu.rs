@@ -602,6 +602,16 @@ fn start_hub(
         })
         .collect();
     let mut hc = cfg.hub.clone();
+    if cfg.emulator == Emulator::Bochs {
+        // Bochs' socket module passes only frames for the NIC's own MAC: the guests
+        // behind each hypervisor are reached through the hub's tunnel.
+        for ic in cfg.instance_configs(base) {
+            if let Some(n) = ic.net {
+                let port = usize::from((n.hub_port - base) / 2);
+                hc.tunnel.push((port, n.mac));
+            }
+        }
+    }
     if hc.seed.is_none() {
         hc.seed = env_seed()?;
     }

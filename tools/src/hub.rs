@@ -113,6 +113,10 @@ pub struct HubConfig {
     /// Back-pressure: pause a port while its member's socket holds this many frames or
     /// more (`None`: off). See [`DEFAULT_BACKPRESSURE`].
     pub backpressure: Option<u32>,
+    /// Ports whose member takes only frames for its own NIC's MAC (port, MAC): Bochs'
+    /// socket network module. Unicast frames there for other MACs (guests behind a
+    /// hypervisor) are wrapped ([`switch::TUNNEL_ETHERTYPE`]).
+    pub tunnel: Vec<(usize, [u8; 6])>,
 }
 
 impl Default for HubConfig {
@@ -126,6 +130,7 @@ impl Default for HubConfig {
             seed: None,
             report: None,
             backpressure: Some(DEFAULT_BACKPRESSURE),
+            tunnel: Vec::new(),
         }
     }
 }
@@ -176,6 +181,9 @@ impl Hub {
         }
         for &spec in &config.partitions {
             core.add_partition(0, spec)?;
+        }
+        for &(p, mac) in &config.tunnel {
+            core.set_tunnel(p, mac)?;
         }
         let mut sockets = Vec::new();
         for m in &members {

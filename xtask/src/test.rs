@@ -42,7 +42,15 @@ pub fn run(args: &TestArgs) -> Result<(), String> {
     // The guests' pure logic (the verify invariant, argument parsing) also runs on the host.
     let ok = cargo()
         .current_dir(root().join("guests"))
-        .args(["test", "-p", "rt", "-p", "kv", "--target", "x86_64-unknown-linux-gnu"])
+        .args([
+            "test",
+            "-p",
+            "rt",
+            "-p",
+            "kv",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+        ])
         .status()
         .map(|s| s.success())
         .unwrap_or(false);

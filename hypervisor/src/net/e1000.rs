@@ -98,6 +98,8 @@ const RCTL_EN: u32 = 1 << 1;
 const RCTL_BAM: u32 = 1 << 15;
 /// Unicast promiscuous: frames for the guests' MACs (behind the switch) are taken too.
 const RCTL_UPE: u32 = 1 << 3;
+/// Long packets: a full frame wrapped by the lab hub's tunnel is 1528 bytes.
+const RCTL_LPE: u32 = 1 << 5;
 const RCTL_SECRC: u32 = 1 << 26;
 const TCTL_EN: u32 = 1 << 1;
 const TCTL_PSP: u32 = 1 << 3;
@@ -454,11 +456,8 @@ impl<R: Regs, M: DmaMemory> E1000<R, M> {
     /// only its own.
     pub fn set_unicast_promiscuous(&mut self, on: bool) {
         let rctl = self.regs.read(reg::RCTL);
-        let rctl = if on {
-            rctl | RCTL_UPE
-        } else {
-            rctl & !RCTL_UPE
-        };
+        let bits = RCTL_UPE | RCTL_LPE;
+        let rctl = if on { rctl | bits } else { rctl & !bits };
         self.regs.write(reg::RCTL, rctl);
     }
 

@@ -702,7 +702,7 @@ impl smoltcp::phy::Device for SwitchDev<'_> {
                 // is for the stack or none is left.
                 if let Some(f) = self
                     .nic
-                    .receive_with(|f| sw.from_uplink(mac, f).then(|| f.to_vec()))?
+                    .receive_with(|f| sw.from_uplink(mac, f).map(|f| f.to_vec()))?
                 {
                     break f;
                 }

@@ -126,9 +126,15 @@ impl Switch {
         self.ports.iter().any(|p| p.mac == mac)
     }
 
-    /// A frame from the uplink: queued for the guests it is for; returns whether the
-    /// hypervisor's own stack (MAC `hv`) must see it too.
-    pub fn from_uplink(&mut self, hv: [u8; 6], frame: &[u8]) -> bool {
+    /// A frame from the uplink: queued for the guests it is for; returns the frame the
+    /// hypervisor's own stack (MAC `hv`) must see too, if any (unwrapped, see
+    /// [`unwrap_tunnel`]).
+    pub fn from_uplink<'f>(&mut self, hv: [u8; 6], frame: &'f [u8]) -> Option<&'f [u8]> {
+        let frame = unwrap_tunnel(hv, frame).unwrap_or(frame);
+        self.route_uplink(hv, frame).then_some(frame)
+    }
+
+    fn route_uplink(&mut self, hv: [u8; 6], frame: &[u8]) -> bool {
         if frame.len() < 14 {
             return false;
         }
@@ -239,6 +245,17 @@ impl Switch {
     }
 }
 
+/// EtherType of the lab hub's tunnel (IEEE local experimental 1): Bochs' socket network
+/// module passes only frames for the NIC's own MAC, so the hub delivers frames for the
+/// guests behind it wrapped in an outer header to that MAC (tools/src/hub/switch.rs).
+pub const TUNNEL_ETHERTYPE: u16 = 0x88b5;
+
+/// The frame inside a tunnel frame addressed to `hv`, if `frame` is one.
+pub fn unwrap_tunnel(hv: [u8; 6], frame: &[u8]) -> Option<&[u8]> {
+    (frame.len() >= 28 && frame[..6] == hv && frame[12..14] == TUNNEL_ETHERTYPE.to_be_bytes())
+        .then(|| &frame[14..])
+}
+
 /// A RARP request broadcast from `mac` (as QEMU's announce-self): carries no IP
 /// address, so it changes no ARP cache; switches learn where `mac` is now.
 pub fn rarp(mac: [u8; 6]) -> [u8; 60] {
@@ -279,17 +296,33 @@ mod tests {
     #[test]
     fn uplink_frames_reach_their_guest_broadcasts_everyone() {
         let mut s = sw();
-        assert!(!s.from_uplink(HV, &frame(G1, FAR)));
+        assert!(s.from_uplink(HV, &frame(G1, FAR)).is_none());
         assert_eq!(s.front_for(1).map(|f| f[5]), Some(1));
         assert!(s.front_for(2).is_none());
-        assert!(s.from_uplink(HV, &frame(BCAST, FAR)));
+        assert!(s.from_uplink(HV, &frame(BCAST, FAR)).is_some());
         assert_eq!(s.ports[1].queued(), 1);
-        assert!(s.from_uplink(HV, &frame(HV, FAR)));
-        assert!(!s.from_uplink(HV, &frame(FAR, FAR)));
+        assert!(s.from_uplink(HV, &frame(HV, FAR)).is_some());
+        assert!(s.from_uplink(HV, &frame(FAR, FAR)).is_none());
         assert_eq!(s.unknown, 1);
         s.pop_for(1);
         s.pop_for(1);
         assert!(s.front_for(1).is_none());
+    }
+
+    #[test]
+    fn tunnel_frames_are_unwrapped() {
+        let mut s = sw();
+        let inner = frame(G2, FAR);
+        let mut outer = HV.to_vec();
+        outer.extend_from_slice(&FAR);
+        outer.extend_from_slice(&TUNNEL_ETHERTYPE.to_be_bytes());
+        outer.extend_from_slice(&inner);
+        assert!(s.from_uplink(HV, &outer).is_none());
+        assert_eq!(s.front_for(2), Some(&inner[..]));
+        // Not for us: left alone (and for no one here).
+        outer[..6].copy_from_slice(&FAR);
+        assert!(s.from_uplink(HV, &outer).is_none());
+        assert_eq!(s.unknown, 1);
     }
 
     #[test]

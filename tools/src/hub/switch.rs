@@ -489,7 +489,26 @@ struct Port {
     /// Frames the member can still take (back-pressure from the I/O layer); `None` when
     /// the member's buffer is not watched. At 0 the port is paused: frames wait queued.
     credit: Option<u32>,
+    /// The member takes only frames for this MAC (and broadcasts): Bochs' socket
+    /// network module drops the rest before its NIC sees them. Unicast frames for other
+    /// MACs behind it (guests behind a hypervisor) go wrapped ([`TUNNEL_ETHERTYPE`]).
+    tunnel: Option<[u8; 6]>,
     c: PortCounters,
+}
+
+/// EtherType of a frame the hub wraps for a member that filters MACs (IEEE's local
+/// experimental EtherType 1): an outer header to the member's own MAC, then the
+/// original frame whole. The hypervisor's switch unwraps it.
+pub const TUNNEL_ETHERTYPE: u16 = 0x88b5;
+
+/// `frame` wrapped for a member whose NIC has MAC `to`.
+pub fn tunnel_wrap(to: [u8; 6], frame: &[u8]) -> Vec<u8> {
+    let mut w = Vec::with_capacity(frame.len() + ETH_HEADER);
+    w.extend_from_slice(&to);
+    w.extend_from_slice(&frame[6..12]);
+    w.extend_from_slice(&TUNNEL_ETHERTYPE.to_be_bytes());
+    w.extend_from_slice(frame);
+    w
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -555,6 +574,7 @@ impl Core {
                 flight: VecDeque::new(),
                 next_free: 0,
                 credit: None,
+                tunnel: None,
                 c: PortCounters::default(),
             })
             .collect();
@@ -565,6 +585,17 @@ impl Core {
             cuts: Vec::new(),
             seed,
         })
+    }
+
+    /// Port `port`'s member takes only frames for `nic` (see [`TUNNEL_ETHERTYPE`]).
+    pub fn set_tunnel(&mut self, port: usize, nic: [u8; 6]) -> Result<(), HubError> {
+        let ports = self.ports.len();
+        let p = self
+            .ports
+            .get_mut(port)
+            .ok_or(HubError::NoSuchPort { port, ports })?;
+        p.tunnel = Some(nic);
+        Ok(())
     }
 
     /// The seed fault decisions come from.
@@ -882,6 +913,14 @@ impl Core {
             self.ports[q].c.dropped_partition += 1;
             return;
         }
+        let wrapped;
+        let frame = match self.ports[q].tunnel {
+            Some(nic) if !is_group(&frame[..6]) && frame[..6] != nic => {
+                wrapped = Arc::from(tunnel_wrap(nic, frame));
+                &wrapped
+            }
+            _ => frame,
+        };
         let p = &mut self.ports[q];
         // Always four draws per frame, so decisions stay aligned whatever is enabled.
         let r_loss = p.rng.next_f64();
@@ -1089,6 +1128,27 @@ mod tests {
         let k = c.counters();
         assert_eq!((k[0].frames_in, k[0].frames_out), (2, 3));
         assert_eq!(k[1].bytes_in, 120);
+    }
+
+    #[test]
+    fn frames_for_macs_behind_a_filtering_member_are_wrapped() {
+        let mut c = core(2);
+        c.set_tunnel(0, mac(1)).unwrap();
+        // For the member's own MAC, and broadcasts: as they are.
+        c.ingress(0, 1, &frame(mac(1), mac(2), 60, 1));
+        c.ingress(0, 1, &frame(BCAST, mac(2), 60, 2));
+        // For a guest behind it: wrapped to the member's MAC.
+        let inner = frame(mac(7), mac(2), 60, 3);
+        c.ingress(0, 1, &inner);
+        let mut out = Vec::new();
+        c.poll(MS, &mut out);
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[0].1[..], frame(mac(1), mac(2), 60, 1)[..]);
+        assert_eq!(out[1].1[..6], BCAST);
+        let w = &out[2].1;
+        assert_eq!(w[..6], mac(1));
+        assert_eq!(w[12..14], TUNNEL_ETHERTYPE.to_be_bytes());
+        assert_eq!(w[14..], inner[..]);
     }
 
     #[test]
