@@ -371,11 +371,17 @@ impl<B: Backend> Device for PvNic<B> {
     fn capabilities(&self) -> DeviceCapabilities {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ethernet;
-        caps.max_transmission_unit = guest_abi::NET_FRAME_MAX as usize;
+        // 14 bytes under the largest frame: the lab's hub delivers frames for guests
+        // behind a Bochs instance wrapped in one more Ethernet header, and Bochs' NIC
+        // takes no frame over 1514 bytes; TCP peers learn the smaller MSS.
+        caps.max_transmission_unit = FRAME_LIMIT;
         caps.max_burst_size = Some(ring::SLOTS);
         caps
     }
 }
+
+/// Largest frame the guests send or invite (see `capabilities`).
+pub const FRAME_LIMIT: usize = guest_abi::NET_FRAME_MAX as usize - 14;
 
 /// The monotonic clock as a smoltcp instant (microseconds; it keeps counting across
 /// migrations).
