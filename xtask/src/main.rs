@@ -325,6 +325,7 @@ mod tests {
             "build",
             "completions bash",
             "soak --migrations 20 --seed 5",
+            "soak --migrations 1000 --seed 1000 --guest-mem 4",
             "run --pair --store",
             "run --pair --store --store-dir /tmp/ckpts",
             "store",
