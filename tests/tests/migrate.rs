@@ -180,6 +180,57 @@ fn bochs_pair_peer_killed_mid_migration_keeps_guest_on_source() {
         }
         c.command("check 1", CMD_TIMEOUT)?;
         c.wait_for("[g1] verify: PASS", GUEST_TIMEOUT)?;
+
+        // The peer killed in the phases that last milliseconds, held open with `hold`.
+        // Destination killed while the source drains, and while it holds READY: the
+        // source gives up and the guest runs on.
+        for (point, holder) in [("drain", 0), ("ready", 1)] {
+            lab.restart(1, BOOT_TIMEOUT)?;
+            lab.instances[holder]
+                .console
+                .command(&format!("hold {point} 3000"), CMD_TIMEOUT)?;
+            let c = &mut lab.instances[0].console;
+            expect(
+                &c.command("migrate 1 10.0.0.2 timeout=8", CMD_TIMEOUT)?,
+                "migrate: guest 1",
+            )?;
+            lab.instances[holder]
+                .console
+                .wait_for(&format!("hold: {point} for"), MIGRATE_TIMEOUT)?;
+            lab.instances[1].kill();
+            let c = &mut lab.instances[0].console;
+            c.wait_for("migrate: FAILED", MIGRATE_TIMEOUT)?;
+            c.wait_for("keeps running here", CMD_TIMEOUT)?;
+            c.command("check 1", CMD_TIMEOUT)?;
+            c.wait_for("[g1] verify: PASS", GUEST_TIMEOUT)?;
+            eprintln!("migrate-kill: destination killed at {point}: the guest runs on at A");
+        }
+
+        // Source killed after READY, before COMMIT: the guest is the destination's
+        // now; it keeps it paused and says so, and `resume` runs it there.
+        lab.restart(1, BOOT_TIMEOUT)?;
+        let c = &mut lab.instances[0].console;
+        c.command("hold commit 3000", CMD_TIMEOUT)?;
+        expect(
+            &c.command("migrate 1 10.0.0.2 timeout=8", CMD_TIMEOUT)?,
+            "migrate: guest 1",
+        )?;
+        c.wait_for("hold: commit for", MIGRATE_TIMEOUT)?;
+        lab.instances[0].kill();
+        let b = &mut lab.instances[1].console;
+        let line = b.wait_for("its source never sent COMMIT", MIGRATE_TIMEOUT)?;
+        let id: u32 = line
+            .rsplit("migrate: WARNING: guest ")
+            .next()
+            .and_then(|s| s.split(' ').next())
+            .and_then(|s| s.parse().ok())
+            .ok_or(format!("no guest id in {line:?}"))?;
+        expect(&b.command(&format!("resume {id}"), CMD_TIMEOUT)?, "resumed")?;
+        b.command(&format!("check {id}"), CMD_TIMEOUT)?;
+        b.wait_for(&format!("[g{id}] verify: PASS"), GUEST_TIMEOUT)?;
+        eprintln!("migrate-kill: source killed after READY: paused on B, resumed there, passes");
         Ok(())
     });
 }
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);

@@ -93,6 +93,10 @@ fn bad_call(mode: &str) {
     }
 }
 
+/// A page-aligned page (the PV NIC's ring must be one).
+#[repr(C, align(4096))]
+struct RingPage([u32; 1024]);
+
 /// Every hypercall but Exit, in a loop, for `secs` seconds of guest time.
 fn hammer(secs: u64, seed: u64) -> i32 {
     println!("misbehave: hammering every hypercall for {secs} s (seed={seed})");
@@ -103,6 +107,10 @@ fn hammer(secs: u64, seed: u64) -> i32 {
     let end = rt::time_ns() + secs * 1_000_000_000;
     let mut calls = 0u64;
     let mut i = seed;
+    // A ring page the hypervisor is told about, rewritten with garbage as we go: wild
+    // indices, descriptors inside, across and outside guest memory, any length.
+    let mut ring = RingPage([0; 1024]);
+    let ring_at = ring.0.as_ptr() as u64;
     while rt::time_ns() < end {
         for _ in 0..64 {
             i = i
@@ -115,7 +123,26 @@ fn hammer(secs: u64, seed: u64) -> i32 {
                 3 => OUTSIDE,      // far outside
                 _ => u64::MAX - 3, // wraps
             };
-            let _ = match (i >> 40) % 10 {
+            for k in 0..4 {
+                let w = (i.rotate_left(k * 16) as usize) % ring.0.len();
+                ring.0[w] = match k {
+                    0 => (i >> 7) as u32 % (mem as u32), // a plausible address
+                    1 => (i >> 9) as u32 % 2048,         // a plausible length
+                    _ => (i >> 13) as u32,               // anything
+                };
+            }
+            let _ = match (i >> 40) % 13 {
+                // The PV NIC: attach the garbage ring (or a bad address), then ask the
+                // hypervisor to send and wait.
+                9 => hypercall(
+                    Hypercall::NetAttach,
+                    if i & 4 == 0 { ring_at } else { ptr },
+                    0,
+                    0,
+                    0,
+                ),
+                10 => hypercall(Hypercall::NetNotify, 0, 0, 0, 0),
+                11 => hypercall(Hypercall::NetWait, 0, 0, 0, 0), // deadline passed
                 // Zero-length writes: the console path runs, nothing is printed.
                 0 => hypercall(Hypercall::ConsoleWrite, ptr, 0, 0, 0),
                 1 => hypercall(Hypercall::ConsoleWrite, ptr, 1 << 40, 0, 0),
