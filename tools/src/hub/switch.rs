@@ -498,8 +498,8 @@ struct Port {
 
 /// EtherType of a frame the hub wraps for a member that filters MACs (IEEE's local
 /// experimental EtherType 1): an outer header to the member's own MAC, then the
-/// original frame whole. The hypervisor's switch unwraps it.
-pub const TUNNEL_ETHERTYPE: u16 = 0x88b5;
+/// original frame whole. The hypervisor's switch unwraps it (one constant for both).
+pub use hypervisor::net::switch::TUNNEL_ETHERTYPE;
 
 /// `frame` wrapped for a member whose NIC has MAC `to`.
 pub fn tunnel_wrap(to: [u8; 6], frame: &[u8]) -> Vec<u8> {
