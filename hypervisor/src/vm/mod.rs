@@ -517,13 +517,6 @@ impl Vm {
         Ok(pages as u64)
     }
 
-    /// Forgets the free-page hint of page `pfn` (it was written).
-    pub(crate) fn unhint(&mut self, pfn: usize) {
-        if let Some(f) = self.free.as_mut() {
-            f.unset(pfn);
-        }
-    }
-
     /// Reports the pages hinted free and not written since (their EPT dirty flag is
     /// still clear) to `sink`, and forgets the hints of pages written since. Call
     /// before dirty tracking starts (it owns the dirty flags from then on).

@@ -754,31 +754,17 @@ impl Vm {
     fn net_transmit(&mut self) -> Result<u64, Option<usize>> {
         let ring = self.nic.ring.ok_or(None)?;
         let room = nic::TX_QUEUE.saturating_sub(self.nic.tx_out.len());
-        let remote = self.remote.take();
-        let is_remote = |p: usize| remote.as_ref().is_some_and(|r| r.get(p));
-        let mut dirty = self.dirty.take();
-        let mut free = self.free.take();
+        let (remote, dirty, free) = (&self.remote, &mut self.dirty, &mut self.free);
         let queue = &mut self.nic.tx_out;
         let r = nic::tx_drain(
             self.mem.as_bytes_mut(),
             ring,
             room,
             &mut self.nic.stats,
-            is_remote,
-            |p| {
-                // The hypervisor's writes bypass EPT dirty tracking.
-                if let Some(d) = dirty.as_mut() {
-                    d.set(p);
-                }
-                if let Some(f) = free.as_mut() {
-                    f.unset(p);
-                }
-            },
+            |p| remote.as_ref().is_some_and(|r| r.get(p)),
+            |p| written_by_hypervisor(dirty, free, p),
             |f| queue.push_back(f),
         );
-        self.remote = remote;
-        self.dirty = dirty;
-        self.free = free;
         match r {
             Ok(n) => Ok(u64::from(n)),
             Err(nic::RingError::Remote(p)) => Err(Some(p)),
@@ -793,28 +779,15 @@ impl Vm {
         let Some(ring) = self.nic.ring else {
             return true;
         };
-        let remote = self.remote.take();
-        let is_remote = |p: usize| remote.as_ref().is_some_and(|r| r.get(p));
-        let mut dirty = self.dirty.take();
-        let mut free = self.free.take();
+        let (remote, dirty, free) = (&self.remote, &mut self.dirty, &mut self.free);
         let r = nic::rx_deliver(
             self.mem.as_bytes_mut(),
             ring,
             frame,
             &mut self.nic.stats,
-            is_remote,
-            |p| {
-                if let Some(d) = dirty.as_mut() {
-                    d.set(p);
-                }
-                if let Some(f) = free.as_mut() {
-                    f.unset(p);
-                }
-            },
+            |p| remote.as_ref().is_some_and(|r| r.get(p)),
+            |p| written_by_hypervisor(dirty, free, p),
         );
-        self.remote = remote;
-        self.dirty = dirty;
-        self.free = free;
         match r {
             Ok(nic::Delivery::NoBuffer) => return false,
             Ok(nic::Delivery::Delivered) => {}
@@ -845,14 +818,25 @@ impl Vm {
         let first = range.start / 4096;
         let last = (range.end - 1) / 4096;
         self.mem.as_bytes_mut()[range].copy_from_slice(&b);
-        // The hypervisor's own writes bypass EPT dirty tracking: mark them while a
-        // migration tracks (a bit per page, however often this is called).
         for pfn in first..=last {
-            if let Some(d) = &mut self.dirty {
-                d.set(pfn);
-            }
-            self.unhint(pfn);
+            written_by_hypervisor(&mut self.dirty, &mut self.free, pfn);
         }
         Ok(0)
+    }
+}
+
+/// Page `pfn` was written by the hypervisor itself (a hypercall result, a received
+/// frame), which EPT dirty tracking never sees: mark it for a migration in progress (a
+/// bit per page, however often) and drop its free-page hint.
+fn written_by_hypervisor(
+    dirty: &mut Option<PageBitmap>,
+    free: &mut Option<PageBitmap>,
+    pfn: usize,
+) {
+    if let Some(d) = dirty.as_mut() {
+        d.set(pfn);
+    }
+    if let Some(f) = free.as_mut() {
+        f.unset(pfn);
     }
 }
