@@ -105,15 +105,7 @@ pub fn run_net(opts: &BootOpts) -> Result<(), String> {
     a.wait_for("\n", Duration::from_secs(10))?;
 
     step("host: connect to 10.0.0.10:7 through the lab's hub and stream 8 KiB/s");
-    let mut client = EchoClient::new(
-        client_port,
-        [0x52, 0x54, 0, 0x12, 0x34, 0x90],
-        [10, 0, 0, 90],
-    )
-    .map_err(|e| e.to_string())?;
-    client
-        .connect([10, 0, 0, 10], 7, Duration::from_secs(60))
-        .map_err(|e| e.to_string())?;
+    let client = connect_echo(client_port)?;
     let cfg = EchoConfig {
         rate: 8 * 1024,
         give_up: Duration::from_secs(120),
@@ -173,4 +165,15 @@ pub fn run_net(opts: &BootOpts) -> Result<(), String> {
         return Err("the connection was reset".into());
     }
     Ok(())
+}
+
+/// A host client on hub port `port` (10.0.0.90), connected to the echo guest at
+/// 10.0.0.10:7 (as the demo and `bench --net` start it).
+pub fn connect_echo(port: u16) -> Result<EchoClient, String> {
+    let mut client = EchoClient::new(port, [0x52, 0x54, 0, 0x12, 0x34, 0x90], [10, 0, 0, 90])
+        .map_err(|e| e.to_string())?;
+    client
+        .connect([10, 0, 0, 10], 7, Duration::from_secs(60))
+        .map_err(|e| format!("connect to the echo guest: {e}"))?;
+    Ok(client)
 }

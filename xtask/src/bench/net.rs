@@ -8,7 +8,7 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use hv_tools::echo::{EchoClient, EchoConfig, EchoSession};
+use hv_tools::echo::{EchoConfig, EchoSession};
 use hv_tools::session;
 use serde::Serialize;
 
@@ -64,15 +64,8 @@ pub fn run(opts: &BootOpts, dir: &Path, repeats: u32) -> Result<(), String> {
     let mut series = Vec::new();
     for repeat in 1..=repeats {
         for (mode, opts) in MODES {
-            let mut client = EchoClient::new(
-                client_port,
-                [0x52, 0x54, 0, 0x12, 0x34, 0x90],
-                [10, 0, 0, 90],
-            )
-            .map_err(|e| e.to_string())?;
-            client
-                .connect([10, 0, 0, 10], 7, Duration::from_secs(60))
-                .map_err(|e| format!("{mode}: connect: {e}"))?;
+            let client =
+                crate::demo::connect_echo(client_port).map_err(|e| format!("{mode}: {e}"))?;
             let cfg = EchoConfig {
                 rate: RATE,
                 chunk: CHUNK,
