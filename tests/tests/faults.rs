@@ -410,12 +410,7 @@ fn heal_all(lab: &mut hv_tests::Lab) -> Result<(), String> {
 /// Waits for the destination's lost-COMMIT warning; returns the paused guest's id.
 fn commit_lost(lab: &mut hv_tests::Lab, g: &Guest) -> Result<u32, String> {
     let (_, dst) = sides(lab, g);
-    let line = dst.wait_for("its source never sent COMMIT", MIGRATE_TIMEOUT)?;
-    line.rsplit("migrate: WARNING: guest ")
-        .next()
-        .and_then(|s| s.split(' ').next())
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("no guest id in {line:?}"))
+    session::wait_commit_lost(dst, MIGRATE_TIMEOUT)
 }
 
 /// The destination lists guest `id` paused (a complete copy without COMMIT).

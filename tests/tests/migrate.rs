@@ -218,13 +218,7 @@ fn bochs_pair_peer_killed_mid_migration_keeps_guest_on_source() {
         c.wait_for("hold: commit for", MIGRATE_TIMEOUT)?;
         lab.instances[0].kill();
         let b = &mut lab.instances[1].console;
-        let line = b.wait_for("its source never sent COMMIT", MIGRATE_TIMEOUT)?;
-        let id: u32 = line
-            .rsplit("migrate: WARNING: guest ")
-            .next()
-            .and_then(|s| s.split(' ').next())
-            .and_then(|s| s.parse().ok())
-            .ok_or(format!("no guest id in {line:?}"))?;
+        let id = session::wait_commit_lost(b, MIGRATE_TIMEOUT)?;
         expect(&b.command(&format!("resume {id}"), CMD_TIMEOUT)?, "resumed")?;
         b.command(&format!("check {id}"), CMD_TIMEOUT)?;
         b.wait_for(&format!("[g{id}] verify: PASS"), GUEST_TIMEOUT)?;

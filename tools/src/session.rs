@@ -87,6 +87,17 @@ pub fn wait_arrived(dst: &mut Console, timeout: Duration) -> Result<u32, String>
         .ok_or_else(|| format!("cannot find the new id in {arrived:?}"))
 }
 
+/// Waits for a destination's lost-COMMIT warning (a complete guest kept paused
+/// because its source never sent COMMIT); returns that guest's id.
+pub fn wait_commit_lost(dst: &mut Console, timeout: Duration) -> Result<u32, String> {
+    let line = dst.wait_for("its source never sent COMMIT", timeout)?;
+    line.rsplit("migrate: WARNING: guest ")
+        .next()
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no guest id in {line:?}"))
+}
+
 /// Runs `netbench <ip> <mib>` and returns the NETBENCH figures.
 pub fn netbench(c: &mut Console, ip: &str, mib: u32) -> Result<BTreeMap<String, String>, String> {
     c.send_line(&format!("netbench {ip} {mib}"))?;
