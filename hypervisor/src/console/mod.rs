@@ -45,12 +45,12 @@ pub const COMMANDS: &[Command] = &[
     Command { name: "netbench", usage: "<ip> [MiB]", help: "TCP bulk transfer to a peer's sink" },
     Command {
         name: "migrate",
-        usage: "<id> <ip>[:port] [downtime=<ms>] [max-rounds=<n>] [bandwidth=<MB/s>] [dirty=pml|ad|wp] [mode=precopy|stop|postcopy|hybrid] [prepage=<pages>] [converge=auto|off] [verify=full|sent] [cache=<MiB>] [timeout=<s>]",
+        usage: "<id> <ip>[:port] [downtime=<ms>] [max-rounds=<n>] [bandwidth=<MB/s>] [dirty=pml|ad|wp] [mode=precopy|stop|postcopy|hybrid] [prepage=<pages>] [converge=auto|off] [verify=full|sent] [cache=<MiB>] [timeout=<s>] [trace=on|off]",
         help: "live-migrate a guest to a peer",
     },
     Command {
         name: "checkpoint",
-        usage: "<id> <store-ip>[:port] [downtime=<ms>] [max-rounds=<n>] [dirty=pml|ad|wp] [mode=precopy|stop] [cache=<MiB>] [timeout=<s>]",
+        usage: "<id> <store-ip>[:port] [downtime=<ms>] [max-rounds=<n>] [dirty=pml|ad|wp] [mode=precopy|stop] [cache=<MiB>] [timeout=<s>] [trace=on|off]",
         help: "copy a running guest to a store; it keeps running here",
     },
     Command {

@@ -185,6 +185,10 @@ impl SourceGuest for VmGuest<'_> {
         self.vm.free_pages(sink);
     }
 
+    fn run_us(&self) -> u64 {
+        time::ticks_to_us(self.vm.runtime_ticks)
+    }
+
     fn throttle(&mut self, pct: u8) {
         self.vm.throttle_pct = pct;
         if pct == 0 {
@@ -313,6 +317,32 @@ impl Installer for VmmInstaller<'_> {
 }
 
 /// A guest that asked to move (and waits for it) learns that the move failed.
+/// `migrate ... trace`: where the time after the last round went, and what the
+/// final set is made of.
+fn print_trace(stats: &MigrationStats) {
+    if stats.drain.polls > 0 {
+        println!(
+            "migrate: trace: drain {} ms: {}",
+            stats.drain.span_us() / 1000,
+            stats.drain.line()
+        );
+        println!(
+            "migrate: trace: final set {} pages = {} dirty when the last round ended + {} dirtied during the drain",
+            stats.last.pages,
+            stats.round_end_dirty,
+            stats.drain_dirty
+        );
+    }
+    println!("migrate: trace: final: {}", stats.last.trace.line());
+    if stats.throttle_pct > 0 {
+        println!(
+            "migrate: trace: throttled for {} ms, up to {} %",
+            stats.throttle_us / 1000,
+            stats.throttle_pct
+        );
+    }
+}
+
 fn fail_move(vm: &mut Vm) {
     if vm.state == VmState::Moving {
         vm.regs.rax = guest_abi::ErrorCode::MoveFailed.to_raw();
@@ -1141,7 +1171,11 @@ impl Migrations {
         };
         let id = out.vm_id;
         let now = time::now_us();
-        let Some(status) = self.with_source(net, vmm, now, |s, g, l| s.poll(g, l, now)) else {
+        let Some(status) = self.with_source(net, vmm, now, |s, g, l| {
+            let status = s.poll(g, l, now);
+            s.poll_done(time::now_us());
+            status
+        }) else {
             println!("migrate: guest {id} vanished during migration");
             if let Some(o) = self.outgoing.take() {
                 self.linger(net, o.conn, Vec::new());
@@ -1172,6 +1206,9 @@ impl Migrations {
                 r.dirty_after,
                 r.bytes * 1000 / r.us.max(1)
             );
+            if out.source.params().trace {
+                println!("migrate:   trace: {}", r.trace.line());
+            }
             out.printed_round += 1;
         }
         if status != Status::Finished {
@@ -1239,6 +1276,9 @@ impl Migrations {
         let tail = out.source.take_farewell();
         self.linger(net, out.conn, tail);
         println!("{stats}");
+        if out.source.params().trace {
+            print_trace(&stats);
+        }
         println!("{}", stats.line());
         self.record(&stats);
     }
@@ -1549,6 +1589,13 @@ impl Migrations {
                 }
                 "prepage" => {
                     params.prepage = args::parse_in_range("prepage (pages)", v, 0, 256)? as u32
+                }
+                "trace" => {
+                    params.trace = match v {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(cmd_err!("unknown trace '{v}' (on, off)")),
+                    }
                 }
                 _ => return Err(cmd_err!("unknown option '{k}' (usage: {cmd} {usage})")),
             }

@@ -59,6 +59,10 @@ pub trait SourceGuest {
     /// Auto-converge: keep the guest off the CPU for `pct` percent of its time (0:
     /// not at all). By default ignored.
     fn throttle(&mut self, _pct: u8) {}
+    /// The guest's run time so far in us (for the trace; 0 where unknown).
+    fn run_us(&self) -> u64 {
+        0
+    }
 }
 
 /// Tunables of one migration (console options).
@@ -95,6 +99,9 @@ pub struct Params {
     pub auto_converge: bool,
     /// Test hook: stop at a point of the migration for a while ([`super::Hold`]).
     pub hold: Option<super::Hold>,
+    /// Print where each phase's time went (console only; the figures are in the
+    /// stats either way).
+    pub trace: bool,
 }
 
 /// When the source switches to post-copy.
@@ -124,6 +131,7 @@ impl Default for Params {
             checkpoint: false,
             auto_converge: false,
             hold: None,
+            trace: false,
         }
     }
 }
@@ -186,6 +194,17 @@ const POST_BULK_LOW: usize = 16 * 1024;
 /// neighbours); beyond it, neighbours are dropped (they still come with the bulk).
 const URGENT_MAX: usize = 1024;
 
+/// What the source waited for between two polls (the trace's split).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Waiting {
+    /// Encoded bytes the link did not take.
+    LinkFull,
+    /// Draining: everything handed to the link, not all acknowledged.
+    Acks,
+    /// Nothing: the loop ran guests and the network.
+    Nothing,
+}
+
 /// A migration in progress on the source.
 pub struct Source {
     params: Params,
@@ -222,8 +241,14 @@ pub struct Source {
     free: Vec<u64>,
     /// Checkpoint: when the guest was let go again (its snapshot was all encoded).
     thawed_at_us: Option<u64>,
-    /// Auto-converge: the throttle in force (percent).
+    /// Auto-converge: the throttle in force (percent), and since when.
     throttle: u8,
+    throttled_since_us: u64,
+    /// Trace: when the last poll ended, what the source was waiting for then, and
+    /// the guest's run time seen then.
+    last_poll_end_us: Option<u64>,
+    waiting: Waiting,
+    last_run_us: u64,
     /// Hybrid: where in the round the wire budget was last projected.
     checked_at: usize,
     /// Ends the current round with this reason (hybrid's mid-round switch).
@@ -346,12 +371,21 @@ impl Source {
             free: Vec::new(),
             thawed_at_us: None,
             throttle: 0,
+            throttled_since_us: 0,
+            last_poll_end_us: None,
+            waiting: Waiting::Nothing,
+            last_run_us: 0,
             checked_at: 0,
             force_stop: None,
             holder: super::Holder::new(params.hold),
             pending_commit: None,
             stats,
         }
+    }
+
+    /// The migration's options.
+    pub fn params(&self) -> &Params {
+        &self.params
     }
 
     /// The current phase.
@@ -375,6 +409,67 @@ impl Source {
             // Already failed (e.g. cancelled): keep the first reason.
             return Status::Finished;
         }
+        self.trace_gap(g, now_us);
+        let status = self.poll_inner(g, link, now_us);
+        self.waiting = if self.out.len() > self.out_off {
+            Waiting::LinkFull
+        } else if self.phase == Phase::Draining && link.queued() > 0 {
+            Waiting::Acks
+        } else {
+            Waiting::Nothing
+        };
+        self.last_poll_end_us = Some(now_us);
+        status
+    }
+
+    /// The caller's clock after a poll: the time inside it goes to the trace.
+    pub fn poll_done(&mut self, end_us: u64) {
+        if let Some(start) = self.last_poll_end_us {
+            let spent = end_us.saturating_sub(start);
+            self.trace_mut().in_poll_us += spent;
+            self.last_poll_end_us = Some(end_us);
+        }
+    }
+
+    /// The trace of the phase under way.
+    fn trace_mut(&mut self) -> &mut stats::PhaseTrace {
+        match self.phase {
+            Phase::Draining => &mut self.stats.drain,
+            Phase::Postcopy => &mut self.stats.post.trace,
+            _ => &mut self.cur.trace,
+        }
+    }
+
+    /// Books the interval since the last poll to what the source was waiting for.
+    fn trace_gap(&mut self, g: &mut dyn SourceGuest, now_us: u64) {
+        let run = g.run_us();
+        let ran = run.saturating_sub(self.last_run_us);
+        self.last_run_us = run;
+        let (prev, waiting) = (self.last_poll_end_us, self.waiting);
+        let t = self.trace_mut();
+        t.polls += 1;
+        t.guest_us += ran;
+        if let Some(prev) = prev {
+            let gap = now_us.saturating_sub(prev);
+            t.max_gap_us = t.max_gap_us.max(gap);
+            match waiting {
+                Waiting::LinkFull => t.link_full_us += gap,
+                Waiting::Acks => t.ack_wait_us += gap,
+                Waiting::Nothing => t.idle_us += gap,
+            }
+        }
+    }
+
+    /// Lifts an auto-converge throttle (hand-over, failure, checkpoint taken).
+    fn unthrottle(&mut self, g: &mut dyn SourceGuest, now_us: u64) {
+        if self.throttle > 0 {
+            g.throttle(0);
+            self.throttle = 0;
+            self.stats.throttle_us += now_us.saturating_sub(self.throttled_since_us);
+        }
+    }
+
+    fn poll_inner(&mut self, g: &mut dyn SourceGuest, link: &mut dyn Link, now_us: u64) -> Status {
         if self.phase == Phase::Postcopy {
             if let Err(e) = self.step_postcopy(g, link, now_us) {
                 // Too late to take the guest back: it runs on the destination. Keep
@@ -502,9 +597,7 @@ impl Source {
         self.out_off = 0;
         wire::put_reason(&mut m, wire::tag::ABORT, 1, &why);
         self.farewell = super::link::say_last(link, &m);
-        if self.throttle > 0 {
-            g.throttle(0);
-        }
+        self.unthrottle(g, now_us);
         g.thaw();
         self.phase = Phase::Failed;
         self.stats.total_us = now_us - self.started_us;
@@ -643,12 +736,13 @@ impl Source {
             // Everything sent has arrived: freeze, and add what the guest dirtied while
             // the link drained to the pages of the stop-and-copy phase.
             g.freeze()?;
-            if self.throttle > 0 {
-                g.throttle(0);
-            }
+            self.unthrottle(g, now_us);
             self.frozen_at_us = now_us;
             self.round_started_us = now_us;
+            let before = count(&self.sending);
             collect_into(g, &mut self.sending);
+            self.stats.round_end_dirty = before;
+            self.stats.drain_dirty = count(&self.sending) - before;
             forget_written(&mut self.free, &self.sending);
             self.cursor = 0;
             self.phase = if self.post {
@@ -684,9 +778,7 @@ impl Source {
             // A checkpoint's snapshot is fixed once its last page is encoded (the
             // stream holds copies): the guest runs on while the store writes it.
             g.thaw();
-            if self.throttle > 0 {
-                g.throttle(0);
-            }
+            self.unthrottle(g, now_us);
             self.thawed_at_us = Some(now_us);
         }
         Ok(())
@@ -999,6 +1091,9 @@ impl Source {
                 }
                 if self.params.auto_converge && decision == Some(StopReason::NotConverging) {
                     // Slow the guest down rather than stop with a large dirty set.
+                    if self.throttle == 0 {
+                        self.throttled_since_us = now_us;
+                    }
                     self.throttle = if self.throttle == 0 {
                         20
                     } else {

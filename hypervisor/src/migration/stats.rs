@@ -25,6 +25,30 @@ pub struct RoundStats {
     pub delta_pages: u64,
     /// Bytes those deltas saved against full pages.
     pub delta_saved: u64,
+    /// Trace: where the round's time went, on the source's clock.
+    pub trace: PhaseTrace,
+}
+
+/// Where a phase's time went on the source (`migrate ... trace` prints it). The
+/// intervals between two polls are split by what the source was waiting for when the
+/// earlier poll ended; `in_poll_us` is the time inside the polls themselves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PhaseTrace {
+    /// Polls of the migration.
+    pub polls: u32,
+    /// Time inside them: encoding, hashing, encrypting, copying into the socket.
+    pub in_poll_us: u64,
+    /// Between polls with encoded bytes the socket did not take (the link is full).
+    pub link_full_us: u64,
+    /// Between polls with everything handed to the socket but not yet acknowledged
+    /// while draining (waiting for ACKs).
+    pub ack_wait_us: u64,
+    /// Between polls with nothing to wait for (the loop ran guests and the NIC).
+    pub idle_us: u64,
+    /// The migrating guest's run time in the phase.
+    pub guest_us: u64,
+    /// The longest interval between two polls (how late the stream can be fed).
+    pub max_gap_us: u64,
 }
 
 /// Why pre-copy stopped.
@@ -113,6 +137,15 @@ pub struct MigrationStats {
     pub free_pages: u64,
     /// Auto-converge: the highest throttle applied (percent of the guest's time).
     pub throttle_pct: u8,
+    /// Auto-converge: how long a throttle was in force.
+    pub throttle_us: u64,
+    /// Pre-copy's last round to the freeze: waiting (guest running) until the peer
+    /// acknowledged everything sent.
+    pub drain: PhaseTrace,
+    /// Pages the guest dirtied during that drain (part of the final set).
+    pub drain_dirty: u64,
+    /// Pages dirty when the last pre-copy round ended (the rest of the final set).
+    pub round_end_dirty: u64,
     /// Post-copy figures (all zero when the guest moved by pre-copy only).
     pub postcopy: PostcopyStats,
 }
@@ -135,7 +168,36 @@ pub struct PostcopyStats {
     pub recoveries: u64,
 }
 
+impl PhaseTrace {
+    /// The phase's length: every interval and the polls.
+    pub fn span_us(&self) -> u64 {
+        self.in_poll_us + self.link_full_us + self.ack_wait_us + self.idle_us
+    }
+
+    /// One line for the console.
+    pub fn line(&self) -> String {
+        alloc::format!(
+            "{} polls (longest gap {} us), in polls {} ms, link full {} ms, waiting for ACKs {} ms, idle {} ms, guest ran {} ms",
+            self.polls,
+            self.max_gap_us,
+            self.in_poll_us / 1000,
+            self.link_full_us / 1000,
+            self.ack_wait_us / 1000,
+            self.idle_us / 1000,
+            self.guest_us / 1000
+        )
+    }
+}
+
 impl MigrationStats {
+    /// The traces of every phase on the source (rounds, drain, stop-and-copy).
+    pub fn phases(&self) -> impl Iterator<Item = &PhaseTrace> {
+        self.rounds
+            .iter()
+            .map(|r| &r.trace)
+            .chain([&self.drain, &self.last.trace])
+    }
+
     /// Bytes over all rounds.
     pub fn total_bytes(&self) -> u64 {
         self.rounds.iter().map(|r| r.bytes).sum::<u64>() + self.last.bytes + self.post.bytes
@@ -168,7 +230,7 @@ impl MigrationStats {
             .collect();
         let _ = write!(
             s,
-            "MIGRATION-STATS role={} guest={} image={} mem_bytes={} peer={} method={} mode={} outcome={} total_us={} downtime_us={} dt_freeze_sent_us={} dt_sent_ready_us={} dt_commit_wire_us={} dt_resume_us={} downtime_joined={} rounds={} bytes={} pages={} zero_pages={} final_dirty={} final_bytes={} stop={} throughput_kBps={} verify={} delta_pages={} delta_saved={} free_pages={} throttle_pct={} postcopy={} post_missing={} post_pages={} post_bytes={} requests={} prepaged={} faults={} fault_median_us={} fault_max_us={} last_page_us={} recoveries={} per_round={}",
+            "MIGRATION-STATS role={} guest={} image={} mem_bytes={} peer={} method={} mode={} outcome={} total_us={} downtime_us={} dt_freeze_sent_us={} dt_sent_ready_us={} dt_commit_wire_us={} dt_resume_us={} downtime_joined={} rounds={} bytes={} pages={} zero_pages={} final_dirty={} final_bytes={} stop={} throughput_kBps={} verify={} delta_pages={} delta_saved={} free_pages={} throttle_pct={} throttle_us={} drain_us={} drain_dirty={} round_end_dirty={} link_full_us={} in_poll_us={} max_gap_us={} postcopy={} post_missing={} post_pages={} post_bytes={} requests={} prepaged={} faults={} fault_median_us={} fault_max_us={} last_page_us={} recoveries={} per_round={}",
             self.role,
             self.guest,
             self.image,
@@ -198,6 +260,13 @@ impl MigrationStats {
             self.rounds.iter().chain([&self.last]).map(|r| r.delta_saved).sum::<u64>(),
             self.free_pages,
             self.throttle_pct,
+            self.throttle_us,
+            self.drain.span_us(),
+            self.drain_dirty,
+            self.round_end_dirty,
+            self.phases().map(|t| t.link_full_us).sum::<u64>(),
+            self.phases().map(|t| t.in_poll_us).sum::<u64>(),
+            self.phases().map(|t| t.max_gap_us).max().unwrap_or(0),
             u8::from(self.postcopy.used),
             self.postcopy.missing_at_handover,
             self.post.pages,

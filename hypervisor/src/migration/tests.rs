@@ -1339,6 +1339,39 @@ fn a_hypervisor_refuses_a_checkpoint_stream() {
 }
 
 #[test]
+fn the_trace_books_every_interval_and_explains_the_final_set() {
+    let mut g = FakeGuest::new(512, 2, 64);
+    let mut h = host();
+    let params = Params {
+        downtime_us: 2_000,
+        ..Default::default()
+    };
+    let (src, _) = migrate(&mut g, &mut h, params, 16 * 1024, None);
+    assert_eq!(src.phase(), Phase::Done, "{}", src.stats.outcome);
+    let st = &src.stats;
+    for r in &st.rounds {
+        assert!(r.trace.polls > 0, "round {} has no polls", r.round);
+        // Every 100 us step between the round's first and last poll is booked once.
+        assert!(
+            r.trace.span_us().abs_diff(r.us) <= 200,
+            "round {}: trace {} us, round {} us",
+            r.round,
+            r.trace.span_us(),
+            r.us
+        );
+    }
+    // Round 0 sends 512 pages through a 16 KiB window: mostly waiting for the link.
+    assert!(st.rounds[0].trace.link_full_us > st.rounds[0].us / 2);
+    assert!(
+        st.drain.polls > 0 && st.drain.ack_wait_us > 0,
+        "{:?}",
+        st.drain
+    );
+    assert_eq!(st.last.pages, st.round_end_dirty + st.drain_dirty);
+    assert_eq!(st.throttle_us, 0);
+}
+
+#[test]
 fn auto_converge_throttles_a_guest_pre_copy_cannot_keep_up_with() {
     let run = |auto_converge| {
         let mut g = FakeGuest::new(256, 50, 256);
@@ -1352,6 +1385,7 @@ fn auto_converge_throttles_a_guest_pre_copy_cannot_keep_up_with() {
         let (src, _) = migrate(&mut g, &mut h, params, 16 * 1024, None);
         assert_eq!(src.phase(), Phase::Done, "{}", src.stats.outcome);
         assert_eq!(g.throttle, 0, "the throttle is released at the freeze");
+        assert_eq!(src.stats.throttle_us > 0, src.stats.throttle_pct > 0);
         (
             src.stats.last.pages,
             src.stats.throttle_pct,
