@@ -91,6 +91,10 @@ impl Link for TcpLink<'_> {
     fn close(&mut self) {
         self.net.tcp(self.h).close();
     }
+
+    fn push(&mut self) {
+        self.net.poll();
+    }
 }
 
 /// A migration connection: the socket, and the secure channel over it (absent only for
@@ -343,6 +347,16 @@ fn print_trace(stats: &MigrationStats) {
     }
 }
 
+/// A migration socket: every segment is acknowledged at once (a delayed ACK would hold
+/// the drain and the hand-over), and small messages (the state, READY, COMMIT) go out
+/// at once instead of waiting, as Nagle's rule has them, for the page before to be
+/// acknowledged: both cost the pause directly.
+fn tune(net: &mut NetStack, sock: &TcpSocket) {
+    let s = net.tcp(sock.h());
+    s.set_ack_delay(None);
+    s.set_nagle_enabled(false);
+}
+
 fn fail_move(vm: &mut Vm) {
     if vm.state == VmState::Moving {
         vm.regs.rax = guest_abi::ErrorCode::MoveFailed.to_raw();
@@ -489,7 +503,7 @@ impl Incoming {
         let Ok(sock) = net.open_tcp(RX_WINDOW, 16 * 1024) else {
             return;
         };
-        net.tcp(sock.h()).set_ack_delay(None);
+        tune(net, &sock);
         if net.connect(sock.h(), ip, PORT).is_err() {
             return;
         }
@@ -806,7 +820,7 @@ impl Migrations {
         };
         // Acknowledge at once: the stop-and-copy hand-over is a few round trips, and a
         // delayed ACK would add its delay to the guest's downtime.
-        net.tcp(sock.h()).set_ack_delay(None);
+        tune(net, &sock);
         match net.listen(sock.h(), PORT) {
             Ok(()) => {
                 self.listener = Some(Listener {
@@ -1364,7 +1378,7 @@ impl Migrations {
         let sock = net
             .open_tcp(RX_WINDOW, 16 * 1024)
             .map_err(|e| cmd_err!("cannot open a socket: {e}"))?;
-        net.tcp(sock.h()).set_ack_delay(None);
+        tune(net, &sock);
         let addr = Ipv4Address::new(ip[0], ip[1], ip[2], ip[3]);
         net.connect(sock.h(), addr, port)
             .map_err(|e| cmd_err!("cannot connect to {addr}:{port}: {e}"))?;
@@ -1703,7 +1717,7 @@ impl Migrations {
         let sock = net
             .open_tcp(16 * 1024, TCP_BUF)
             .map_err(|e| cmd_err!("cannot open a socket: {e}"))?;
-        net.tcp(sock.h()).set_ack_delay(None);
+        tune(net, &sock);
         if let Err(e) = net.connect(sock.h(), Ipv4Address::new(ip[0], ip[1], ip[2], ip[3]), port) {
             return Err(cmd_err!("cannot connect to {}: {e}", stats.peer));
         }

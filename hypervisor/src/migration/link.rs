@@ -24,6 +24,10 @@ pub trait Link {
     fn recv(&mut self, buf: &mut [u8]) -> usize;
     /// Closes gracefully after queued data.
     fn close(&mut self);
+    /// Puts what was queued on the wire now (polls the network), so a sender can
+    /// interleave its own work (sealing) with transmission. By default nothing: the
+    /// caller's loop polls the network between calls.
+    fn push(&mut self) {}
 }
 
 /// Sends a last message (REJECT, ABORT) and closes the link once all of it is queued.

@@ -1362,11 +1362,7 @@ fn the_trace_books_every_interval_and_explains_the_final_set() {
     }
     // Round 0 sends 512 pages through a 16 KiB window: mostly waiting for the link.
     assert!(st.rounds[0].trace.link_full_us > st.rounds[0].us / 2);
-    assert!(
-        st.drain.polls > 0 && st.drain.ack_wait_us > 0,
-        "{:?}",
-        st.drain
-    );
+    assert!(st.drain.polls > 0, "{:?}", st.drain);
     assert_eq!(st.last.pages, st.round_end_dirty + st.drain_dirty);
     assert_eq!(st.throttle_us, 0);
 }

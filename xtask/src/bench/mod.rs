@@ -433,6 +433,9 @@ fn migrate_once(
         "precopy+junk" | "precopy+junk-hinted" => format!("dirty={}", cfg.method),
         _ => format!("dirty={}", cfg.method),
     };
+    // The trace's figures are in MIGRATION-STATS either way; its console lines make
+    // the saved logs say where each round's time went.
+    let opts = format!("{opts} trace=on");
     let m = session::migrate(a, b, id, "10.0.0.2", &opts, Duration::from_secs(900))?;
     // No page lost: the guest checks its whole memory on the destination.
     b.command(&format!("check {}", m.new_id), Duration::from_secs(60))?;

@@ -703,4 +703,9 @@ impl Link for ChannelLink<'_> {
     fn close(&mut self) {
         self.ch.close(self.inner);
     }
+
+    fn push(&mut self) {
+        self.ch.flush(self.inner);
+        self.inner.push();
+    }
 }
