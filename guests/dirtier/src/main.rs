@@ -7,7 +7,8 @@
 //! (page writes per second, default 1000; `0` = as fast as it can, a CPU hog that only
 //! the hypervisor's preemption timer takes the CPU from). Write `k` stores the counter
 //! `k + 1` into word 0 of page `k % W` (round robin), paced on absolute time in batches
-//! every 10 ms. Every second it prints `dirtier: wrote <total> pages (<W> working set)`
+//! every 10 ms. Every second it prints `dirtier: wrote <total> pages (<W> working set) at
+//! <ms> ms` (its own clock since it started)
 //! and reports Dirtied. Asked to verify (`check <id>`), it checks that every page holds
 //! its last write (`rt::pattern::dirtier_check`) and reports the result.
 //!
@@ -72,7 +73,9 @@ fn main(args: &rt::Args) -> i32 {
     let mut total: u64 = 0; // writes so far; write `total` goes to page `next`
     let mut next = 0usize;
     let start = rt::time_ns();
-    let mut pacer = Pacer::new(rate, start, UNPACED_BATCH);
+    // With `work=N` a batch can take long: keep the reports (and requests) timely.
+    let batch = if work > 0 { 16 } else { UNPACED_BATCH };
+    let mut pacer = Pacer::new(rate, start, batch);
     let mut next_print = start + SECOND;
     loop {
         let now = rt::time_ns();
@@ -92,7 +95,10 @@ fn main(args: &rt::Args) -> i32 {
             }
         }
         if now >= next_print {
-            println!("dirtier: wrote {total} pages ({w} working set)");
+            println!(
+                "dirtier: wrote {total} pages ({w} working set) at {} ms",
+                (now - start) / 1_000_000
+            );
             rt::report(ReportKind::Dirtied, total, w as u64);
             next_print = (next_print + SECOND).max(now + SECOND / 2);
         }

@@ -1149,7 +1149,12 @@ impl Source {
                         decision = Some(StopReason::WireBudget);
                     }
                 }
-                if self.params.auto_converge && decision == Some(StopReason::NotConverging) {
+                // Once throttled, a round that saw the guest dirty more than half of
+                // what the link carried steps the throttle up again (QEMU's rule);
+                // otherwise a throttle too small to converge stays until max-rounds.
+                let hot = self.throttle > 0 && decision.is_none() && dirty * 2 > self.cur.pages;
+                if self.params.auto_converge && (decision == Some(StopReason::NotConverging) || hot)
+                {
                     // Slow the guest down rather than stop with a large dirty set.
                     if self.throttle == 0 {
                         self.throttled_since_us = now_us;

@@ -185,6 +185,22 @@ fn matrix(quick: bool) -> Vec<Config> {
             });
         }
     }
+    // A CPU-bound dirtier (no pacing: its dirty rate is what CPU it gets, as a real
+    // workload's), far above the link: pre-copy alone cannot converge; auto-converge's
+    // throttle takes CPU, and with it the dirty rate. The level is the guest's own
+    // rate measured before the migration (aimed at 4x the link, about 2x while the migration takes its share of the CPU; see `start_hog`).
+    for mode in ["precopy+hog", "precopy+autoconv-hog"] {
+        if quick {
+            break; // a minute or more each: not in CI
+        }
+        v.push(Config {
+            mem_mib: mems[0],
+            level: ("cpu", 4.0),
+            method: "pml",
+            mode,
+            ws: Some(1024),
+        });
+    }
     // The verify guest (all of its memory rewritten) at half the link, where pre-copy
     // needs 3-4x its memory: post-copy and hybrid against the pml row above.
     if !quick {
@@ -354,7 +370,7 @@ fn run_matrix(args: &BenchArgs) -> Result<Results, String> {
                 "{} MiB, dirty {} ({rate_pps} pages/s over {ws_pages} pages), {} {} (run {rep})",
                 cfg.mem_mib, cfg.level.0, cfg.mode, cfg.method
             ));
-            let stats = migrate_once(a, b, cfg, rate_pps)?;
+            let (stats, rate_pps) = migrate_once(a, b, cfg, rate_pps)?;
             let workload = if cfg.ws.is_some() {
                 "dirtier"
             } else {
@@ -396,7 +412,7 @@ fn migrate_once(
     b: &mut hv_tools::console::Console,
     cfg: &Config,
     rate_pps: u64,
-) -> Result<hv_tools::stats::MigrationStats, String> {
+) -> Result<(hv_tools::stats::MigrationStats, u64), String> {
     // What the guest prints when it has checked its memory on request.
     let check = if cfg.ws.is_some() {
         "dirtier: verify"
@@ -415,7 +431,11 @@ fn migrate_once(
             }
         ),
     };
-    let id = session::start(a, &args)?;
+    let (id, rate_pps) = if cfg.mode.ends_with("hog") {
+        start_hog(a, cfg, rate_pps)?
+    } else {
+        (session::start(a, &args)?, rate_pps)
+    };
     // Memory filled (verify) or first writes reported (dirtier): running.
     let ready = if cfg.ws.is_some() {
         "dirtier: wrote"
@@ -424,19 +444,34 @@ fn migrate_once(
     };
     a.wait_for(&format!("[g{id}] {ready}"), Duration::from_secs(120))?;
     std::thread::sleep(Duration::from_millis(500));
+    let before = a.log().len();
     let opts = match cfg.mode {
         "stop" => "mode=stop".to_string(),
         "precopy+full" => format!("dirty={} verify=full", cfg.method),
         "precopy+delta" => format!("dirty={} cache=8", cfg.method),
         "postcopy" | "hybrid" => format!("dirty={} mode={}", cfg.method, cfg.mode),
-        "precopy+autoconv" => format!("dirty={} converge=auto", cfg.method),
+        "precopy+autoconv" | "precopy+autoconv-hog" => {
+            format!("dirty={} converge=auto", cfg.method)
+        }
         "precopy+junk" | "precopy+junk-hinted" => format!("dirty={}", cfg.method),
         _ => format!("dirty={}", cfg.method),
     };
     // The trace's figures are in MIGRATION-STATS either way; its console lines make
     // the saved logs say where each round's time went.
     let opts = format!("{opts} trace=on");
-    let m = session::migrate(a, b, id, "10.0.0.2", &opts, Duration::from_secs(900))?;
+    let mut m = session::migrate(a, b, id, "10.0.0.2", &opts, Duration::from_secs(900))?;
+    let log = a.log();
+    let during = wrote(&log[before.min(log.len())..], id);
+    if let Some(r) = during.get(..2).and_then(|d| rate_between(d[0], d[1])) {
+        // Its rate in the migration's first second (before any throttle): the CPU
+        // the migration's own work leaves it.
+        m.stats
+            .extra
+            .insert("guest_pps_migrating".into(), r.to_string());
+    }
+    m.stats
+        .extra
+        .insert("guest_pps_alone".into(), rate_pps.to_string());
     // No page lost: the guest checks its whole memory on the destination.
     b.command(&format!("check {}", m.new_id), Duration::from_secs(60))?;
     let (i, text) = b.wait_any(
@@ -450,7 +485,71 @@ fn migrate_once(
         return Err(format!("guest memory check FAILED after migration: {text}"));
     }
     b.command(&format!("kill {}", m.new_id), Duration::from_secs(60))?;
-    Ok(m.stats)
+    Ok((m.stats, rate_pps))
+}
+
+/// Starts the CPU-bound dirtier (`rate=0 work=N`) with `work` set so that, alone,
+/// it writes about `target` pages/s (its rate is the CPU it gets, so the work per
+/// write is found by measuring); returns its id and its measured rate.
+fn start_hog(
+    a: &mut hv_tools::console::Console,
+    cfg: &Config,
+    target: u64,
+) -> Result<(u32, u64), String> {
+    let ws = cfg.ws.unwrap_or(1024);
+    let mut work = 10_000u64;
+    for attempt in 0.. {
+        let id = session::start(
+            a,
+            &format!("dirtier mem={} pages={ws} rate=0 work={work}", cfg.mem_mib),
+        )?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        let w = loop {
+            let w = wrote(&a.log(), id);
+            if w.len() >= 3 {
+                break w;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!("dirtier {id} reported no rate"));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let rate = rate_between(w[w.len() - 2], w[w.len() - 1])
+            .ok_or_else(|| format!("dirtier {id}: no time between its reports"))?
+            .max(1);
+        if attempt == 3 || rate.abs_diff(target) * 4 <= target {
+            return Ok((id, rate));
+        }
+        a.command(&format!("kill {id}"), Duration::from_secs(60))?;
+        work = (work * rate / target.max(1)).max(1);
+    }
+    unreachable!()
+}
+
+/// The running totals a dirtier reported in `log` with its clock ("dirtier: wrote <n>
+/// pages (...) at <ms> ms").
+fn wrote(log: &str, id: u32) -> Vec<(u64, u64)> {
+    let tag = format!("[g{id}] dirtier: wrote ");
+    log.lines()
+        .filter_map(|l| l.split_once(&tag))
+        .filter_map(|(_, rest)| {
+            let n = rest.split_whitespace().next()?.parse().ok()?;
+            let ms = rest
+                .split(" at ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
+            Some((n, ms))
+        })
+        .collect()
+}
+
+/// Pages per second between two reports of [`wrote`].
+fn rate_between(a: (u64, u64), b: (u64, u64)) -> Option<u64> {
+    let ms = b.1.checked_sub(a.1).filter(|ms| *ms > 0)?;
+    Some(b.0.saturating_sub(a.0) * 1000 / ms)
 }
 
 /// The charts: (file name, SVG).
@@ -609,7 +708,7 @@ mod tests {
     #[test]
     fn quick_matrix_is_small() {
         assert_eq!(matrix(true).len(), 12);
-        assert_eq!(matrix(false).len(), 2 * 4 * 4 + 1 + 2 + 11 + 2 + 2 + 3);
+        assert_eq!(matrix(false).len(), 2 * 4 * 4 + 1 + 2 + 11 + 2 + 2 + 2 + 3);
         let labels: Vec<String> = matrix(false).iter().map(Config::label).collect();
         assert!(
             labels.contains(&"16 MiB high pml+hybrid ws 4096".to_string()),
