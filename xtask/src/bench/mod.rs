@@ -188,7 +188,8 @@ fn matrix(quick: bool) -> Vec<Config> {
     // A CPU-bound dirtier (no pacing: its dirty rate is what CPU it gets, as a real
     // workload's), far above the link: pre-copy alone cannot converge; auto-converge's
     // throttle takes CPU, and with it the dirty rate. The level is the guest's own
-    // rate measured before the migration (aimed at 4x the link, about 2x while the migration takes its share of the CPU; see `start_hog`).
+    // rate measured before the migration (aimed at 4x the link, about 2x while the
+    // migration takes its share of the CPU; see `start_hog`).
     for mode in ["precopy+hog", "precopy+autoconv-hog"] {
         if quick {
             break; // a minute or more each: not in CI
