@@ -348,13 +348,9 @@ fn print_trace(stats: &MigrationStats) {
 }
 
 /// A migration socket: every segment is acknowledged at once (a delayed ACK would hold
-/// the drain and the hand-over), and small messages (the state, READY, COMMIT) go out
-/// at once instead of waiting, as Nagle's rule has them, for the page before to be
-/// acknowledged: both cost the pause directly.
+/// the drain and the hand-over). Nagle is off for every socket already (`configure`).
 fn tune(net: &mut NetStack, sock: &TcpSocket) {
-    let s = net.tcp(sock.h());
-    s.set_ack_delay(None);
-    s.set_nagle_enabled(false);
+    net.tcp(sock.h()).set_ack_delay(None);
 }
 
 fn fail_move(vm: &mut Vm) {
