@@ -100,7 +100,17 @@ pub fn wait_commit_lost(dst: &mut Console, timeout: Duration) -> Result<u32, Str
 
 /// Runs `netbench <ip> <mib>` and returns the NETBENCH figures.
 pub fn netbench(c: &mut Console, ip: &str, mib: u32) -> Result<BTreeMap<String, String>, String> {
-    c.send_line(&format!("netbench {ip} {mib}"))?;
+    netbench_streams(c, ip, mib, 1)
+}
+
+/// [`netbench`] over `streams` parallel connections (the bytes split between them).
+pub fn netbench_streams(
+    c: &mut Console,
+    ip: &str,
+    mib: u32,
+    streams: u32,
+) -> Result<BTreeMap<String, String>, String> {
+    c.send_line(&format!("netbench {ip} {mib} {streams}"))?;
     let (i, text) = c.wait_any(&["NETBENCH ", "error:"], Duration::from_secs(300))?;
     let rest = c.wait_for("\n", Duration::from_secs(10))?;
     if i == 1 {

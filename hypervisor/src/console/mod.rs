@@ -42,7 +42,7 @@ pub const COMMANDS: &[Command] = &[
     Command { name: "net", usage: "", help: "MAC, IP, link and packet counters" },
     Command { name: "ip", usage: "<a.b.c.d/prefix>", help: "set the IPv4 address" },
     Command { name: "ping", usage: "<ip> [count]", help: "ICMP echo with round-trip times" },
-    Command { name: "netbench", usage: "<ip> [MiB]", help: "TCP bulk transfer to a peer's sink" },
+    Command { name: "netbench", usage: "<ip> [MiB] [connections]", help: "TCP bulk transfer to a peer's sink" },
     Command {
         name: "migrate",
         usage: "<id> <ip>[:port] [downtime=<ms>] [max-rounds=<n>] [bandwidth=<MB/s>] [dirty=pml|ad|wp] [mode=precopy|stop|postcopy|hybrid] [prepage=<pages>] [converge=auto|off] [verify=full|sent] [cache=<MiB>] [timeout=<s>] [trace=on|off]",

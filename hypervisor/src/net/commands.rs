@@ -71,15 +71,19 @@ pub fn execute(net: Option<&mut NetStack>, name: &str, rest: &[&str]) -> Result<
             }
             ping(net, Ipv4Address::from(args::parse_ipv4(ip)?), n as u32)
         }
-        ("netbench", [ip]) => netbench(net, Ipv4Address::from(args::parse_ipv4(ip)?), 8),
-        ("netbench", [ip, mib]) => {
+        ("netbench", [ip]) => netbench(net, Ipv4Address::from(args::parse_ipv4(ip)?), 8, 1),
+        ("netbench", [ip, mib, rest @ ..]) if rest.len() <= 1 => {
             let n = args::parse_u64("size", mib)?;
             if !(1..=MAX_NETBENCH_MIB).contains(&n) {
                 return Err(cmd_err!(
                     "bad size '{mib}' (1-{MAX_NETBENCH_MIB} MiB: netbench blocks the console; Ctrl-C stops it)"
                 ));
             }
-            netbench(net, Ipv4Address::from(args::parse_ipv4(ip)?), n)
+            let streams = match rest {
+                [k] => args::parse_in_range("streams", k, 1, super::SINKS as u64)? as usize,
+                _ => 1,
+            };
+            netbench(net, Ipv4Address::from(args::parse_ipv4(ip)?), n, streams)
         }
         _ => Err(usage()),
     }
@@ -321,57 +325,100 @@ const CONNECT_TIMEOUT_US: u64 = 5_000_000;
 const STALL_TIMEOUT_US: u64 = 15_000_000;
 const CLOSE_TIMEOUT_US: u64 = 2_000_000;
 
-fn netbench(net: &mut NetStack, target: Ipv4Address, mib: u64) -> Result<(), CmdError> {
+fn netbench(
+    net: &mut NetStack,
+    target: Ipv4Address,
+    mib: u64,
+    streams: usize,
+) -> Result<(), CmdError> {
     net.ready()?;
-    let h = net.add_tcp_socket(4096, TCP_BUF);
-    let r = bench_run(net, h, target, mib << 20);
-    if net.tcp(h).is_open() {
-        net.tcp(h).abort();
-        net.poll();
+    let hs: Vec<_> = (0..streams)
+        .map(|_| net.add_tcp_socket(4096, TCP_BUF))
+        .collect();
+    let r = bench_run(net, &hs, target, mib << 20);
+    for &h in &hs {
+        if net.tcp(h).is_open() {
+            net.tcp(h).abort();
+        }
     }
-    net.remove_socket(h);
+    net.poll();
+    for h in hs {
+        net.remove_socket(h);
+    }
     r
+}
+
+/// One connection of a netbench run: its share of the bytes and its progress.
+struct Stream {
+    h: smoltcp::iface::SocketHandle,
+    total: u64,
+    header: [u8; bench::HEADER_LEN],
+    hdr_sent: usize,
+    sent: u64,
+    trailer: [u8; bench::TRAILER_LEN],
+    got: usize,
+    last_acked: u64,
 }
 
 fn bench_run(
     net: &mut NetStack,
-    h: smoltcp::iface::SocketHandle,
+    hs: &[smoltcp::iface::SocketHandle],
     target: Ipv4Address,
     total: u64,
 ) -> Result<(), CmdError> {
-    net.connect(h, target, bench::SINK_PORT)?;
+    let n = hs.len() as u64;
+    let mut streams: Vec<Stream> = hs
+        .iter()
+        .enumerate()
+        .map(|(i, &h)| {
+            // Split the bytes evenly; the first stream takes the remainder.
+            let share = total / n + if i == 0 { total % n } else { 0 };
+            Stream {
+                h,
+                total: share,
+                header: bench::header(share),
+                hdr_sent: 0,
+                sent: 0,
+                trailer: [0; bench::TRAILER_LEN],
+                got: 0,
+                last_acked: 0,
+            }
+        })
+        .collect();
+    for s in &streams {
+        net.connect(s.h, target, bench::SINK_PORT)?;
+    }
     let ok = poll_until(net, CONNECT_TIMEOUT_US, |net| {
-        !matches!(
-            net.tcp(h).state(),
-            tcp::State::SynSent | tcp::State::SynReceived
-        )
+        hs.iter().all(|&h| {
+            !matches!(
+                net.tcp(h).state(),
+                tcp::State::SynSent | tcp::State::SynReceived
+            )
+        })
     });
-    match net.tcp(h).state() {
-        tcp::State::Established => {}
-        _ if !ok => {
-            return Err(cmd_err!(
-                "netbench: connecting to {target}:{} timed out after 5 s (peer unreachable?)",
-                bench::SINK_PORT
-            ))
-        }
-        s => {
-            return Err(cmd_err!(
-                "netbench: connection to {target}:{} refused or reset ({s})",
-                bench::SINK_PORT
-            ))
+    for &h in hs {
+        match net.tcp(h).state() {
+            tcp::State::Established => {}
+            _ if !ok => {
+                return Err(cmd_err!(
+                    "netbench: connecting to {target}:{} timed out after 5 s (peer unreachable?)",
+                    bench::SINK_PORT
+                ))
+            }
+            s => {
+                return Err(cmd_err!(
+                    "netbench: connection to {target}:{} refused or reset ({s})",
+                    bench::SINK_PORT
+                ))
+            }
         }
     }
     println!(
-        "netbench: sending {total} bytes to {target}:{}",
+        "netbench: sending {total} bytes to {target}:{} over {n} connection(s)",
         bench::SINK_PORT
     );
-    let header = bench::header(total);
-    let (mut hdr_sent, mut sent) = (0usize, 0u64);
-    let mut trailer = [0u8; bench::TRAILER_LEN];
-    let mut got = 0usize;
     let start = time::now_us();
     let mut last_progress = start;
-    let mut last_acked = 0u64;
     // Generous: the slowest link here moves well over 100 KB/s.
     let deadline_us = 60_000_000 + total * 10;
     loop {
@@ -380,45 +427,54 @@ fn bench_run(
         }
         net.poll();
         let now = time::now_us();
-        let s = net.tcp(h);
-        if hdr_sent < header.len() {
-            hdr_sent += s.send_slice(&header[hdr_sent..]).unwrap_or(0);
+        for st in streams.iter_mut() {
+            let s = net.tcp(st.h);
+            if st.hdr_sent < st.header.len() {
+                st.hdr_sent += s.send_slice(&st.header[st.hdr_sent..]).unwrap_or(0);
+            }
+            if st.hdr_sent == st.header.len() && st.sent < st.total {
+                let (sent, total) = (st.sent, st.total);
+                st.sent += s
+                    .send(|buf| {
+                        let n = (buf.len() as u64).min(total - sent) as usize;
+                        bench::fill(sent, &mut buf[..n]);
+                        (n, n as u64)
+                    })
+                    .unwrap_or(0);
+            }
+            while st.got < st.trailer.len() && s.can_recv() {
+                st.got += s.recv_slice(&mut st.trailer[st.got..]).unwrap_or(0);
+                last_progress = now;
+            }
+            if st.got < st.trailer.len() && (!s.is_active() || !s.may_recv()) {
+                return Err(cmd_err!(
+                    "netbench: connection closed by {target} after {} of {} bytes ({})",
+                    st.sent,
+                    st.total,
+                    s.state()
+                ));
+            }
+            let acked = st.sent + st.hdr_sent as u64 - s.send_queue() as u64;
+            if acked != st.last_acked {
+                st.last_acked = acked;
+                last_progress = now;
+            }
         }
-        if hdr_sent == header.len() && sent < total {
-            sent += s
-                .send(|buf| {
-                    let n = (buf.len() as u64).min(total - sent) as usize;
-                    bench::fill(sent, &mut buf[..n]);
-                    (n, n as u64)
-                })
-                .unwrap_or(0);
-        }
-        while got < trailer.len() && s.can_recv() {
-            got += s.recv_slice(&mut trailer[got..]).unwrap_or(0);
-            last_progress = now;
-        }
-        if got == trailer.len() {
+        if streams.iter().all(|st| st.got == st.trailer.len()) {
             break;
         }
-        if !s.is_active() || !s.may_recv() {
-            return Err(cmd_err!(
-                "netbench: connection closed by {target} after {sent} of {total} bytes ({})",
-                s.state()
-            ));
-        }
-        let acked = sent + hdr_sent as u64 - s.send_queue() as u64;
-        if acked != last_acked {
-            last_acked = acked;
-            last_progress = now;
-        }
         if now - last_progress > STALL_TIMEOUT_US {
+            let acked: u64 = streams
+                .iter()
+                .map(|st| st.last_acked.saturating_sub(st.hdr_sent as u64))
+                .sum();
             return Err(cmd_err!(
-                "netbench: no progress for {} s ({} of {total} bytes acknowledged by {target})",
-                STALL_TIMEOUT_US / 1_000_000,
-                acked.saturating_sub(hdr_sent as u64)
+                "netbench: no progress for {} s ({acked} of {total} bytes acknowledged by {target})",
+                STALL_TIMEOUT_US / 1_000_000
             ));
         }
         if now - start > deadline_us {
+            let sent: u64 = streams.iter().map(|st| st.sent).sum();
             return Err(cmd_err!(
                 "netbench: gave up after {} s ({sent} of {total} bytes sent)",
                 deadline_us / 1_000_000
@@ -426,36 +482,43 @@ fn bench_run(
         }
     }
     let us = (time::now_us() - start).max(1);
-    net.tcp(h).close();
+    for &h in hs {
+        net.tcp(h).close();
+    }
     poll_until(net, CLOSE_TIMEOUT_US, |net| {
-        matches!(
-            net.tcp(h).state(),
-            tcp::State::TimeWait | tcp::State::Closed
-        )
+        hs.iter().all(|&h| {
+            matches!(
+                net.tcp(h).state(),
+                tcp::State::TimeWait | tcp::State::Closed
+            )
+        })
     });
-    let (count, verdict) = bench::parse_trailer(&trailer);
-    let verified = verdict == Some(Verdict::Ok) && count == total;
+    let mut bad = None;
+    for st in &streams {
+        let (count, verdict) = bench::parse_trailer(&st.trailer);
+        if verdict != Some(Verdict::Ok) || count != st.total {
+            bad = Some(match verdict {
+                Some(v) => cmd_err!(
+                    "netbench: sink at {target} reports {v} after {count} of {} bytes",
+                    st.total
+                ),
+                None => cmd_err!("netbench: sink at {target} sent an invalid trailer"),
+            });
+        }
+    }
+    let verified = bad.is_none();
     let m = bench::mbps_milli(total, us);
     println!(
-        "netbench: {total} bytes to {target} in {us} us: {}.{:03} MB/s, {}",
+        "netbench: {total} bytes to {target} in {us} us over {n} connection(s): {}.{:03} MB/s, {}",
         m / 1000,
         m % 1000,
         if verified { "verified" } else { "NOT verified" }
     );
     println!(
-        "NETBENCH bytes={total} us={us} mbps={}.{:03} verified={}",
+        "NETBENCH bytes={total} us={us} mbps={}.{:03} verified={} streams={n}",
         m / 1000,
         m % 1000,
         if verified { "yes" } else { "no" }
     );
-    if verified {
-        Ok(())
-    } else {
-        Err(match verdict {
-            Some(v) => {
-                cmd_err!("netbench: sink at {target} reports {v} after {count} of {total} bytes")
-            }
-            None => cmd_err!("netbench: sink at {target} sent an invalid trailer"),
-        })
-    }
+    bad.map_or(Ok(()), Err)
 }

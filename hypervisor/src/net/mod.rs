@@ -57,6 +57,8 @@ const E1000_IDS: [(u16, u16); 2] = [(0x8086, 0x100e), (0x8086, 0x100f)];
 
 /// Default TCP buffer size (each direction) for bulk sockets.
 pub const TCP_BUF: usize = 128 * 1024;
+/// Netbench sinks: connections `netbench` can run in parallel.
+pub const SINKS: usize = 2;
 /// Receive buffer of the netbench sink (its advertised window).
 const SINK_RX_BUF: usize = 128 * 1024;
 /// How long the sink waits for the sender to close after the trailer.
@@ -170,8 +172,8 @@ pub struct NetStack {
     iface: Interface,
     sockets: SocketSet<'static>,
     addr_source: Option<AddrSource>,
-    sink: SocketHandle,
-    sink_state: SinkState,
+    /// The netbench sinks: one listening socket per parallel connection.
+    sinks: [(SocketHandle, SinkState); SINKS],
     sink_runs: u64,
     next_port: u16,
     /// Handles of dropped [`TcpSocket`]s, removed at the start of the next poll.
@@ -243,20 +245,24 @@ impl NetStack {
             ^ u64::from_le_bytes([0, 0, mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]]);
         let iface = Interface::new(config, &mut dev, now());
         let mut sockets = SocketSet::new(vec![]);
-        let mut sink = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; SINK_RX_BUF]),
-            tcp::SocketBuffer::new(vec![0; 256]),
-        );
-        configure(&mut sink);
-        let sink = sockets.add(sink);
+        let sinks = [(); SINKS].map(|()| {
+            let mut sink = tcp::Socket::new(
+                tcp::SocketBuffer::new(vec![0; SINK_RX_BUF]),
+                tcp::SocketBuffer::new(vec![0; 256]),
+            );
+            configure(&mut sink);
+            (
+                sockets.add(sink),
+                SinkState::Receiving(SinkVerifier::new()),
+            )
+        });
         let mut s = Self {
             pci,
             dev,
             iface,
             sockets,
             addr_source: None,
-            sink,
-            sink_state: SinkState::Receiving(SinkVerifier::new()),
+            sinks,
             sink_runs: 0,
             next_port: 49152 + (time::now() % 8192) as u16,
             released: Rc::new(RefCell::new(Vec::new())),
@@ -504,7 +510,7 @@ impl NetStack {
     /// Removes a socket added with [`NetStack::add_tcp_socket`] (abort or close it
     /// first; a removed socket sends nothing more).
     pub fn remove_socket(&mut self, h: SocketHandle) {
-        if h != self.sink {
+        if !self.is_sink(h) {
             self.sockets.remove(h);
         }
     }
@@ -534,7 +540,7 @@ impl NetStack {
     fn release_dropped(&mut self) {
         let dropped = core::mem::take(&mut *self.released.borrow_mut());
         for h in dropped {
-            if h != self.sink {
+            if !self.is_sink(h) {
                 self.sockets.remove(h);
             }
         }
@@ -557,21 +563,34 @@ impl NetStack {
         self.sink_runs
     }
 
-    /// Advances the netbench sink; returns whether it did anything.
+    fn is_sink(&self, h: SocketHandle) -> bool {
+        self.sinks.iter().any(|(s, _)| *s == h)
+    }
+
+    /// Advances the netbench sinks; returns whether any did anything.
     fn service_sink(&mut self) -> bool {
+        let mut did = false;
+        for i in 0..SINKS {
+            did |= self.service_one_sink(i);
+        }
+        did
+    }
+
+    fn service_one_sink(&mut self, i: usize) -> bool {
         let now_ms = time::now_ms();
-        let sock = self.sockets.get_mut::<tcp::Socket>(self.sink);
+        let (h, sink_state) = &mut self.sinks[i];
+        let sock = self.sockets.get_mut::<tcp::Socket>(*h);
         match sock.state() {
             tcp::State::Closed => {
                 let _ = sock.listen(bench::SINK_PORT);
-                self.sink_state = SinkState::Receiving(SinkVerifier::new());
+                *sink_state = SinkState::Receiving(SinkVerifier::new());
                 return false;
             }
             tcp::State::Listen | tcp::State::SynReceived => return false,
             _ => {}
         }
         let mut did = false;
-        match &mut self.sink_state {
+        match sink_state {
             SinkState::Receiving(v) => {
                 while sock.can_recv() && !v.complete() {
                     match sock.recv(|buf| {
@@ -591,7 +610,7 @@ impl NetStack {
                             v.first_bad
                         );
                     }
-                    self.sink_state = SinkState::Replying {
+                    *sink_state = SinkState::Replying {
                         trailer: bench::trailer(v.received, verdict),
                         sent: 0,
                     };
@@ -602,13 +621,13 @@ impl NetStack {
                 if sock.may_send() {
                     *sent += sock.send_slice(&trailer[*sent..]).unwrap_or(0);
                     if *sent == trailer.len() {
-                        self.sink_state = SinkState::Lingering { since: now_ms };
+                        *sink_state = SinkState::Lingering { since: now_ms };
                         self.sink_runs += 1;
                         did = true;
                     }
                 } else {
                     sock.abort();
-                    self.sink_state = SinkState::Closing;
+                    *sink_state = SinkState::Closing;
                 }
             }
             SinkState::Lingering { since } => {
@@ -620,11 +639,11 @@ impl NetStack {
                 }
                 if !sock.may_recv() {
                     sock.close();
-                    self.sink_state = SinkState::Closing;
+                    *sink_state = SinkState::Closing;
                     did = true;
                 } else if now_ms - *since > SINK_LINGER_MS {
                     sock.abort();
-                    self.sink_state = SinkState::Closing;
+                    *sink_state = SinkState::Closing;
                 }
             }
             SinkState::Closing => {

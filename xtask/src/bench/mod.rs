@@ -323,6 +323,19 @@ fn run_matrix(args: &BenchArgs) -> Result<Results, String> {
         "bench: link {:.3} MB/s; {total} migrations to run",
         link_bps / 1e6
     );
+    // Would parallel connections (QEMU's multifd) carry more? The same transfer over
+    // two connections, right after.
+    let nb2 = session::netbench_streams(a, "10.0.0.2", if quick { 2 } else { 4 }, 2)?;
+    let link2_bps = nb2
+        .get("mbps")
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        * 1e6;
+    eprintln!(
+        "bench: two connections {:.3} MB/s = {:.2}x one",
+        link2_bps / 1e6,
+        link2_bps / link_bps
+    );
 
     // What the channel's cipher costs the source, against the same link.
     let crypto = a.command("key bench 4", Duration::from_secs(600))?;
@@ -354,6 +367,7 @@ fn run_matrix(args: &BenchArgs) -> Result<Results, String> {
         git: git_rev(),
         emulator: format!("{} ips={}", opts.emulator, opts.ips),
         link_bytes_per_s: link_bps.round(),
+        link_two_connections_bytes_per_s: Some(link2_bps.round()),
         cipher_seal_bytes_per_s: seal_bps,
         cipher_seal_cycles_per_byte: seal_cpb,
         runs: Vec::new(),

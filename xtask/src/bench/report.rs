@@ -68,6 +68,14 @@ pub fn table(res: &Results) -> String {
         res.git,
         res.link_bytes_per_s / 1e6
     );
+    if let Some(bps) = res.link_two_connections_bytes_per_s {
+        let _ = writeln!(
+            t,
+            "two connections in parallel (netbench): {:.3} MB/s = {:.2}x one",
+            bps / 1e6,
+            bps / res.link_bytes_per_s.max(1.0)
+        );
+    }
     if let (Some(bps), Some(cpb)) = (res.cipher_seal_bytes_per_s, res.cipher_seal_cycles_per_byte) {
         let _ = writeln!(
             t,

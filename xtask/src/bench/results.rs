@@ -28,6 +28,10 @@ pub struct Results {
     pub emulator: String,
     /// The link's throughput measured by netbench in the same run.
     pub link_bytes_per_s: f64,
+    /// The same netbench over two parallel connections, right after (absent in
+    /// results from before it was measured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_two_connections_bytes_per_s: Option<f64>,
     /// The secure channel's sealing rate on the source (`key bench`), in the same run;
     /// absent in results from before the channel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -280,6 +284,7 @@ impl From<LegacyResults> for Results {
             git: l.git,
             emulator: l.emulator,
             link_bytes_per_s: l.link_bytes_per_s,
+            link_two_connections_bytes_per_s: None,
             cipher_seal_bytes_per_s: None,
             cipher_seal_cycles_per_byte: None,
             runs,
@@ -485,6 +490,7 @@ pub mod tests {
             git: "abc".into(),
             emulator: "bochs ips=1".into(),
             link_bytes_per_s: link,
+            link_two_connections_bytes_per_s: None,
             cipher_seal_bytes_per_s: None,
             cipher_seal_cycles_per_byte: None,
             runs: vec![
