@@ -222,22 +222,12 @@ impl AsMut<[u8]> for VmParts {
 /// The guest manager receiving a guest.
 struct VmmInstaller<'a> {
     vmm: &'a mut Vmm,
+    /// Trace: how long the last install took (VMCS/VMCB and nested tables).
+    install_us: &'a mut u64,
 }
 
-impl Installer for VmmInstaller<'_> {
-    type Mem = VmParts;
-
-    fn alloc(&mut self, hello: &Hello) -> Result<VmParts, String> {
-        if self.vmm.vmx.is_none() {
-            return Err("destination has no VMX".into());
-        }
-        crate::vmm::admit(hello.mem_bytes)
-            .map_err(|e| format!("destination cannot host the guest: {e}"))?;
-        VmParts::alloc(hello.mem_bytes)
-            .map_err(|e| format!("destination cannot host the guest: {e}"))
-    }
-
-    fn install(
+impl VmmInstaller<'_> {
+    fn install_inner(
         &mut self,
         mem: VmParts,
         hello: &Hello,
@@ -276,6 +266,34 @@ impl Installer for VmmInstaller<'_> {
         vm.freeze();
         self.vmm.vms.push(vm);
         Ok(id)
+    }
+}
+
+impl Installer for VmmInstaller<'_> {
+    type Mem = VmParts;
+
+    fn alloc(&mut self, hello: &Hello) -> Result<VmParts, String> {
+        if self.vmm.vmx.is_none() {
+            return Err("destination has no VMX".into());
+        }
+        crate::vmm::admit(hello.mem_bytes)
+            .map_err(|e| format!("destination cannot host the guest: {e}"))?;
+        VmParts::alloc(hello.mem_bytes)
+            .map_err(|e| format!("destination cannot host the guest: {e}"))
+    }
+
+    fn install(
+        &mut self,
+        mem: VmParts,
+        hello: &Hello,
+        vcpu: &[u8],
+        device: &[u8],
+        missing: Option<&[u64]>,
+    ) -> Result<u32, String> {
+        let t0 = time::now_us();
+        let r = self.install_inner(mem, hello, vcpu, device, missing);
+        *self.install_us = time::now_us() - t0;
+        r
     }
 
     fn commit(&mut self, id: u32, pause_us: u64) {
@@ -410,6 +428,8 @@ struct Incoming {
     reconnect: Option<Reconnect>,
     /// A restore: the checkpoint asked for (this side opened the connection).
     restore: Option<String>,
+    /// Trace: how long installing the guest took (End to READY's processing).
+    install_us: u64,
 }
 
 /// The destination reconnecting to the source of an interrupted post-copy.
@@ -910,6 +930,7 @@ impl Migrations {
                     phase: IncomingPhase::Receiving,
                     reconnect: None,
                     restore: None,
+                    install_us: 0,
                 });
             }
             _ => {
@@ -943,14 +964,20 @@ impl Migrations {
         // a lost link is reconnected.
         if !matches!(inc.phase, IncomingPhase::Receiving) && inc.receiver.in_postcopy() {
             inc.reconnect(net, self.key.as_ref(), &mut self.rng, now);
-            let mut inst = VmmInstaller { vmm: &mut *vmm };
+            let mut inst = VmmInstaller {
+                vmm: &mut *vmm,
+                install_us: &mut inc.install_us,
+            };
             let receiver = &mut inc.receiver;
             inc.conn
                 .with_link(net, now, |l| receiver.poll(l, &mut inst, now));
         }
         match inc.phase {
             IncomingPhase::Receiving => {
-                let mut inst = VmmInstaller { vmm };
+                let mut inst = VmmInstaller {
+                    vmm,
+                    install_us: &mut inc.install_us,
+                };
                 let receiver = &mut inc.receiver;
                 let finished = inc
                     .conn
@@ -1104,6 +1131,8 @@ impl Migrations {
                     verify_full: inc.receiver.full_check().pages > 0,
                     received_bytes: inc.receiver.bytes,
                     outcome: String::from("ok"),
+                    dst_final_us: inc.receiver.final_arrival_us(),
+                    dst_install_us: inc.install_us,
                     ..Default::default()
                 };
                 let full = inc.receiver.full_check();
@@ -1395,6 +1424,7 @@ impl Migrations {
             phase: IncomingPhase::Receiving,
             reconnect: None,
             restore: Some(String::from(*name)),
+            install_us: 0,
         });
         Ok(())
     }
@@ -1495,7 +1525,10 @@ impl Migrations {
             {
                 return Err(cmd_err!("too late to cancel: guest {id} already runs here"));
             }
-            let mut inst = VmmInstaller { vmm };
+            let mut inst = VmmInstaller {
+                vmm,
+                install_us: &mut inc.install_us,
+            };
             let receiver = &mut inc.receiver;
             inc.conn
                 .with_link(net, time::now_us(), |l| receiver.cancel(l, &mut inst));

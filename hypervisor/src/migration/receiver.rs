@@ -201,6 +201,9 @@ pub struct Receiver<M> {
     next_round: u32,
     last_activity_us: u64,
     idle_timeout_us: u64,
+    /// Trace: when the last RoundEnd and the End arrived (this clock; 0: not yet).
+    last_round_end_us: u64,
+    end_at_us: u64,
     /// The stream must be complete by then (set on Hello), or COMMIT must have come
     /// (set on READY).
     deadline_us: u64,
@@ -251,6 +254,8 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
             page_msgs: 0,
             next_round: 0,
             last_activity_us: now_us,
+            last_round_end_us: 0,
+            end_at_us: 0,
             idle_timeout_us,
             deadline_us: u64::MAX,
             ready_sent_us: 0,
@@ -356,6 +361,16 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
         let mut t = core::mem::take(&mut self.out);
         t.append(&mut self.farewell);
         t
+    }
+
+    /// Trace: from the last pre-copy round's end to End, as this side saw the stream
+    /// (the stop-and-copy's data arriving); 0 when there was no pre-copy round.
+    pub fn final_arrival_us(&self) -> u64 {
+        if self.last_round_end_us == 0 {
+            0
+        } else {
+            self.end_at_us.saturating_sub(self.last_round_end_us)
+        }
     }
 
     /// The guest being received (after Hello).
@@ -655,6 +670,7 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
                     )));
                 }
                 self.next_round += 1;
+                self.last_round_end_us = now_us;
             }
             (Phase::Stream, Msg::Missing { first, words }) => {
                 let h = self.hello.as_ref().ok_or_else(|| bad("no Hello".into()))?;
@@ -811,6 +827,7 @@ impl<M: AsRef<[u8]> + AsMut<[u8]>> Receiver<M> {
                 self.full.pages = first + (hashes.len() / 8) as u64;
             }
             (Phase::Stream, Msg::End { pages, checksum }) => {
+                self.end_at_us = now_us;
                 let (Some(vcpu), Some(device)) = (self.vcpu.take(), self.device.take()) else {
                     return Err(bad("End before the vCPU and device state".into()));
                 };

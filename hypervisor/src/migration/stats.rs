@@ -146,6 +146,11 @@ pub struct MigrationStats {
     pub drain_dirty: u64,
     /// Pages dirty when the last pre-copy round ended (the rest of the final set).
     pub round_end_dirty: u64,
+    /// Destination: from the last pre-copy round's end to End arriving (the final set
+    /// and state as this side received them).
+    pub dst_final_us: u64,
+    /// Destination: installing the guest (vCPU state, nested tables) before READY.
+    pub dst_install_us: u64,
     /// Post-copy figures (all zero when the guest moved by pre-copy only).
     pub postcopy: PostcopyStats,
 }
@@ -230,7 +235,7 @@ impl MigrationStats {
             .collect();
         let _ = write!(
             s,
-            "MIGRATION-STATS role={} guest={} image={} mem_bytes={} peer={} method={} mode={} outcome={} total_us={} downtime_us={} dt_freeze_sent_us={} dt_sent_ready_us={} dt_commit_wire_us={} dt_resume_us={} downtime_joined={} rounds={} bytes={} pages={} zero_pages={} final_dirty={} final_bytes={} stop={} throughput_kBps={} verify={} delta_pages={} delta_saved={} free_pages={} throttle_pct={} throttle_us={} drain_us={} drain_dirty={} round_end_dirty={} link_full_us={} in_poll_us={} max_gap_us={} postcopy={} post_missing={} post_pages={} post_bytes={} requests={} prepaged={} faults={} fault_median_us={} fault_max_us={} last_page_us={} recoveries={} per_round={}",
+            "MIGRATION-STATS role={} guest={} image={} mem_bytes={} peer={} method={} mode={} outcome={} total_us={} downtime_us={} dt_freeze_sent_us={} dt_sent_ready_us={} dt_commit_wire_us={} dt_resume_us={} downtime_joined={} rounds={} bytes={} pages={} zero_pages={} final_dirty={} final_bytes={} stop={} throughput_kBps={} verify={} delta_pages={} delta_saved={} free_pages={} throttle_pct={} throttle_us={} drain_us={} drain_dirty={} round_end_dirty={} link_full_us={} in_poll_us={} max_gap_us={} dst_final_us={} dst_install_us={} postcopy={} post_missing={} post_pages={} post_bytes={} requests={} prepaged={} faults={} fault_median_us={} fault_max_us={} last_page_us={} recoveries={} per_round={}",
             self.role,
             self.guest,
             self.image,
@@ -267,6 +272,8 @@ impl MigrationStats {
             self.phases().map(|t| t.link_full_us).sum::<u64>(),
             self.phases().map(|t| t.in_poll_us).sum::<u64>(),
             self.phases().map(|t| t.max_gap_us).max().unwrap_or(0),
+            self.dst_final_us,
+            self.dst_install_us,
             u8::from(self.postcopy.used),
             self.postcopy.missing_at_handover,
             self.post.pages,

@@ -1346,8 +1346,10 @@ fn the_trace_books_every_interval_and_explains_the_final_set() {
         downtime_us: 2_000,
         ..Default::default()
     };
-    let (src, _) = migrate(&mut g, &mut h, params, 16 * 1024, None);
+    let (src, rcv) = migrate(&mut g, &mut h, params, 16 * 1024, None);
     assert_eq!(src.phase(), Phase::Done, "{}", src.stats.outcome);
+    // The destination saw the final set arrive after the last round's end.
+    assert!(rcv.final_arrival_us() > 0);
     let st = &src.stats;
     for r in &st.rounds {
         assert!(r.trace.polls > 0, "round {} has no polls", r.round);

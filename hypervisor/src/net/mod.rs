@@ -251,10 +251,7 @@ impl NetStack {
                 tcp::SocketBuffer::new(vec![0; 256]),
             );
             configure(&mut sink);
-            (
-                sockets.add(sink),
-                SinkState::Receiving(SinkVerifier::new()),
-            )
+            (sockets.add(sink), SinkState::Receiving(SinkVerifier::new()))
         });
         let mut s = Self {
             pci,
