@@ -169,7 +169,7 @@ fn matrix(quick: bool) -> Vec<Config> {
     let post_levels: &[(&str, f64)] = if quick {
         &[LEVELS[3]]
     } else {
-        &[LEVELS[3], ("link", 1.0), ("over", 1.5)]
+        &[LEVELS[3], ("link", 1.0), ("twice", 2.0)]
     };
     for &level in post_levels {
         for mode in ["precopy", "precopy+autoconv", "postcopy", "hybrid"] {
