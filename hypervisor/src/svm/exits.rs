@@ -140,6 +140,20 @@ pub fn is_hypercall(bytes: &[u8]) -> bool {
     matches!(bytes, [0x0F, 0x01, 0xC1 | 0xD9, ..])
 }
 
+/// The source register of a `MOV CRn, reg` at the start of `bytes` (an optional REX
+/// prefix, 0F 22, ModRM with mod = 11), numbered 0 = RAX ... 15 = R15: what decode
+/// assists would report in EXITINFO1, for CPUs (QEMU's TCG) without them.
+pub fn mov_to_cr_source(bytes: &[u8]) -> Option<u8> {
+    let (rex, rest) = match bytes {
+        [r @ 0x40..=0x4F, rest @ ..] => (*r, rest),
+        _ => (0, bytes),
+    };
+    match rest {
+        [0x0F, 0x22, modrm, ..] if modrm >> 6 == 3 => Some((modrm & 7) | ((rex & 1) << 3)),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,6 +230,27 @@ mod tests {
             }
         );
         assert_eq!(decode(0x400, 2, 0, 0).stat_slot(), 48);
+    }
+
+    #[test]
+    fn mov_to_cr_source_registers() {
+        assert_eq!(
+            mov_to_cr_source(&[0x0F, 0x22, 0xE0]),
+            Some(0),
+            "mov cr4, rax"
+        );
+        assert_eq!(
+            mov_to_cr_source(&[0x0F, 0x22, 0xC3]),
+            Some(3),
+            "mov cr0, rbx"
+        );
+        assert_eq!(
+            mov_to_cr_source(&[0x41, 0x0F, 0x22, 0xC0]),
+            Some(8),
+            "mov cr0, r8"
+        );
+        assert_eq!(mov_to_cr_source(&[0x0F, 0x20, 0xC0]), None, "mov rax, cr0");
+        assert_eq!(mov_to_cr_source(&[0x0F, 0x22]), None);
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //! * The migratable state is the same [`VcpuState`]: EFER.SVME (required in the guest's
 //!   EFER by VMRUN) is masked out, the interrupt shadow maps to VMX's STI blocking.
 
-use super::exits::{Exit, Vendor};
+use super::exits::{CrAccess, Exit, Vendor};
 use super::vcpu::{guest_cr0_shadow, CR4_FP_BITS};
 use super::*;
 use crate::arch::svm as svm_hw;
@@ -211,19 +211,25 @@ impl Vm {
         }
     }
 
-    /// Whether the guest's RIP points at VMCALL or VMMCALL (read through the guest's
-    /// page tables in its memory).
-    fn at_hypercall(&self) -> bool {
+    /// The first bytes of the instruction at the guest's RIP, read through the guest's
+    /// page tables in its memory (fewer if a page is not mapped).
+    fn bytes_at_rip(&self) -> ([u8; 4], usize) {
         let (rip, cr3) = (self.svm_rip(), self.vmcb_read(save::CR3));
         let mem = self.mem.as_bytes();
-        let mut bytes = [0u8; 3];
+        let mut bytes = [0u8; 4];
         for (i, b) in bytes.iter_mut().enumerate() {
             match guest_linear_to_phys(mem, cr3, rip.wrapping_add(i as u64)) {
                 Some(pa) if (pa as usize) < mem.len() => *b = mem[pa as usize],
-                _ => return false,
+                _ => return (bytes, i),
             }
         }
-        svm_exits::is_hypercall(&bytes)
+        (bytes, 4)
+    }
+
+    /// Whether the guest's RIP points at VMCALL or VMMCALL.
+    fn at_hypercall(&self) -> bool {
+        let (b, n) = self.bytes_at_rip();
+        svm_exits::is_hypercall(&b[..n])
     }
 
     /// Runs the guest until `deadline` (TSC) or until it blocks.
@@ -260,6 +266,12 @@ impl Vm {
             let mut exit = svm_exits::decode(code, info1, info2, self.regs.rcx);
             if matches!(exit, Exit::Exception { vector: 6, .. }) && self.at_hypercall() {
                 exit = Exit::Hypercall;
+            }
+            if let Exit::ControlRegister(CrAccess::Write { cr, gpr: None }) = exit {
+                // No decode assists: find the source register in the instruction.
+                let (b, n) = self.bytes_at_rip();
+                let gpr = svm_exits::mov_to_cr_source(&b[..n]);
+                exit = Exit::ControlRegister(CrAccess::Write { cr, gpr });
             }
             self.stats.exits[exit.stat_slot()] += 1;
             if exit == Exit::InvalidState {
