@@ -181,8 +181,6 @@ pub struct Vm {
     vendor: Vendor,
     /// The nested-paging bits of that vendor.
     fmt: Format,
-    /// SVM: the host pages VMRUN needs (host VMSAVE area).
-    host_vmcb: u64,
     /// SVM: flush this guest's translations at the next VMRUN (TLB_CONTROL).
     flush_tlb: bool,
     /// General-purpose registers while not running.
@@ -405,7 +403,6 @@ impl Vm {
             pml: None,
             vendor: virt::vendor(),
             fmt: virt::nested_format(),
-            host_vmcb: 0,
             flush_tlb: true,
             regs: GuestRegs::default(),
             launched: false,

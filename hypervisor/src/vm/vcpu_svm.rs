@@ -78,7 +78,6 @@ impl Vm {
     /// Initialises the VMCB: intercepts, nested paging, the guest's flat 64-bit
     /// segments (the same as the VMX path's), and the guest state `s`.
     pub(super) fn setup_vmcb(&mut self, svm: &Svm, s: &VcpuState) {
-        self.host_vmcb = svm.host_vmcb();
         // NPT always maintains accessed/dirty flags (APM 15.25.5; measured under QEMU
         // TCG, docs/svm.md): dirty tracking by flags and free-page hints work.
         self.ad_enabled = true;
