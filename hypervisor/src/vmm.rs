@@ -391,7 +391,7 @@ impl Vmm {
             if n > 0 {
                 println!(
                     "  {:<22} {:>10}",
-                    format!("{} ({reason})", exits::name(reason)),
+                    format!("{} ({reason})", exits::slot_name(vm.vendor(), reason)),
                     n
                 );
             }

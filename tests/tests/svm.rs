@@ -44,7 +44,7 @@ fn qemu_tcg_svm_guests_run_interleave_and_verify() {
         c.wait_for("[g3] counter ", GUEST_TIMEOUT)?;
         c.wait_for("[g3] counter ", GUEST_TIMEOUT)?;
         let stats = c.command("stats 4", CMD_TIMEOUT)?;
-        expect(&stats, "(52)")?;
+        expect(&stats, "INTR-slice-timer (52)")?;
         expect(&c.command("check 4", CMD_TIMEOUT)?, "verify request posted")?;
         c.wait_for("[g4] dirtier: verify: PASS", GUEST_TIMEOUT)?;
         expect(&c.command("kill 4", CMD_TIMEOUT)?, "guest 4 killed")?;
@@ -58,7 +58,7 @@ fn qemu_tcg_svm_guests_run_interleave_and_verify() {
         c.wait_for("[g6] STOPPED", GUEST_TIMEOUT)?;
         c.wait_for("[g3] counter ", GUEST_TIMEOUT)?;
         let stats = c.command("stats 3", CMD_TIMEOUT)?;
-        expect(&stats, "VMCALL (18)")?;
+        expect(&stats, "VMCALL/VMMCALL (18)")?;
         Ok(())
     });
 }

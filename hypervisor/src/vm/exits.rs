@@ -4,20 +4,7 @@
 //! Appendix C) in [`crate::svm::exits`]. Both decoders are pure functions of the raw
 //! fields, tested on the host.
 
-/// A guest-physical address (what the guest's nested tables translate).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Gpa(pub u64);
-
-impl Gpa {
-    /// The guest page frame number.
-    pub fn pfn(self) -> usize {
-        (self.0 / 4096) as usize
-    }
-}
-
-/// A host-physical address (what the nested tables point at).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Hpa(pub u64);
+pub use super::nested::Gpa;
 
 /// The access that faulted in the nested tables.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -392,6 +379,29 @@ pub fn name(reason: usize) -> &'static str {
     }
 }
 
+/// Name of a `stats` counter slot ([`Exit::stat_slot`]) for a guest on `vendor`: VMX
+/// slots are basic exit reasons ([`name`]); SVM's are named by what they count.
+pub fn slot_name(vendor: Vendor, slot: usize) -> &'static str {
+    match (vendor, slot) {
+        (Vendor::Vmx, n) => name(n),
+        (Vendor::Svm, 0) => "exception",
+        (Vendor::Svm, 2) => "shutdown",
+        (Vendor::Svm, 10) => "CPUID",
+        (Vendor::Svm, 12) => "HLT",
+        (Vendor::Svm, 18) => "VMCALL/VMMCALL",
+        (Vendor::Svm, 28) => "CR-write",
+        (Vendor::Svm, 30) => "IOIO",
+        (Vendor::Svm, 31 | 32) => "MSR",
+        (Vendor::Svm, 33) => "VMRUN-invalid",
+        (Vendor::Svm, 36) => "MWAIT",
+        (Vendor::Svm, 39) => "MONITOR",
+        (Vendor::Svm, 48) => "NPF",
+        (Vendor::Svm, 52) => "INTR-slice-timer",
+        (Vendor::Svm, 54) => "WBINVD",
+        (Vendor::Svm, _) => "other",
+    }
+}
+
 /// Names of exception vectors.
 pub fn exception_name(v: u8) -> &'static str {
     match v {
@@ -508,5 +518,7 @@ mod tests {
             }
         );
         assert_eq!(d(18, 0).stat_slot(), 18);
+        assert_eq!(slot_name(Vendor::Vmx, 52), "preemption-timer");
+        assert_eq!(slot_name(Vendor::Svm, 52), "INTR-slice-timer");
     }
 }

@@ -310,7 +310,8 @@ impl VmParts {
         let mem = PhysPages::alloc(pages).map_err(CreateError::Memory)?;
         let mut ept = PhysPages::alloc(nested::table_pages(pages)).map_err(CreateError::Memory)?;
         let base = ept.base();
-        virt::nested_format().build(ept.as_u64_mut(), base, mem.base(), pages);
+        let mem_base = nested::Hpa(mem.base());
+        virt::nested_format().build(ept.as_u64_mut(), nested::Hpa(base), mem_base, pages);
         Ok(Self { mem, ept })
     }
 

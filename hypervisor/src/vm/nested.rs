@@ -17,6 +17,23 @@
 //! So the leaf of guest frame `p` is word `3*512 + p` and the leaves of all guest pages
 //! are one contiguous slice ([`leaves_mut`]): dirty scans walk it linearly.
 
+/// A guest-physical address: what the guest's own page tables produce and the nested
+/// tables translate. Never mixed with an [`Hpa`]: converting one into the other is the
+/// nested tables' job ([`Format::translate`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Gpa(pub u64);
+
+impl Gpa {
+    /// The guest page frame number.
+    pub fn pfn(self) -> usize {
+        (self.0 / 4096) as usize
+    }
+}
+
+/// A host-physical address: where the nested tables and the guest's frames really are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Hpa(pub u64);
+
 /// The bits of one nested-paging flavour.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Format {
@@ -53,10 +70,11 @@ pub fn leaf_index(pfn: usize) -> usize {
 }
 
 impl Format {
-    /// Builds the tables in `words` (at physical `table_base`) mapping guest frames
+    /// Builds the tables in `words` (at `table_base`) mapping guest frames
     /// `0..guest_pages` to host frames at `mem_base` (contiguous).
-    pub fn build(&self, words: &mut [u64], table_base: u64, mem_base: u64, guest_pages: usize) {
+    pub fn build(&self, words: &mut [u64], table_base: Hpa, mem_base: Hpa, guest_pages: usize) {
         assert!(guest_pages <= MAX_GUEST_PAGES && words.len() >= table_pages(guest_pages) * 512);
+        let (table_base, mem_base) = (table_base.0, mem_base.0);
         words.fill(0);
         let page = |i: usize| table_base + (i as u64) * 4096;
         words[0] = page(1) | self.table;
@@ -69,8 +87,9 @@ impl Format {
         }
     }
 
-    /// Translates a guest-physical address through the tables.
-    pub fn translate(&self, words: &[u64], table_base: u64, gpa: u64) -> Option<u64> {
+    /// Translates a guest-physical address through the tables (at `table_base`).
+    pub fn translate(&self, words: &[u64], table_base: Hpa, gpa: Gpa) -> Option<Hpa> {
+        let (table_base, gpa) = (table_base.0, gpa.0);
         let idx = |level: u32| ((gpa >> (12 + 9 * level)) & 511) as usize;
         let mut table = 0usize;
         for level in (1..4).rev() {
@@ -81,7 +100,7 @@ impl Format {
             table = (((e & ADDR_MASK).checked_sub(table_base)?) / 4096) as usize;
         }
         let e = *words.get(table * 512 + idx(0))?;
-        (e & self.read != 0).then_some((e & ADDR_MASK) | (gpa & 0xFFF))
+        (e & self.read != 0).then_some(Hpa((e & ADDR_MASK) | (gpa & 0xFFF)))
     }
 
     /// A/D tracking: calls `f(pfn)` for every leaf whose dirty flag is set and clears
@@ -176,7 +195,7 @@ mod tests {
 
     fn tables(f: &Format, pages: usize) -> Vec<u64> {
         let mut w = vec![0u64; table_pages(pages) * 512];
-        f.build(&mut w, TB, MB, pages);
+        f.build(&mut w, Hpa(TB), Hpa(MB), pages);
         w
     }
 
@@ -187,11 +206,14 @@ mod tests {
             let w = tables(&f, pages);
             for p in [0usize, 1, 511, 512, 999] {
                 let gpa = (p as u64) * 4096 + 0x123;
-                assert_eq!(f.translate(&w, TB, gpa), Some(MB + p as u64 * 4096 + 0x123));
+                assert_eq!(
+                    f.translate(&w, Hpa(TB), Gpa(gpa)),
+                    Some(Hpa(MB + p as u64 * 4096 + 0x123))
+                );
             }
-            assert_eq!(f.translate(&w, TB, 1000 * 4096), None);
-            assert_eq!(f.translate(&w, TB, 1 << 30), None);
-            assert_eq!(f.translate(&w, TB, 1 << 39), None);
+            for gpa in [1000 * 4096, 1 << 30, 1 << 39] {
+                assert_eq!(f.translate(&w, Hpa(TB), Gpa(gpa)), None);
+            }
         }
     }
 

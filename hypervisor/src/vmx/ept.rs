@@ -16,7 +16,7 @@ pub const W: u64 = 1 << 1;
 pub const X: u64 = 1 << 2;
 /// Memory type write-back in a leaf.
 pub const MT_WB: u64 = 6 << 3;
-use crate::vm::nested::{self, Format};
+use crate::vm::nested::{self, Format, Gpa, Hpa};
 
 /// Accessed flag (needs A/D enabled in the EPTP).
 pub const ACCESSED: u64 = 1 << 8;
@@ -44,7 +44,7 @@ pub use nested::{leaf_index, leaves_mut, table_pages};
 
 /// Builds EPT tables (see [`Format::build`]).
 pub fn build(words: &mut [u64], table_base: u64, mem_base: u64, guest_pages: usize) {
-    EPT.build(words, table_base, mem_base, guest_pages)
+    EPT.build(words, Hpa(table_base), Hpa(mem_base), guest_pages)
 }
 
 /// The EPT pointer for tables at `table_base`: write-back, 4-level walk, and the
@@ -55,7 +55,7 @@ pub fn eptp(table_base: u64, ad: bool) -> u64 {
 
 /// Translates a guest-physical address through the tables (for tests and sanity checks).
 pub fn translate(words: &[u64], table_base: u64, gpa: u64) -> Option<u64> {
-    EPT.translate(words, table_base, gpa)
+    EPT.translate(words, Hpa(table_base), Gpa(gpa)).map(|h| h.0)
 }
 
 /// See [`Format::take_dirty_flags`].
