@@ -44,7 +44,7 @@ pub fn kmain(magic: u32, info_addr: u64) -> ! {
     let caches_were_off = cpu::enable_caches();
     crate::logger::init(log::LevelFilter::Info);
     println!();
-    println!("hvmig {VERSION}: x86-64 VMX microhypervisor with live migration");
+    println!("hvmig {VERSION}: x86-64 VMX/SVM microhypervisor with live migration");
     if caches_were_off {
         println!("cpu: caches were disabled at boot (CR0.CD/NW); enabled");
     }

@@ -105,7 +105,8 @@ pub enum SliceEnd {
 /// Per-reason exit counters and the latest guest reports.
 #[derive(Clone, Debug)]
 pub struct VmStats {
-    /// Exits by basic exit reason.
+    /// Exits by [`Exit::stat_slot`] (numbered like VMX basic exit reasons; on VMX the
+    /// raw basic reason).
     pub exits: [u64; 70],
     /// Hypercalls by number (index = call number, 0 = unknown).
     pub hypercalls: [u64; 14],
@@ -433,6 +434,11 @@ impl Vm {
             nic: nic::Nic::default(),
             vmcs_active: false,
         })
+    }
+
+    /// Whose vCPU this is (Intel VMX or AMD SVM).
+    pub fn vendor(&self) -> Vendor {
+        self.vendor
     }
 
     /// Guest memory.

@@ -16,7 +16,7 @@
 //! * The migratable state is the same [`VcpuState`]: EFER.SVME (required in the guest's
 //!   EFER by VMRUN) is masked out, the interrupt shadow maps to VMX's STI blocking.
 
-use super::exits::{CrAccess, Exit, Vendor};
+use super::exits::{CrAccess, Exit};
 use super::vcpu::{guest_cr0_shadow, CR4_FP_BITS};
 use super::*;
 use crate::arch::svm as svm_hw;
@@ -286,11 +286,6 @@ impl Vm {
                 return SliceEnd::Preempted;
             }
         }
-    }
-
-    /// Whose vCPU this is.
-    pub fn vendor(&self) -> Vendor {
-        self.vendor
     }
 }
 
