@@ -149,45 +149,12 @@ impl Vm {
     /// Writes the migratable vCPU state into the VMCB and the register file.
     fn write_vcpu_state_svm(&mut self, s: &VcpuState) {
         self.regs = s.regs;
-        let mut v = self.vmcb();
-        v.set(save::RAX, s.regs.rax);
-        v.set(save::RIP, s.rip);
-        v.set(save::RSP, s.rsp);
-        v.set(save::RFLAGS, s.rflags | 0x2);
-        v.set(
-            save::CR0,
-            (guest_cr0_shadow(s.cr0) | CR0_EM) & !(CR0_CD | CR0_NW),
-        );
-        v.set(save::CR3, s.cr3);
-        v.set(save::CR4, s.cr4 & !(CR4_FP_BITS | CR4_VMXE));
-        v.set(save::EFER, s.efer | EFER_SVME);
-        let data = attrib_from_vmx_ar(0xC093);
-        v.set_segment(save::FS, 0x10, data, 0xFFFF_FFFF, s.fs_base);
-        v.set_segment(save::GS, 0x10, data, 0xFFFF_FFFF, s.gs_base);
-        v.set(save::KERNEL_GS_BASE, 0);
-        // SVM has one interrupt-shadow bit; VMX's STI and MOV-SS blocking both map to it.
-        v.set(ctl::INT_STATE, u64::from(s.interruptibility & 3 != 0));
+        state_to_vmcb(&mut self.vmcb(), s);
     }
 
     /// Reads the migratable vCPU state from the VMCB.
     pub(super) fn read_vcpu_state_svm(&self) -> VcpuState {
-        let r = |off| self.vmcb_read(off);
-        VcpuState {
-            regs: GuestRegs {
-                rax: r(save::RAX),
-                ..self.regs
-            },
-            rip: r(save::RIP),
-            rsp: r(save::RSP),
-            rflags: r(save::RFLAGS),
-            cr0: guest_cr0_shadow(r(save::CR0)),
-            cr3: r(save::CR3),
-            cr4: r(save::CR4) & !CR4_VMXE,
-            efer: r(save::EFER) & !EFER_SVME,
-            fs_base: r(save::FS + 8),
-            gs_base: r(save::GS + 8),
-            interruptibility: r(ctl::INT_STATE) & 1,
-        }
+        state_from_vmcb(self.vmcs.as_bytes(), &self.regs)
     }
 
     pub(super) fn svm_rip(&self) -> u64 {
@@ -289,6 +256,51 @@ impl Vm {
     }
 }
 
+/// Writes the vendor-neutral vCPU state `s` into a VMCB (RAX included; the other
+/// general-purpose registers live in the register file).
+pub fn state_to_vmcb(v: &mut Vmcb<'_>, s: &VcpuState) {
+    v.set(save::RAX, s.regs.rax);
+    v.set(save::RIP, s.rip);
+    v.set(save::RSP, s.rsp);
+    v.set(save::RFLAGS, s.rflags | 0x2);
+    v.set(
+        save::CR0,
+        (guest_cr0_shadow(s.cr0) | CR0_EM) & !(CR0_CD | CR0_NW),
+    );
+    v.set(save::CR3, s.cr3);
+    v.set(save::CR4, s.cr4 & !(CR4_FP_BITS | CR4_VMXE));
+    v.set(save::EFER, s.efer | EFER_SVME);
+    let data = attrib_from_vmx_ar(0xC093);
+    v.set_segment(save::FS, 0x10, data, 0xFFFF_FFFF, s.fs_base);
+    v.set_segment(save::GS, 0x10, data, 0xFFFF_FFFF, s.gs_base);
+    v.set(save::KERNEL_GS_BASE, 0);
+    // SVM has one interrupt-shadow bit; VMX's STI and MOV-SS blocking both map to it.
+    v.set(ctl::INT_STATE, u64::from(s.interruptibility & 3 != 0));
+}
+
+/// Reads the vendor-neutral vCPU state from a VMCB page and the register file `regs`:
+/// CR0 as the guest believes it (without the EM the host forces), CR4 without VMXE,
+/// EFER without SVME (both vendors' own bits), the interrupt shadow as STI blocking.
+pub fn state_from_vmcb(page: &[u8], regs: &GuestRegs) -> VcpuState {
+    let r = |off| vmcb::read(page, off);
+    VcpuState {
+        regs: GuestRegs {
+            rax: r(save::RAX),
+            ..*regs
+        },
+        rip: r(save::RIP),
+        rsp: r(save::RSP),
+        rflags: r(save::RFLAGS),
+        cr0: guest_cr0_shadow(r(save::CR0)),
+        cr3: r(save::CR3),
+        cr4: r(save::CR4) & !CR4_VMXE,
+        efer: r(save::EFER) & !EFER_SVME,
+        fs_base: r(save::FS + 8),
+        gs_base: r(save::GS + 8),
+        interruptibility: r(ctl::INT_STATE) & 1,
+    }
+}
+
 /// Translates a guest-linear address through the guest's 4-level page tables (in its
 /// memory `mem`, root `cr3`), honouring 1 GiB and 2 MiB pages. `None` if a table lies
 /// outside the guest's memory or an entry is not present.
@@ -317,6 +329,50 @@ pub fn guest_linear_to_phys(mem: &[u8], cr3: u64, va: u64) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A state as the VMX backend produces it (`read_vcpu_state`) for a guest the
+    /// loader started, mid-run.
+    fn from_intel() -> VcpuState {
+        let mut s = VcpuState {
+            rip: 0x10_0123,
+            rsp: 0xFF_FF00,
+            rflags: 0x202,
+            cr0: 0x8000_0031,
+            cr3: 0x1000,
+            cr4: 0x20,
+            efer: 0x500,
+            fs_base: 0x1234,
+            gs_base: 0x5678,
+            interruptibility: 1,
+            ..Default::default()
+        };
+        s.regs.rax = 7;
+        s.regs.rdi = 0x2000;
+        s.regs.r15 = u64::MAX;
+        s
+    }
+
+    #[test]
+    fn vcpu_state_survives_the_vmcb_unchanged() {
+        let s = from_intel();
+        let mut page = vec![0u8; 4096];
+        state_to_vmcb(&mut Vmcb(&mut page), &s);
+        // What VMRUN sees: SVME in EFER, EM in CR0; what the stream gets back: neither.
+        assert_eq!(vmcb::read(&page, save::EFER), 0x1500);
+        assert_eq!(vmcb::read(&page, save::CR0) & CR0_EM, CR0_EM);
+        assert_eq!(state_from_vmcb(&page, &s.regs), s);
+        // MOV-SS blocking (VMX bit 1) is SVM's one shadow bit, read back as STI blocking.
+        let movss = VcpuState {
+            interruptibility: 2,
+            ..s
+        };
+        state_to_vmcb(&mut Vmcb(&mut page), &movss);
+        assert_eq!(state_from_vmcb(&page, &s.regs).interruptibility, 1);
+        // A guest that never touched the FP bits keeps them off across the move.
+        let sse = VcpuState { cr4: 0x620, ..s };
+        state_to_vmcb(&mut Vmcb(&mut page), &sse);
+        assert_eq!(state_from_vmcb(&page, &s.regs).cr4, 0x20);
+    }
 
     #[test]
     fn walks_guest_page_tables() {
