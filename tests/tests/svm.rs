@@ -147,6 +147,9 @@ fn qemu_tcg_svm_npt_dirty_tracking_and_forbidden_instructions() {
                 ],
             ),
             ("outside", &["STOPPED: exception 14 (page fault)"]),
+            ("ud", &["STOPPED: exception 6 (invalid opcode)"]),
+            ("io", &["STOPPED: I/O port access"]),
+            ("msr", &["STOPPED: MSR access to 0x10 is not allowed"]),
         ];
         for (n, (mode, expected)) in cases.iter().enumerate() {
             let id = n + 3;
