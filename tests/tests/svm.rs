@@ -162,6 +162,11 @@ fn qemu_tcg_svm_npt_dirty_tracking_and_forbidden_instructions() {
             }
             c.command(&format!("kill {id}"), CMD_TIMEOUT)?;
         }
+        // A guest hammering every hypercall with garbage (buffers across and outside
+        // its memory, a NIC ring rewritten with junk) only gets errors.
+        let id = cases.len() + 3;
+        c.command("start misbehave mode=hammer secs=10", CMD_TIMEOUT)?;
+        c.wait_for(&format!("[g{id}] misbehave: hammer done"), GUEST_TIMEOUT)?;
         // The dirtier was never disturbed.
         c.wait_for("[g1] dirtier: wrote", GUEST_TIMEOUT)?;
         let text = c.command("vms", CMD_TIMEOUT)?;

@@ -3,10 +3,11 @@
 //! The callers in [`crate::svm`] own the pages passed here (host save area, VMCBs) as
 //! [`PhysPages`] that live at least as long as SVM uses them.
 //!
-//! One entry goes through [`enter`]: CLGI, STI (so that the host's RFLAGS.IF saved by
-//! VMRUN lets a physical interrupt reach the INTR intercept, APM 15.21.4), VMSAVE of the
-//! host's hidden state (FS, GS, TR, LDTR, KernelGsBase, STAR/LSTAR/...), VMLOAD of the
-//! guest's, VMRUN; after #VMEXIT: CLI, VMSAVE of the guest's hidden state, VMLOAD of the
+//! One entry goes through [`enter`]: CLGI, VMSAVE of the host's hidden state (FS, GS,
+//! TR, LDTR, KernelGsBase, STAR/LSTAR/...), VMLOAD of the guest's, STI (GIF = 0 still
+//! holds every interrupt off; the point is that VMRUN saves the host's RFLAGS.IF = 1, so
+//! that with V_INTR_MASKING a physical interrupt reaches the INTR intercept, APM
+//! 15.21.4), VMRUN; after #VMEXIT: CLI, VMSAVE of the guest's hidden state, VMLOAD of the
 //! host's, STGI. Interrupts stay off in the host (IF = 0 after the stub), so a pending
 //! interrupt is never taken by the host: the caller acknowledges it at the PIC.
 //!
