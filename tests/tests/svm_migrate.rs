@@ -124,6 +124,19 @@ fn cross_vendor_bochs_vmx_to_qemu_svm_and_back() {
 
             // AMD -> Intel: the counter comes home.
             counter_moves(b, a, id_b, "10.0.0.1", "")?;
+
+            // Post-copy across vendors: the guest runs on the other CPU before its
+            // memory is there, blocking on each missing page (EPT violation on Intel,
+            // nested page fault on AMD; a hypercall whose buffer is missing is retried,
+            // which on AMD arrives as #UD on the VMCALL).
+            let v_b = migrate(a, b, v_a, "10.0.0.2", "mode=postcopy")?;
+            b.wait_for("post-copy complete, all ", MIGRATE_TIMEOUT)?;
+            b.command(&format!("check {v_b}"), CMD_TIMEOUT)?;
+            b.wait_for(&format!("[g{v_b}] verify: PASS"), GUEST_TIMEOUT)?;
+            let v_a = migrate(b, a, v_b, "10.0.0.1", "mode=postcopy")?;
+            a.wait_for("post-copy complete, all ", MIGRATE_TIMEOUT)?;
+            a.command(&format!("check {v_a}"), CMD_TIMEOUT)?;
+            a.wait_for(&format!("[g{v_a}] verify: PASS"), GUEST_TIMEOUT)?;
             Ok(())
         },
     );
