@@ -455,6 +455,9 @@ impl Vmm {
         if let Some(t) = vm.tracking {
             println!("  dirty tracking: {t:?}");
         }
+        if let Some((i1, i2)) = vm.last_npf {
+            println!("  last nested page fault: EXITINFO1={i1:#x} EXITINFO2 (GPA)={i2:#x}");
+        }
         let (a, d) = vm.nested_flag_counts();
         println!(
             "  nested tables ({}): {a} leaves accessed, {d} dirty",
@@ -503,8 +506,11 @@ impl Vmm {
                     }
                 });
                 let (a, d) = vm.nested_flag_counts();
+                let npf = vm
+                    .last_npf
+                    .map_or(String::from("-"), |(i1, i2)| format!("{i1:#x}@{i2:#x}"));
                 println!(
-                    "TRACK guest={id} method={} dirty={n} nested_faults={} leaves_accessed={a} leaves_dirty={d} first={first:?}",
+                    "TRACK guest={id} method={} dirty={n} nested_faults={} leaves_accessed={a} leaves_dirty={d} last_npf={npf} first={first:?}",
                     t.name(),
                     vm.stats.exits[48]
                 );

@@ -184,6 +184,9 @@ pub struct Vm {
     fmt: Format,
     /// SVM: flush this guest's translations at the next VMRUN (TLB_CONTROL).
     flush_tlb: bool,
+    /// SVM: the raw EXITINFO1 and EXITINFO2 of the latest nested page fault (shown by
+    /// `track` and `stats`, to see what the CPU reports).
+    pub last_npf: Option<(u64, u64)>,
     /// General-purpose registers while not running.
     pub regs: GuestRegs,
     launched: bool,
@@ -406,6 +409,7 @@ impl Vm {
             vendor: virt::vendor(),
             fmt: virt::nested_format(),
             flush_tlb: true,
+            last_npf: None,
             regs: GuestRegs::default(),
             launched: false,
             ad_enabled: false,

@@ -224,6 +224,9 @@ impl Vm {
             let info1 = self.vmcb_read(ctl::EXIT_INFO1);
             let info2 = self.vmcb_read(ctl::EXIT_INFO2);
             self.regs.rax = self.vmcb_read(save::RAX);
+            if code == code::NPF {
+                self.last_npf = Some((info1, info2));
+            }
             if code == code::INTR {
                 // The slice timer (or another unmasked IRQ): take it off the PIC, or
                 // the next VMRUN would exit at once.
