@@ -13,6 +13,7 @@ use crate::console::{self, PROMPT};
 use crate::mm::{heap, phys};
 use crate::multiboot::{self, BootInfo};
 use crate::platform::{self, CpuTopology, Machine};
+use crate::vm::{HwCaps, Tracking};
 use crate::vmm::{Image, Vmm};
 use crate::{cmd_err, print, println, time};
 
@@ -43,7 +44,7 @@ pub fn kmain(magic: u32, info_addr: u64) -> ! {
     let caches_were_off = cpu::enable_caches();
     crate::logger::init(log::LevelFilter::Info);
     println!();
-    println!("hvmig {VERSION}: x86-64 VMX microhypervisor with live migration");
+    println!("hvmig {VERSION}: x86-64 VMX/SVM microhypervisor with live migration");
     if caches_were_off {
         println!("cpu: caches were disabled at boot (CR0.CD/NW); enabled");
     }
@@ -119,12 +120,13 @@ pub fn kmain(magic: u32, info_addr: u64) -> ! {
         tsc_hz / 1_000_000
     );
     match (&k.vmm.vmx, &k.vmm.vmx_error) {
-        (Some(_), _) => println!("VMX: enabled (type 'info' for capabilities)"),
+        (Some(v), _) => println!("{}: enabled (type 'info' for capabilities)", v.name()),
         (None, Some(e)) => {
             println!("VMX: NOT AVAILABLE: {e}");
             println!("  guests cannot run here; the console and network still work.");
             println!("  To get VMX: run under Bochs (cargo xtask run --emulator bochs), or QEMU");
-            println!("  with KVM on an Intel host with nested VMX (cargo xtask run --emulator qemu-kvm).");
+            println!("  with KVM on an Intel host with nested VMX (cargo xtask run --emulator qemu-kvm);");
+            println!("  for SVM: QEMU TCG (cargo xtask run --emulator qemu-tcg).");
         }
         (None, None) => {}
     }
@@ -269,7 +271,7 @@ impl Kernel {
                 }
                 self.vmm.command(name, rest, cmd.usage)
             }
-            "images" | "start" | "vms" | "stats" | "check" => {
+            "images" | "start" | "vms" | "stats" | "check" | "track" => {
                 self.vmm.command(name, rest, cmd.usage)
             }
             "pci" | "net" | "ip" | "ping" | "netbench" => {
@@ -355,9 +357,28 @@ impl Kernel {
             "  uptime      {} ms",
             (time::now_us() - self.boot_us) / 1000
         );
-        match (&self.vmm.vmx, &self.vmm.vmx_error) {
-            (Some(v), _) => {
-                let c = &v.caps;
+        match (self.vmm.vmx.as_ref().map(|v| v.caps), &self.vmm.vmx_error) {
+            (Some(HwCaps::Svm(c)), _) => {
+                println!("  vmx         no (AMD CPU)");
+                println!(
+                    "  svm         yes: revision {}, {} ASIDs, nested paging, dirty tracking {}",
+                    c.revision,
+                    c.asids,
+                    Tracking::best(&HwCaps::Svm(c)).name()
+                );
+                let mut s = String::new();
+                for (name, on) in c.features() {
+                    s.push_str(name);
+                    s.push_str(if on { "=yes " } else { "=no " });
+                }
+                println!("  svm-features {}", s.trim_end());
+                println!(
+                    "  svm-cpuid   8000000A: eax={:#x} ebx={:#x} edx={:#x}",
+                    c.revision, c.asids, c.features
+                );
+            }
+            (Some(HwCaps::Vmx(c)), _) => {
+                let c = &c;
                 println!(
                     "  vmx         yes: VMCS revision {:#x}, region {} bytes",
                     c.revision(),

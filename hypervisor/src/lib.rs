@@ -23,6 +23,7 @@ pub mod multiboot;
 pub mod net;
 pub mod platform;
 pub mod rng;
+pub mod svm;
 pub mod time;
 pub mod vm;
 pub mod vmm;

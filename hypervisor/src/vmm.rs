@@ -9,8 +9,7 @@ use alloc::vec::Vec;
 use crate::arch::gdt::HostSegments;
 use crate::console::args::{self, CmdError};
 use crate::mm::phys;
-use crate::vm::{exits, HostContext, SliceEnd, Vm, VmState};
-use crate::vmx::Vmx;
+use crate::vm::{exits, HostContext, SliceEnd, Virt, Vm, VmState};
 use crate::{cmd_err, println, time};
 
 /// A guest image handed over by GRUB.
@@ -32,7 +31,7 @@ pub const RESERVE_FRAMES: usize = 2048;
 /// memory and tables fit in the free frames with [`RESERVE_FRAMES`] left over.
 pub fn admit(mem_bytes: u64) -> Result<(), String> {
     let pages = (mem_bytes / 4096) as usize;
-    let need = pages + crate::vmx::ept::table_pages(pages) + 2;
+    let need = pages + crate::vm::nested::table_pages(pages) + 2;
     let free = phys::with_frames(|f| f.free_frames());
     if free < need + RESERVE_FRAMES {
         return Err(format!(
@@ -50,11 +49,11 @@ pub const DEFAULT_MEM_MIB: u64 = 16;
 /// Length of a time slice.
 pub const SLICE_US: u64 = 10_000;
 
-/// Guests and VMX.
+/// Guests and the CPU's virtualization extension.
 pub struct Vmm {
-    /// VMX root operation, when available.
-    pub vmx: Option<Vmx>,
-    /// Why VMX is unavailable.
+    /// VMX root operation or SVM, when available (named `vmx` from before SVM).
+    pub vmx: Option<Virt>,
+    /// Why neither is available.
     pub vmx_error: Option<String>,
     host: HostSegments,
     /// The guests (alive or ended, until killed).
@@ -68,9 +67,9 @@ pub struct Vmm {
 }
 
 impl Vmm {
-    /// Brings up VMX (or records why not).
+    /// Brings up VMX or SVM (or records why not).
     pub fn new(host: HostSegments, images: Vec<Image>) -> Self {
-        let (vmx, vmx_error) = match crate::vmx::enable() {
+        let (vmx, vmx_error) = match Virt::enable() {
             Ok(v) => (Some(v), None),
             Err(e) => (None, Some(e)),
         };
@@ -93,10 +92,10 @@ impl Vmm {
         id
     }
 
-    /// The host context for VMCS setup (needs VMX).
+    /// The host context for vCPU setup (needs VMX or SVM).
     pub fn host_context(&self) -> Option<HostContext<'_>> {
         self.vmx.as_ref().map(|v| HostContext {
-            caps: &v.caps,
+            virt: v,
             host: self.host,
         })
     }
@@ -147,7 +146,7 @@ impl Vmm {
 
     /// Runs one time slice of the next runnable guest. Returns whether a guest ran.
     pub fn schedule(&mut self) -> bool {
-        let Some(vmx) = &self.vmx else { return false };
+        let Some(virt) = &self.vmx else { return false };
         for vm in self.vms.iter_mut() {
             if let VmState::Halted(until) = vm.state {
                 if vm.guest_time_ns() >= until {
@@ -171,7 +170,7 @@ impl Vmm {
                 let t = u64::from(vm.throttle_pct.min(99));
                 let slice = time::ns_to_ticks(SLICE_US * 1000);
                 let deadline = now + slice * (100 - t) / 100;
-                let _ = vm.run_slice(&vmx.caps, deadline) == SliceEnd::Blocked;
+                let _ = vm.run_slice(virt, deadline) == SliceEnd::Blocked;
                 if t > 0 {
                     vm.throttled_until = time::now() + slice * t / 100;
                 }
@@ -221,6 +220,15 @@ impl Vmm {
                     "stats" => self.cmd_stats(id),
                     _ => self.cmd_check(id),
                 }
+            }
+            "track" => {
+                let (id, method) = match argv {
+                    [id] => (id, None),
+                    [id, m] => (id, Some(*m)),
+                    _ => return Err(usage()),
+                };
+                let id = self.parse_id(id)?;
+                self.cmd_track(id, method)
             }
             _ => Err(cmd_err!("'{name}' is not a guest command")),
         }
@@ -383,7 +391,7 @@ impl Vmm {
             if n > 0 {
                 println!(
                     "  {:<22} {:>10}",
-                    format!("{} ({reason})", exits::name(reason)),
+                    format!("{} ({reason})", exits::slot_name(vm.vendor(), reason)),
                     n
                 );
             }
@@ -446,6 +454,67 @@ impl Vmm {
         }
         if let Some(t) = vm.tracking {
             println!("  dirty tracking: {t:?}");
+        }
+        if let Some((i1, i2)) = vm.last_npf {
+            println!("  last nested page fault: EXITINFO1={i1:#x} EXITINFO2 (GPA)={i2:#x}");
+        }
+        let (a, d) = vm.nested_flag_counts();
+        println!(
+            "  nested tables ({}): {a} leaves accessed, {d} dirty",
+            match vm.vendor() {
+                exits::Vendor::Vmx => "EPT",
+                exits::Vendor::Svm => "NPT",
+            }
+        );
+        Ok(())
+    }
+
+    /// `track`: exercises dirty tracking on one guest without a migration (to measure
+    /// what the CPU does: which pages the flags or write protection report). Not while
+    /// the guest migrates (the migration owns its tracking then).
+    fn cmd_track(&mut self, id: u32, method: Option<&str>) -> Result<(), CmdError> {
+        let caps = self
+            .vmx
+            .as_ref()
+            .map(|v| v.caps)
+            .ok_or_else(|| cmd_err!("no VMX or SVM here"))?;
+        let vm = self.get_mut(id).ok_or_else(|| cmd_err!("no guest {id}"))?;
+        vm.load_vmcs().map_err(|e| cmd_err!("{e}"))?;
+        match method {
+            Some("stop") => {
+                vm.stop_tracking();
+                println!("guest {id}: dirty tracking stopped");
+            }
+            Some(m) => {
+                let t = crate::vm::Tracking::parse(m)
+                    .ok_or_else(|| cmd_err!("unknown dirty tracking '{m}' (pml, ad, wp)"))?;
+                if vm.tracking.is_some() {
+                    return Err(cmd_err!("guest {id} is already tracked"));
+                }
+                vm.start_tracking(t, &caps).map_err(|e| cmd_err!("{e}"))?;
+                println!("guest {id}: dirty tracking '{}' started", t.name());
+            }
+            None => {
+                let Some(t) = vm.tracking else {
+                    return Err(cmd_err!("guest {id} is not tracked"));
+                };
+                let (mut n, mut first) = (0usize, Vec::new());
+                vm.collect_dirty(|pfn| {
+                    n += 1;
+                    if first.len() < 8 {
+                        first.push(pfn);
+                    }
+                });
+                let (a, d) = vm.nested_flag_counts();
+                let npf = vm
+                    .last_npf
+                    .map_or(String::from("-"), |(i1, i2)| format!("{i1:#x}@{i2:#x}"));
+                println!(
+                    "TRACK guest={id} method={} dirty={n} nested_faults={} leaves_accessed={a} leaves_dirty={d} last_npf={npf} first={first:?}",
+                    t.name(),
+                    vm.stats.exits[48]
+                );
+            }
         }
         Ok(())
     }

@@ -63,6 +63,33 @@ pub fn scenario_with_hub(
     hub: &HubConfig,
     body: impl FnOnce(&mut Lab) -> Result<(), String>,
 ) {
+    run_scenario(name, setup, None, hub, body)
+}
+
+/// A linked pair whose instances run in different emulators: A in `a`, B in `b` (a
+/// cross-vendor pair: Bochs' VMX and QEMU TCG's SVM).
+pub fn scenario_cross(
+    name: &str,
+    a: Emulator,
+    b: Emulator,
+    body: impl FnOnce(&mut Lab) -> Result<(), String>,
+) {
+    let setup = Setup {
+        emulator: a,
+        pair: true,
+        net: true,
+        extra_hub_ports: 0,
+    };
+    run_scenario(name, setup, Some(b), &HubConfig::default(), body)
+}
+
+fn run_scenario(
+    name: &str,
+    setup: Setup,
+    emulator_b: Option<Emulator>,
+    hub: &HubConfig,
+    body: impl FnOnce(&mut Lab) -> Result<(), String>,
+) {
     let iso = PathBuf::from(
         std::env::var("HV_ISO")
             .expect("HV_ISO not set: run the end-to-end tests with `cargo xtask test`"),
@@ -71,6 +98,7 @@ pub fn scenario_with_hub(
         PathBuf::from(std::env::var("HV_WORK").unwrap_or_else(|_| "/tmp/hv-e2e".into())).join(name);
     let cfg = LabConfig {
         emulator: setup.emulator,
+        emulator_b,
         iso,
         work_dir: work,
         pair: setup.pair,

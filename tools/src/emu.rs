@@ -449,8 +449,11 @@ pub fn set_key(inst: &mut Instance, key: &str) -> Result<(), String> {
 /// Settings for [`Lab::start`].
 #[derive(Clone, Debug)]
 pub struct LabConfig {
-    /// Emulator for every instance.
+    /// Emulator for every instance (the first one's, with `emulator_b`).
     pub emulator: Emulator,
+    /// A different emulator for the second instance of a pair: a cross-vendor pair
+    /// (Bochs' Intel VMX and QEMU TCG's AMD SVM). `None`: both use `emulator`.
+    pub emulator_b: Option<Emulator>,
     /// The image.
     pub iso: PathBuf,
     /// Working directory.
@@ -478,7 +481,10 @@ impl LabConfig {
         (0..count)
             .map(|i| InstanceConfig {
                 name: ["a", "b"][i].to_string(),
-                emulator: self.emulator,
+                emulator: match (i, self.emulator_b) {
+                    (1, Some(b)) => b,
+                    _ => self.emulator,
+                },
                 iso: self.iso.clone(),
                 mem_mib: self.mem_mib,
                 work_dir: self.work_dir.clone(),
@@ -602,10 +608,10 @@ fn start_hub(
         })
         .collect();
     let mut hc = cfg.hub.clone();
-    if cfg.emulator == Emulator::Bochs {
-        // Bochs' socket module passes only frames for the NIC's own MAC: the guests
-        // behind each hypervisor are reached through the hub's tunnel.
-        for ic in cfg.instance_configs(base) {
+    // Bochs' socket module passes only frames for the NIC's own MAC: the guests behind
+    // each Bochs hypervisor are reached through the hub's tunnel.
+    for ic in cfg.instance_configs(base) {
+        if ic.emulator == Emulator::Bochs {
             if let Some(n) = ic.net {
                 let port = usize::from((n.hub_port - base) / 2);
                 hc.tunnel.push((port, n.mac));
@@ -628,6 +634,7 @@ mod tests {
     fn cfg(emulator: Emulator) -> LabConfig {
         LabConfig {
             emulator,
+            emulator_b: None,
             iso: "/x/hv.iso".into(),
             work_dir: "/tmp/w".into(),
             pair: true,
@@ -637,6 +644,16 @@ mod tests {
             extra_hub_ports: 0,
             hub: HubConfig::default(),
         }
+    }
+
+    #[test]
+    fn cross_vendor_pair_runs_bochs_and_qemu_tcg() {
+        let mut c = cfg(Emulator::Bochs);
+        c.emulator_b = Some(Emulator::QemuTcg);
+        let ics = c.instance_configs(40000);
+        assert_eq!(ics[0].emulator, Emulator::Bochs);
+        assert_eq!(ics[1].emulator, Emulator::QemuTcg);
+        assert!(ics[1].command_line().join(" ").contains("-cpu max"));
     }
 
     #[test]

@@ -113,6 +113,19 @@ pub struct EmuArgs {
             .map(|s| s.parse::<Emulator>().expect("listed values parse"))
     )]
     pub emulator: Option<Emulator>,
+    /// A different emulator for instance B of a pair (a cross-vendor pair, e.g.
+    /// `--emulator bochs --emulator-b qemu-tcg`: Intel VMX on A, AMD SVM on B).
+    #[arg(
+        long,
+        value_name = "EMULATOR",
+        value_parser = PossibleValuesParser::new([
+            PossibleValue::new("bochs"),
+            PossibleValue::new("qemu-kvm"),
+            PossibleValue::new("qemu-tcg").alias("qemu"),
+        ])
+            .map(|s| s.parse::<Emulator>().expect("listed values parse"))
+    )]
+    pub emulator_b: Option<Emulator>,
     /// Bochs instructions per emulated second (sets Bochs' emulated clock).
     #[arg(long, value_name = "N", default_value_t = hv_tools::emu::DEFAULT_BOCHS_IPS)]
     pub ips: u64,
@@ -181,6 +194,8 @@ pub struct PairArgs {
 pub struct BootOpts {
     /// Emulator to use.
     pub emulator: Emulator,
+    /// Emulator of instance B, if it differs.
+    pub emulator_b: Option<Emulator>,
     /// Linked pair.
     pub pair: bool,
     /// Bochs instructions per emulated second.
@@ -197,6 +212,7 @@ impl BootOpts {
     pub fn new(emu: &EmuArgs, pair: bool) -> Result<Self, String> {
         Ok(Self {
             emulator: emu.emulator.unwrap_or_else(default_emulator),
+            emulator_b: emu.emulator_b,
             pair,
             ips: emu.ips,
             mem_mib: emu.mem_mib,

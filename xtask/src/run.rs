@@ -34,8 +34,12 @@ pub fn boot(opts: &BootOpts, work: &str) -> Result<Lab, String> {
 pub fn boot_with(opts: &BootOpts, work: &str, extra_hub_ports: u16) -> Result<Lab, String> {
     let iso = build::run_build()?;
     ensure_emulator(opts.emulator)?;
+    if let Some(b) = opts.emulator_b {
+        ensure_emulator(b)?;
+    }
     let cfg = LabConfig {
         emulator: opts.emulator,
+        emulator_b: opts.emulator_b,
         iso,
         work_dir: out_dir().join(work),
         pair: opts.pair,

@@ -66,11 +66,13 @@ fn main(args: &rt::Args) -> i32 {
         "ud" => ud(),
         "hammer" => hammer(args.u64_or("secs", 30), args.u64_or("seed", 1)),
         "instr" => instr(),
-        "rdpmc" | "xsetbv" | "vmx" | "sgdt" | "sse" | "x87" | "cd" => forbidden(mode),
+        "rdpmc" | "xsetbv" | "vmx" | "sgdt" | "sse" | "x87" | "cd" | "io" | "msr" => {
+            forbidden(mode)
+        }
         "panic" => panic!("misbehave: deliberate panic"),
         _ => {
             println!(
-                "misbehave: unknown mode '{mode}' (badptr, hugelen, unknown, all, outside, ud, panic, hammer, instr, rdpmc, xsetbv, vmx, sgdt, sse, x87, cd)"
+                "misbehave: unknown mode '{mode}' (badptr, hugelen, unknown, all, outside, ud, panic, hammer, instr, rdpmc, xsetbv, vmx, sgdt, sse, x87, cd, io, msr)"
             );
             2
         }
@@ -206,6 +208,10 @@ fn forbidden(mode: &str) -> i32 {
                 t = out(reg) _, options(nostack)
             ),
             "x87" => core::arch::asm!("fninit", options(nostack)),
+            "io" => core::arch::asm!("out 0x80, al", in("al") 0u8, options(nostack)),
+            "msr" => core::arch::asm!(
+                "rdmsr", in("ecx") 0x10u32, out("eax") _, out("edx") _, options(nostack)
+            ),
             _ => core::arch::asm!(
                 "mov {t}, cr0", "bts {t}, 30", "mov cr0, {t}",
                 t = out(reg) _, options(nostack)

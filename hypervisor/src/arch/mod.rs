@@ -12,4 +12,5 @@ pub mod mmio;
 pub mod pit;
 pub mod port;
 pub mod serial;
+pub mod svm;
 pub mod vmx;

@@ -38,6 +38,11 @@ pub const COMMANDS: &[Command] = &[
     Command { name: "kill", usage: "<id>", help: "stop a guest and free its memory" },
     Command { name: "stats", usage: "<id>", help: "exit counts by reason and reports of a guest" },
     Command { name: "check", usage: "<id>", help: "ask a guest to verify its memory now" },
+    Command {
+        name: "track",
+        usage: "<id> [pml|ad|wp|stop]",
+        help: "dirty-tracking probe: start a method, collect (no method), stop",
+    },
     Command { name: "pci", usage: "", help: "list PCI devices" },
     Command { name: "net", usage: "", help: "MAC, IP, link and packet counters" },
     Command { name: "ip", usage: "<a.b.c.d/prefix>", help: "set the IPv4 address" },

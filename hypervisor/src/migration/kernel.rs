@@ -36,9 +36,9 @@ use super::PORT;
 use crate::console::args::{self, CmdError};
 use crate::net::{NetStack, TcpSocket, TCP_BUF};
 use crate::rng::HwRng;
+use crate::vm::HwCaps;
 use crate::vm::{Tracking, VcpuState, Vm, VmParts, VmState};
 use crate::vmm::Vmm;
-use crate::vmx::caps::VmxCaps;
 use crate::{cmd_err, println, time};
 
 /// Receive window of the destination. Through bxhub, Bochs' socket network dropped what
@@ -132,7 +132,7 @@ impl Conn {
 /// A running guest as the source of a migration.
 struct VmGuest<'a> {
     vm: &'a mut Vm,
-    caps: &'a VmxCaps,
+    caps: &'a HwCaps,
     method: Tracking,
 }
 

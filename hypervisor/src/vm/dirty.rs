@@ -1,5 +1,6 @@
 //! Dirty-page tracking for live migration, three ways behind one interface (SDM Vol. 3C
-//! §29.3.5 for EPT A/D flags, §29.3.6 for page-modification logging):
+//! §29.3.5 for EPT A/D flags, §29.3.6 for page-modification logging; APM Vol. 2
+//! §15.25.5 for NPT, which has A/D flags and write protection but no PML):
 //!
 //! * [`Tracking::Pml`]: the CPU appends the GPA of every page whose EPT dirty flag it
 //!   sets to a 512-entry log and exits when the log is full. Per round we drain the log
@@ -11,37 +12,40 @@
 //! Each collects into the caller's sink the pages written since the previous collection,
 //! plus the pages the hypervisor wrote on the guest's behalf (hypercall results), which
 //! EPT never sees. Callers run between guest time slices (one CPU: the guest is not
-//! running), with the guest's VMCS current for PML.
+//! running), with the guest's VMCS current for PML. The table bits come from the guest's
+//! nested-paging [`Format`](super::nested::Format), so EPT and NPT share the code; a
+//! flush after clearing flags or rights is INVEPT on VMX and TLB_CONTROL at the next
+//! VMRUN on SVM.
 
 use alloc::format;
 use alloc::string::String;
 
-use super::{Tracking, Vm};
-use crate::arch::vmx as hw;
+use super::{nested, HwCaps, Tracking, Vm};
 use crate::mm::bitmap::PageBitmap;
 use crate::mm::phys::PhysPages;
-use crate::vmx::caps::{self, VmxCaps};
-use crate::vmx::ept;
+use crate::vmx::caps;
 use crate::vmx::vmcs::{self, w16, w32, w64};
 
 impl Tracking {
     /// The best method this CPU offers.
-    pub fn best(caps: &VmxCaps) -> Self {
-        if caps.pml() && caps.ept_ad() {
-            Self::Pml
-        } else if caps.ept_ad() {
-            Self::AccessedDirty
-        } else {
-            Self::WriteProtect
+    pub fn best(caps: &HwCaps) -> Self {
+        match caps {
+            HwCaps::Vmx(c) if c.pml() && c.ept_ad() => Self::Pml,
+            HwCaps::Vmx(c) if c.ept_ad() => Self::AccessedDirty,
+            HwCaps::Vmx(_) => Self::WriteProtect,
+            // NPT has A/D flags (and no PML).
+            HwCaps::Svm(_) => Self::AccessedDirty,
         }
     }
 
     /// Whether this CPU supports the method.
-    pub fn supported(self, caps: &VmxCaps) -> bool {
-        match self {
-            Self::Pml => caps.pml() && caps.ept_ad(),
-            Self::AccessedDirty => caps.ept_ad(),
-            Self::WriteProtect => true,
+    pub fn supported(self, caps: &HwCaps) -> bool {
+        match (self, caps) {
+            (Self::Pml, HwCaps::Vmx(c)) => c.pml() && c.ept_ad(),
+            (Self::AccessedDirty, HwCaps::Vmx(c)) => c.ept_ad(),
+            (Self::Pml, HwCaps::Svm(_)) => false,
+            (Self::AccessedDirty | Self::WriteProtect, HwCaps::Svm(_)) => true,
+            (Self::WriteProtect, HwCaps::Vmx(_)) => true,
         }
     }
 
@@ -66,13 +70,9 @@ impl Tracking {
 }
 
 impl Vm {
-    fn invept(&self) {
-        let _ = hw::invept(Some(self.eptp())).or_else(|_| hw::invept(None));
-    }
-
     /// Starts tracking with `method` (the VMCS must be current). Pages written before
     /// this call are not reported: round 0 sends everything anyway.
-    pub fn start_tracking(&mut self, method: Tracking, caps: &VmxCaps) -> Result<(), String> {
+    pub fn start_tracking(&mut self, method: Tracking, caps: &HwCaps) -> Result<(), String> {
         if !method.supported(caps) {
             return Err(format!(
                 "dirty tracking '{}' is not supported by this CPU",
@@ -80,17 +80,18 @@ impl Vm {
             ));
         }
         if !self.ad_enabled && method != Tracking::WriteProtect {
-            return Err("EPT A/D flags are off for this guest".into());
+            return Err("nested A/D flags are off for this guest".into());
         }
         let pages = self.pages();
         let bitmap =
             PageBitmap::new(pages).map_err(|_| String::from("no heap for the dirty bitmap"))?;
-        let leaves = ept::leaves_mut(self.ept.as_u64_mut(), pages);
+        let fmt = self.fmt;
+        let leaves = nested::leaves_mut(self.ept.as_u64_mut(), pages);
         match method {
-            Tracking::WriteProtect => ept::write_protect_all(leaves),
-            Tracking::AccessedDirty => ept::take_dirty_flags(leaves, |_| {}),
+            Tracking::WriteProtect => fmt.write_protect_all(leaves),
+            Tracking::AccessedDirty => fmt.take_dirty_flags(leaves, |_| {}),
             Tracking::Pml => {
-                ept::take_dirty_flags(leaves, |_| {});
+                fmt.take_dirty_flags(leaves, |_| {});
                 let pml = PhysPages::alloc(1).map_err(|e| format!("PML buffer: {e}"))?;
                 let e = |e: vmcs::VmcsError| format!("{e}");
                 vmcs::write(w64::PML_ADDRESS, pml.base()).map_err(e)?;
@@ -100,7 +101,7 @@ impl Vm {
                 self.pml = Some(pml);
             }
         }
-        self.invept();
+        self.flush_nested();
         self.dirty = Some(bitmap);
         self.tracking = Some(method);
         Ok(())
@@ -126,27 +127,24 @@ impl Vm {
         let Some(mut dirty) = self.dirty.take() else {
             return;
         };
-        let leaves = ept::leaves_mut(self.ept.as_u64_mut(), pages);
+        let fmt = self.fmt;
+        let leaves = nested::leaves_mut(self.ept.as_u64_mut(), pages);
         if method == Tracking::AccessedDirty {
-            ept::take_dirty_flags(leaves, &mut sink);
+            fmt.take_dirty_flags(leaves, &mut sink);
         }
         // The bitmap holds what write protection and PML found, and the pages the
         // hypervisor wrote itself; re-arm tracking for each as it is reported.
         dirty.drain(|pfn| {
             match method {
-                Tracking::Pml => ept::clear_dirty(leaves, pfn),
-                Tracking::WriteProtect => {
-                    if let Some(e) = leaves.get_mut(pfn) {
-                        *e &= !ept::W;
-                    }
-                }
+                Tracking::Pml => fmt.clear_dirty(leaves, pfn),
+                Tracking::WriteProtect => fmt.write_protect(leaves, pfn),
                 Tracking::AccessedDirty => {}
             }
             sink(pfn);
         });
         self.dirty = Some(dirty);
         self.free = free;
-        self.invept();
+        self.flush_nested();
     }
 
     /// Stops tracking and restores normal EPT permissions (the VMCS must be current).
@@ -157,7 +155,8 @@ impl Vm {
         let pages = self.pages();
         match method {
             Tracking::WriteProtect => {
-                ept::write_enable_all(ept::leaves_mut(self.ept.as_u64_mut(), pages))
+                let fmt = self.fmt;
+                fmt.write_enable_all(nested::leaves_mut(self.ept.as_u64_mut(), pages))
             }
             Tracking::AccessedDirty => {}
             Tracking::Pml => {
@@ -167,6 +166,6 @@ impl Vm {
             }
         }
         self.dirty = None;
-        self.invept();
+        self.flush_nested();
     }
 }

@@ -1,7 +1,10 @@
-//! Paravirtualized guests: one [`Vm`] per guest, with its memory, EPT, VMCS and one
-//! vCPU. This module sets up the VMCS (SDM Vol. 3C ch. 25-26), runs time slices bounded
-//! by the VMX-preemption timer, decodes every VM exit once ([`exits`]) and dispatches it
-//! to one handler, and implements the hypercalls of `guest-abi`.
+//! Paravirtualized guests: one [`Vm`] per guest, with its memory, nested page tables
+//! (EPT or NPT, [`nested`]), control structure (VMCS or VMCB) and one vCPU. The vCPU
+//! runs on Intel VMX (`vcpu.rs`: VMCS setup per SDM Vol. 3C ch. 25-26, slices bounded
+//! by the VMX-preemption timer) or AMD SVM (`vcpu_svm.rs`: VMCB per APM Vol. 2 ch. 15,
+//! slices bounded by a timer interrupt); both decode every exit once into the
+//! vendor-neutral [`exits::Exit`], which one dispatcher hands to one handler each, and
+//! the hypercalls of `guest-abi` are implemented once for both.
 //!
 //! A guest that does something illegal (an exception, an access outside its memory, an
 //! I/O port, an MSR) is stopped with a one-line report; the hypervisor and the other
@@ -11,8 +14,11 @@ pub mod clock;
 mod dirty;
 pub mod exits;
 pub mod loader;
+pub mod nested;
 pub mod nic;
 mod vcpu;
+mod vcpu_svm;
+pub mod virt;
 
 use alloc::format;
 use alloc::string::String;
@@ -33,7 +39,9 @@ use crate::vmx::caps::{self, VmxCaps};
 use crate::vmx::ept;
 use crate::vmx::vmcs::{self, ro, w16, w32, w64, wn};
 use clock::GuestClock;
-use exits::ExitReason;
+use exits::{Exit, Vendor};
+use nested::Format;
+pub use virt::{HwCaps, Virt};
 
 /// Smallest and largest guest memory in MiB.
 pub const MIN_MEM_MIB: u64 = 2;
@@ -97,7 +105,8 @@ pub enum SliceEnd {
 /// Per-reason exit counters and the latest guest reports.
 #[derive(Clone, Debug)]
 pub struct VmStats {
-    /// Exits by basic exit reason.
+    /// Exits by [`Exit::stat_slot`] (numbered like VMX basic exit reasons; on VMX the
+    /// raw basic reason).
     pub exits: [u64; 70],
     /// Hypercalls by number (index = call number, 0 = unknown).
     pub hypercalls: [u64; 14],
@@ -164,9 +173,20 @@ pub struct Vm {
     /// Memory size in bytes.
     pub mem_bytes: u64,
     mem: PhysPages,
+    /// Nested page tables (EPT or NPT, in [`Vm::fmt`]'s bits).
     ept: PhysPages,
+    /// The VMCS (VMX) or VMCB (SVM).
     vmcs: PhysPages,
     pml: Option<PhysPages>,
+    /// Whose vCPU this is.
+    vendor: Vendor,
+    /// The nested-paging bits of that vendor.
+    fmt: Format,
+    /// SVM: flush this guest's translations at the next VMRUN (TLB_CONTROL).
+    flush_tlb: bool,
+    /// SVM: the raw EXITINFO1 and EXITINFO2 of the latest nested page fault (shown by
+    /// `track` and `stats`, to see what the CPU reports).
+    pub last_npf: Option<(u64, u64)>,
     /// General-purpose registers while not running.
     pub regs: GuestRegs,
     launched: bool,
@@ -292,9 +312,10 @@ impl VmParts {
         }
         let pages = (mem_bytes / 4096) as usize;
         let mem = PhysPages::alloc(pages).map_err(CreateError::Memory)?;
-        let mut ept = PhysPages::alloc(ept::table_pages(pages)).map_err(CreateError::Memory)?;
+        let mut ept = PhysPages::alloc(nested::table_pages(pages)).map_err(CreateError::Memory)?;
         let base = ept.base();
-        ept::build(ept.as_u64_mut(), base, mem.base(), pages);
+        let mem_base = nested::Hpa(mem.base());
+        virt::nested_format().build(ept.as_u64_mut(), nested::Hpa(base), mem_base, pages);
         Ok(Self { mem, ept })
     }
 
@@ -311,8 +332,8 @@ impl VmParts {
 
 /// What a new guest needs from the hypervisor.
 pub struct HostContext<'a> {
-    /// VMX capabilities.
-    pub caps: &'a VmxCaps,
+    /// The CPU's virtualization extension.
+    pub virt: &'a Virt,
     /// Host segments for the VMCS host-state area.
     pub host: HostSegments,
 }
@@ -385,6 +406,10 @@ impl Vm {
             ept: parts.ept,
             vmcs,
             pml: None,
+            vendor: virt::vendor(),
+            fmt: virt::nested_format(),
+            flush_tlb: true,
+            last_npf: None,
             regs: GuestRegs::default(),
             launched: false,
             ad_enabled: false,
@@ -413,6 +438,11 @@ impl Vm {
             nic: nic::Nic::default(),
             vmcs_active: false,
         })
+    }
+
+    /// Whose vCPU this is (Intel VMX or AMD SVM).
+    pub fn vendor(&self) -> Vendor {
+        self.vendor
     }
 
     /// Guest memory.
@@ -456,6 +486,18 @@ impl Vm {
         (frames, heap)
     }
 
+    /// Drops cached translations through this guest's nested tables after a change
+    /// that removed rights or cleared A/D flags: INVEPT now (VMX), or a TLB flush at the
+    /// next VMRUN (SVM, TLB_CONTROL).
+    pub(crate) fn flush_nested(&mut self) {
+        match self.vendor {
+            Vendor::Vmx => {
+                let _ = hw::invept(Some(self.eptp())).or_else(|_| hw::invept(None));
+            }
+            Vendor::Svm => self.flush_tlb = true,
+        }
+    }
+
     pub(crate) fn eptp(&self) -> u64 {
         // A/D flags are always enabled when the CPU has them: PML needs them, and A/D
         // tracking reads them; without tracking they cost nothing.
@@ -469,7 +511,8 @@ impl Vm {
     pub fn set_remote(&mut self, missing: &[u64]) -> Result<(), String> {
         let pages = self.pages();
         let mut bits = PageBitmap::new(pages).map_err(|_| String::from("out of heap"))?;
-        let leaves = ept::leaves_mut(self.ept.as_u64_mut(), pages);
+        let fmt = self.fmt;
+        let leaves = nested::leaves_mut(self.ept.as_u64_mut(), pages);
         for (w, word) in missing.iter().enumerate() {
             let mut b = *word;
             while b != 0 {
@@ -477,7 +520,7 @@ impl Vm {
                 b &= b - 1;
                 if pfn < pages {
                     bits.set(pfn);
-                    ept::unmap(leaves, pfn);
+                    fmt.unmap(leaves, pfn);
                 }
             }
         }
@@ -499,12 +542,13 @@ impl Vm {
             }
             self.free = Some(PageBitmap::new(total).map_err(|_| String::from("out of heap"))?);
         }
-        let leaves = ept::leaves_mut(self.ept.as_u64_mut(), total);
+        let fmt = self.fmt;
+        let leaves = nested::leaves_mut(self.ept.as_u64_mut(), total);
         if let Some(bits) = self.free.as_mut() {
             for pfn in first..first + pages {
                 if free {
                     bits.set(pfn);
-                    ept::clear_dirty(leaves, pfn);
+                    fmt.clear_dirty(leaves, pfn);
                 } else {
                     bits.unset(pfn);
                 }
@@ -512,7 +556,7 @@ impl Vm {
         }
         if free {
             // A cached translation with the dirty flag set would not set it again.
-            let _ = hw::invept(Some(self.eptp())).or_else(|_| hw::invept(None));
+            self.flush_nested();
         }
         Ok(pages as u64)
     }
@@ -525,10 +569,11 @@ impl Vm {
         let Some(bits) = self.free.as_mut() else {
             return;
         };
-        let leaves = ept::leaves_mut(self.ept.as_u64_mut(), pages);
+        let fmt = self.fmt;
+        let leaves = nested::leaves_mut(self.ept.as_u64_mut(), pages);
         let mut written = alloc::vec::Vec::new();
         bits.for_each(|pfn| {
-            if leaves.get(pfn).is_some_and(|e| e & ept::DIRTY == 0) {
+            if pfn < leaves.len() && !fmt.is_dirty(leaves, pfn) {
                 sink(pfn);
             } else {
                 written.push(pfn);
@@ -537,6 +582,14 @@ impl Vm {
         for pfn in written {
             bits.unset(pfn);
         }
+    }
+
+    /// Leaves of the nested tables with the accessed flag set, and with the dirty flag.
+    pub fn nested_flag_counts(&self) -> (usize, usize) {
+        let l = nested::leaves(self.ept.as_u64(), self.pages());
+        let a = l.iter().filter(|e| *e & self.fmt.accessed != 0).count();
+        let d = l.iter().filter(|e| *e & self.fmt.dirty != 0).count();
+        (a, d)
     }
 
     /// Whether page `pfn` is still on the source (post-copy).
@@ -561,9 +614,10 @@ impl Vm {
         if r.count_is_zero() {
             self.remote = None;
         }
-        ept::map(ept::leaves_mut(self.ept.as_u64_mut(), pages), pfn);
-        // A not-present entry is never cached (SDM 29.4.1), so mapping needs no
-        // INVEPT; the guest simply retries the access.
+        let fmt = self.fmt;
+        fmt.map(nested::leaves_mut(self.ept.as_u64_mut(), pages), pfn);
+        // A not-present entry is never cached (SDM 29.4.1, APM 15.25.9), so mapping
+        // needs no flush; the guest simply retries the access.
         if self.state == VmState::Fetching(pfn) {
             self.state = VmState::Running;
             return Some(now_us.saturating_sub(self.fault_at_us));
@@ -686,7 +740,9 @@ impl Drop for Vm {
     /// through this EPT survives into the frames' next use (SDM 28.4.3). Every path
     /// that drops a `Vm` (kill, migrated away, a failed install) goes through here.
     fn drop(&mut self) {
-        if self.vmcs_active {
+        // SVM: nothing is cached outside the VMCB page; the next guest with this ASID
+        // starts with a TLB flush (`flush_tlb` is set for every new vCPU).
+        if self.vmcs_active && self.vendor == Vendor::Vmx {
             let _ = hw::vmclear(self.vmcs.base());
             let _ = hw::invept(Some(self.eptp())).or_else(|_| hw::invept(None));
             self.vmcs_active = false;

@@ -1,9 +1,11 @@
-//! The vCPU of a [`Vm`]: VMCS setup from the capability MSRs, the run loop, one handler
-//! per exit reason, and the hypercalls.
+//! The vCPU of a [`Vm`]: VMCS setup from the capability MSRs and the VMX run loop; the
+//! vendor-neutral dispatcher with one handler per [`Exit`], and the hypercalls (shared
+//! with the SVM run loop in `vcpu_svm.rs`).
 
 use alloc::format;
 use alloc::string::String;
 
+use super::exits::{Access, CrAccess, Gpa};
 use super::*;
 use crate::println;
 
@@ -20,19 +22,19 @@ const CR0_NW: u64 = 1 << 29;
 const CR0_CD: u64 = 1 << 30;
 const CR0_PG: u64 = 1 << 31;
 /// CR0 bits owned by the host (see `setup_vmcs`).
-const CR0_HOST_OWNED: u64 =
+pub(super) const CR0_HOST_OWNED: u64 =
     CR0_PE | CR0_MP | CR0_EM | CR0_TS | CR0_ET | CR0_NE | CR0_NW | CR0_CD | CR0_PG;
 const CR4_OSFXSR: u64 = 1 << 9;
 const CR4_OSXMMEXCPT: u64 = 1 << 10;
 const CR4_VMXE: u64 = 1 << 13;
 const CR4_OSXSAVE: u64 = 1 << 18;
 /// CR4 bits that would enable SSE/AVX state.
-const CR4_FP_BITS: u64 = CR4_OSFXSR | CR4_OSXMMEXCPT | CR4_OSXSAVE;
+pub(super) const CR4_FP_BITS: u64 = CR4_OSFXSR | CR4_OSXMMEXCPT | CR4_OSXSAVE;
 /// CR4 bits owned by the host.
-const CR4_HOST_OWNED: u64 = CR4_VMXE | CR4_FP_BITS;
+pub(super) const CR4_HOST_OWNED: u64 = CR4_VMXE | CR4_FP_BITS;
 
 /// The CR0 a PV guest sees: protected, paged long mode with caches on and no FPU.
-fn guest_cr0_shadow(cr0: u64) -> u64 {
+pub(super) fn guest_cr0_shadow(cr0: u64) -> u64 {
     (cr0 | CR0_PE | CR0_PG | CR0_NE | CR0_ET) & !(CR0_CD | CR0_NW | CR0_EM | CR0_TS | CR0_MP)
 }
 
@@ -44,15 +46,36 @@ fn guest_cr0(cr0: u64, c: &VmxCaps) -> u64 {
 }
 
 impl Vm {
-    /// Makes this guest's VMCS current (needed before any VMREAD/VMWRITE on it).
+    /// Makes this guest's VMCS current (needed before any VMREAD/VMWRITE on it); on SVM
+    /// nothing is current (the VMCB is memory): a no-op.
     pub fn load_vmcs(&self) -> Result<(), String> {
+        if self.vendor == Vendor::Svm {
+            return Ok(());
+        }
         hw::vmptrld(self.vmcs.base()).map_err(|e| format!("VMPTRLD: {e}"))
+    }
+
+    /// Initialises the vCPU's control structure (VMCS or VMCB) with host state and the
+    /// guest state `s`.
+    pub fn setup_vmcs(&mut self, ctx: &HostContext<'_>, s: &VcpuState) -> Result<(), String> {
+        match (&ctx.virt.caps, ctx.virt.svm()) {
+            (HwCaps::Vmx(c), _) => self.setup_vmx(c, ctx, s),
+            (HwCaps::Svm(_), Some(svm)) => {
+                self.setup_vmcb(svm, s);
+                Ok(())
+            }
+            (HwCaps::Svm(_), None) => Err("SVM is not enabled".into()),
+        }
     }
 
     /// Initialises the VMCS: controls from the capability MSRs, host state, and the guest
     /// state `s`.
-    pub fn setup_vmcs(&mut self, ctx: &HostContext<'_>, s: &VcpuState) -> Result<(), String> {
-        let c = ctx.caps;
+    fn setup_vmx(
+        &mut self,
+        c: &VmxCaps,
+        ctx: &HostContext<'_>,
+        s: &VcpuState,
+    ) -> Result<(), String> {
         let rev = c.revision();
         self.vmcs.as_bytes_mut()[0..4].copy_from_slice(&rev.to_le_bytes());
         hw::vmclear(self.vmcs.base()).map_err(|e| format!("VMCLEAR: {e}"))?;
@@ -266,8 +289,11 @@ impl Vm {
         vmcs::write(w32::GUEST_INTERRUPTIBILITY, s.interruptibility)
     }
 
-    /// Reads the migratable vCPU state (the VMCS must be current).
+    /// Reads the migratable vCPU state (on VMX the VMCS must be current).
     pub fn read_vcpu_state(&self) -> VcpuState {
+        if self.vendor == Vendor::Svm {
+            return self.read_vcpu_state_svm();
+        }
         VcpuState {
             regs: self.regs,
             rip: vmcs::read(wn::GUEST_RIP),
@@ -291,10 +317,21 @@ impl Vm {
         self.state = VmState::Stopped(why);
     }
 
-    /// Runs the guest (its VMCS must be current) until `deadline` (TSC) or until it
-    /// blocks. Exits are handled inline; the loop returns to the scheduler at the
+    /// Runs the guest until `deadline` (TSC) or until it blocks (on VMX its VMCS must be
+    /// current). Exits are handled inline; the loop returns to the scheduler at the
     /// deadline so the console and network stay responsive.
-    pub fn run_slice(&mut self, caps: &VmxCaps, deadline: u64) -> SliceEnd {
+    pub fn run_slice(&mut self, virt: &Virt, deadline: u64) -> SliceEnd {
+        match (&virt.caps, virt.svm()) {
+            (HwCaps::Vmx(c), _) => self.run_slice_vmx(c, deadline),
+            (HwCaps::Svm(_), Some(svm)) => self.run_slice_svm(svm, deadline),
+            (HwCaps::Svm(_), None) => {
+                self.stop("SVM is not enabled".into());
+                SliceEnd::Blocked
+            }
+        }
+    }
+
+    fn run_slice_vmx(&mut self, caps: &VmxCaps, deadline: u64) -> SliceEnd {
         let shift = caps.preemption_timer_rate();
         loop {
             // Console output drains between exits too, so a busy guest does not hold
@@ -339,68 +376,28 @@ impl Vm {
                 ));
                 return SliceEnd::Blocked;
             }
-            let end = match ExitReason::from_raw(raw) {
-                ExitReason::Vmcall => self.on_vmcall(),
-                ExitReason::Cpuid => self.on_cpuid(),
-                ExitReason::Hlt => {
-                    self.advance_rip();
-                    Some(SliceEnd::Preempted)
-                }
-                ExitReason::PreemptionTimer => None,
-                ExitReason::EptViolation => self.on_ept_violation(),
-                ExitReason::PmlFull => {
-                    self.drain_pml();
-                    None
-                }
-                ExitReason::Exception => self.on_exception(),
-                ExitReason::TripleFault => self.fail("triple fault"),
-                ExitReason::Io => self.fail("I/O port access (PV guests have no devices)"),
-                ExitReason::Rdmsr | ExitReason::Wrmsr => {
-                    let msr = self.regs.rcx;
-                    self.fail(&format!("MSR access to {msr:#x} is not allowed"))
-                }
-                ExitReason::CrAccess => self.on_cr_access(),
-                ExitReason::Monitor => {
-                    // Harmless as a no-op: the address monitor is only a hint.
-                    self.advance_rip();
-                    None
-                }
-                ExitReason::Mwait => {
-                    // Never let the guest wait in a C-state: treat it as a yield.
-                    self.advance_rip();
-                    Some(SliceEnd::Preempted)
-                }
-                ExitReason::Wbinvd => {
-                    // A PV guest has no device and no DMA: there is nothing for it to
-                    // write back. A no-op, so it cannot stall the machine either.
-                    self.advance_rip();
-                    None
-                }
-                ExitReason::Invd => {
-                    self.fail("INVD (would discard the machine's cached writes) is not allowed")
-                }
-                ExitReason::Rdpmc => {
-                    self.fail("RDPMC (the host's performance counters) is not allowed")
-                }
-                ExitReason::Xsetbv => {
-                    self.fail("XSETBV: PV guests have no FP/SIMD/XSAVE state")
-                }
-                ExitReason::Getsec => self.fail("GETSEC is not allowed"),
-                ExitReason::VmxInstruction => {
-                    self.fail("VMX instruction: nested virtualization is not offered")
-                }
-                ExitReason::DescriptorTable => self.fail(
-                    "descriptor-table instruction (LGDT/LIDT/LLDT/LTR/SGDT/SIDT/SLDT/STR): PV guests run on the hypervisor's flat segments",
-                ),
-                ExitReason::ExternalInterrupt => None,
-                ExitReason::InvalidGuestState => self.fail("invalid guest state"),
-                ExitReason::EptMisconfig => self.fail("EPT misconfiguration (hypervisor bug)"),
-                ExitReason::Other(n) => self.fail(&format!(
-                    "unexpected VM exit {n} ({})",
-                    exits::name(n as usize)
-                )),
+            let basic = raw as u16;
+            let info = exits::VmxExitInfo {
+                reason: raw,
+                qualification: vmcs::read(ro::EXIT_QUALIFICATION),
+                interruption: if basic == 0 {
+                    vmcs::read(ro::EXIT_INTERRUPTION_INFO)
+                } else {
+                    0
+                },
+                error: if basic == 0 {
+                    vmcs::read(ro::EXIT_INTERRUPTION_ERROR)
+                } else {
+                    0
+                },
+                gpa: if basic == 48 {
+                    vmcs::read(ro::GUEST_PHYSICAL_ADDRESS)
+                } else {
+                    0
+                },
+                rcx: self.regs.rcx,
             };
-            if let Some(end) = end {
+            if let Some(end) = self.handle(Exit::from_vmx(&info)) {
                 return end;
             }
             if time::now() >= deadline {
@@ -409,26 +406,78 @@ impl Vm {
         }
     }
 
+    /// The one dispatcher: a handler per exit, whichever vendor's exit it was.
+    pub(super) fn handle(&mut self, exit: Exit) -> Option<SliceEnd> {
+        match exit {
+            Exit::Hypercall => self.on_vmcall(),
+            Exit::Cpuid => self.on_cpuid(),
+            Exit::Halt => {
+                self.advance_rip(1);
+                Some(SliceEnd::Preempted)
+            }
+            Exit::Timer => None,
+            Exit::NestedFault { gpa, access } => self.on_nested_fault(gpa, access),
+            Exit::LogFull => {
+                self.drain_pml();
+                None
+            }
+            Exit::Exception {
+                vector,
+                error,
+                address,
+            } => self.on_exception(vector, error, address),
+            Exit::Shutdown => self.fail("triple fault"),
+            Exit::Io { .. } => self.fail("I/O port access (PV guests have no devices)"),
+            Exit::Msr { msr, .. } => self.fail(&format!("MSR access to {msr:#x} is not allowed")),
+            Exit::ControlRegister(a) => self.on_cr_access(a),
+            Exit::Monitor => {
+                // Harmless as a no-op: the address monitor is only a hint.
+                self.advance_rip(3);
+                None
+            }
+            Exit::Mwait => {
+                // Never let the guest wait in a C-state: treat it as a yield.
+                self.advance_rip(3);
+                Some(SliceEnd::Preempted)
+            }
+            Exit::Wbinvd => {
+                // A PV guest has no device and no DMA: there is nothing for it to
+                // write back. A no-op, so it cannot stall the machine either.
+                self.advance_rip(2);
+                None
+            }
+            Exit::Denied(why) => self.fail(why),
+            Exit::InvalidState => self.fail("invalid guest state"),
+            Exit::Misconfig => self.fail("EPT misconfiguration (hypervisor bug)"),
+            Exit::Unknown {
+                vendor: Vendor::Vmx,
+                code,
+            } => self.fail(&format!(
+                "unexpected VM exit {code} ({})",
+                exits::name(code as usize)
+            )),
+            Exit::Unknown {
+                vendor: Vendor::Svm,
+                code,
+            } => self.fail(&format!("unexpected #VMEXIT {code:#x}")),
+        }
+    }
+
     /// A guest tried to change a host-owned CR0/CR4 bit (or any other CR access that
-    /// exits): decode it and stop the guest with what it tried (SDM Table 28-3).
-    fn on_cr_access(&mut self) -> Option<SliceEnd> {
-        let q = vmcs::read(ro::EXIT_QUALIFICATION);
-        let cr = q & 0xF;
-        let kind = (q >> 4) & 3;
-        let what = match (cr, kind) {
-            (0, 0) | (4, 0) => {
-                let reg = ((q >> 8) & 0xF) as usize;
-                let v = self.reg_value(reg);
+    /// exits): stop the guest with what it tried (SDM Table 28-3).
+    fn on_cr_access(&mut self, a: CrAccess) -> Option<SliceEnd> {
+        let what = match a {
+            CrAccess::Write {
+                cr: cr @ (0 | 4),
+                gpr: Some(reg),
+            } => {
+                let v = self.reg_value(reg.into());
                 let (mask, name) = if cr == 0 {
                     (CR0_HOST_OWNED, "CR0")
                 } else {
                     (CR4_HOST_OWNED, "CR4")
                 };
-                let shadow = vmcs::read(if cr == 0 {
-                    wn::CR0_READ_SHADOW
-                } else {
-                    wn::CR4_READ_SHADOW
-                });
+                let shadow = self.cr_shadow(cr);
                 let changed = (v ^ shadow) & mask;
                 let why = if cr == 0 && changed & (CR0_CD | CR0_NW) != 0 {
                     " (caching is the host's: CD/NW)"
@@ -441,11 +490,23 @@ impl Vm {
                 };
                 format!("write of {v:#x} to {name} changes host-owned bits {changed:#x}{why}")
             }
-            (_, 2) => String::from("CLTS (PV guests have no FP/SIMD state)"),
-            (_, 3) => String::from("LMSW changes host-owned CR0 bits"),
-            _ => format!("access to CR{cr} (qualification {q:#x})"),
+            CrAccess::Write { cr, gpr: None } => {
+                format!("write to CR{cr} (the host owns CR0/CR4: caching, FP/SIMD and mode bits)")
+            }
+            CrAccess::Clts => String::from("CLTS (PV guests have no FP/SIMD state)"),
+            CrAccess::Lmsw => String::from("LMSW changes host-owned CR0 bits"),
+            CrAccess::Write { cr, .. } | CrAccess::Read { cr } => format!("access to CR{cr}"),
         };
         self.fail(&format!("control register: {what}"))
+    }
+
+    /// What the guest believes CR0 or CR4 holds (VMX read shadow, SVM's VMCB).
+    fn cr_shadow(&self, cr: u8) -> u64 {
+        match (self.vendor, cr) {
+            (Vendor::Vmx, 0) => vmcs::read(wn::CR0_READ_SHADOW),
+            (Vendor::Vmx, _) => vmcs::read(wn::CR4_READ_SHADOW),
+            (Vendor::Svm, _) => self.svm_cr(cr),
+        }
     }
 
     /// General-purpose register `n` in the exit-qualification numbering (0 = RAX ...
@@ -457,7 +518,7 @@ impl Vm {
             1 => r.rcx,
             2 => r.rdx,
             3 => r.rbx,
-            4 => vmcs::read(wn::GUEST_RSP),
+            4 => self.guest_rsp(),
             5 => r.rbp,
             6 => r.rsi,
             7 => r.rdi,
@@ -473,29 +534,54 @@ impl Vm {
     }
 
     fn fail(&mut self, what: &str) -> Option<SliceEnd> {
-        let rip = vmcs::read(wn::GUEST_RIP);
+        let rip = self.guest_rip();
         self.stop(format!("{what} at rip={rip:#x}"));
         Some(SliceEnd::Blocked)
     }
 
-    fn advance_rip(&mut self) {
-        let len = vmcs::read(ro::EXIT_INSTRUCTION_LEN).max(1);
-        let rip = vmcs::read(wn::GUEST_RIP);
-        let _ = vmcs::write(wn::GUEST_RIP, rip + len);
+    /// The guest's RIP.
+    pub(super) fn guest_rip(&self) -> u64 {
+        match self.vendor {
+            Vendor::Vmx => vmcs::read(wn::GUEST_RIP),
+            Vendor::Svm => self.svm_rip(),
+        }
     }
 
-    fn on_exception(&mut self) -> Option<SliceEnd> {
-        let info = vmcs::read(ro::EXIT_INTERRUPTION_INFO);
-        let vector = (info & 0xFF) as u8;
-        let code = if info & (1 << 11) != 0 {
-            vmcs::read(ro::EXIT_INTERRUPTION_ERROR)
-        } else {
-            0
-        };
-        let extra = if vector == 14 {
-            format!(" address={:#x}", vmcs::read(ro::EXIT_QUALIFICATION))
-        } else {
-            String::new()
+    /// The guest's RSP.
+    fn guest_rsp(&self) -> u64 {
+        match self.vendor {
+            Vendor::Vmx => vmcs::read(wn::GUEST_RSP),
+            Vendor::Svm => self.svm_rsp(),
+        }
+    }
+
+    /// Moves RIP past the instruction that exited: VMX knows its length; on SVM it is
+    /// `len`, the length of the only encoding that exits here (NRIP save is not relied
+    /// on: QEMU's TCG does not offer it, and a #UD intercept has no next RIP anyway).
+    fn advance_rip(&mut self, len: u64) {
+        match self.vendor {
+            Vendor::Vmx => {
+                let len = vmcs::read(ro::EXIT_INSTRUCTION_LEN).max(1);
+                let rip = vmcs::read(wn::GUEST_RIP);
+                let _ = vmcs::write(wn::GUEST_RIP, rip + len);
+            }
+            Vendor::Svm => {
+                let rip = self.svm_rip();
+                self.set_svm_rip(rip + len);
+            }
+        }
+    }
+
+    fn on_exception(
+        &mut self,
+        vector: u8,
+        error: Option<u64>,
+        address: Option<u64>,
+    ) -> Option<SliceEnd> {
+        let code = error.unwrap_or(0);
+        let extra = match address {
+            Some(a) => format!(" address={a:#x}"),
+            None => String::new(),
         };
         self.fail(&format!(
             "exception {vector} ({}) error={code:#x}{extra}",
@@ -511,42 +597,50 @@ impl Vm {
             r.ecx &= !(1 << 5); // no nested VMX
             r.ecx |= 1 << 31; // running under a hypervisor
         }
+        if leaf == 0x8000_0001 {
+            r.ecx &= !(1 << 2); // no nested SVM
+        }
         self.regs.rax = r.eax.into();
         self.regs.rbx = r.ebx.into();
         self.regs.rcx = r.ecx.into();
         self.regs.rdx = r.edx.into();
-        self.advance_rip();
+        self.advance_rip(2);
         None
     }
 
-    fn on_ept_violation(&mut self) -> Option<SliceEnd> {
-        let gpa = vmcs::read(ro::GUEST_PHYSICAL_ADDRESS);
-        let qual = vmcs::read(ro::EXIT_QUALIFICATION);
-        let pfn = (gpa / 4096) as usize;
-        let write = qual & 2 != 0;
+    fn on_nested_fault(&mut self, gpa: Gpa, access: Access) -> Option<SliceEnd> {
+        let pfn = gpa.pfn();
         if self.is_remote(pfn) {
             // Post-copy: the page is still on the source. Wait for it; the access
             // is retried when it is mapped.
             return self.block_on_remote(pfn);
         }
-        if write && self.tracking == Some(Tracking::WriteProtect) && gpa < self.mem_bytes {
+        if access == Access::Write
+            && self.tracking == Some(Tracking::WriteProtect)
+            && gpa.0 < self.mem_bytes
+        {
             let pages = self.pages();
-            if ept::unprotect(ept::leaves_mut(self.ept.as_u64_mut(), pages), pfn) {
+            let fmt = self.fmt;
+            if fmt.unprotect(nested::leaves_mut(self.ept.as_u64_mut(), pages), pfn) {
                 if let Some(d) = &mut self.dirty {
                     d.set(pfn);
+                }
+                // VMX: the violation dropped the stale translation (SDM 29.4.3); on
+                // SVM a read-only one may still be cached.
+                if self.vendor == Vendor::Svm {
+                    self.flush_tlb = true;
                 }
                 return None;
             }
         }
-        let kind = if write {
-            "write"
-        } else if qual & 4 != 0 {
-            "execute"
-        } else {
-            "read"
+        let table = match self.vendor {
+            Vendor::Vmx => "EPT violation",
+            Vendor::Svm => "nested page fault",
         };
         self.fail(&format!(
-            "EPT violation: {kind} of guest-physical {gpa:#x} outside its {} MiB",
+            "{table}: {} of guest-physical {:#x} outside its {} MiB",
+            access.name(),
+            gpa.0,
             self.mem_bytes >> 20
         ))
     }
@@ -664,8 +758,7 @@ impl Vm {
                 e.to_raw()
             }
         };
-        let rip = vmcs::read(wn::GUEST_RIP);
-        let _ = vmcs::write(wn::GUEST_RIP, rip + VMCALL_LEN);
+        self.advance_rip(VMCALL_LEN);
         end
     }
 
