@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
+use hv_tools::emu::Emulator;
 use hv_tools::session;
 
 use crate::plot::{self, Labels, Point, Series};
@@ -116,12 +117,21 @@ const LEVELS: [(&str, f64); 4] = [
     ("high", 0.5),
 ];
 
-fn matrix(quick: bool) -> Vec<Config> {
+/// The configurations to run. `svm`: the source is an AMD SVM instance (QEMU TCG),
+/// which has no PML: its tracking methods are NPT dirty flags (`ad`, also in the rows
+/// that use the best method) and write protection.
+fn matrix(quick: bool, svm: bool) -> Vec<Config> {
     let mut v = Vec::new();
-    let (mems, levels, methods): (&[u64], &[(&str, f64)], &[&str]) = if quick {
-        (&[16], &[LEVELS[0], LEVELS[2]], &["pml"])
+    let best = if svm { "ad" } else { "pml" };
+    let all: &[&str] = if svm {
+        &["ad", "wp"]
     } else {
-        (&[16, 32], &LEVELS, &["pml", "ad", "wp"])
+        &["pml", "ad", "wp"]
+    };
+    let (mems, levels, methods): (&[u64], &[(&str, f64)], &[&str]) = if quick {
+        (&[16], &[LEVELS[0], LEVELS[2]], &all[..1])
+    } else {
+        (&[16, 32], &LEVELS, all)
     };
     for &mem_mib in mems {
         for &level in levels {
@@ -148,7 +158,7 @@ fn matrix(quick: bool) -> Vec<Config> {
     v.push(Config {
         mem_mib: mems[0],
         level: LEVELS[2],
-        method: "pml",
+        method: best,
         mode: "precopy+full",
         ws: None,
     });
@@ -158,7 +168,7 @@ fn matrix(quick: bool) -> Vec<Config> {
         v.push(Config {
             mem_mib: mems[0],
             level: LEVELS[3],
-            method: "pml",
+            method: best,
             mode,
             ws: Some(1024),
         });
@@ -179,7 +189,7 @@ fn matrix(quick: bool) -> Vec<Config> {
             v.push(Config {
                 mem_mib: mems[0],
                 level,
-                method: "pml",
+                method: best,
                 mode,
                 ws: Some(1024),
             });
@@ -197,7 +207,7 @@ fn matrix(quick: bool) -> Vec<Config> {
         v.push(Config {
             mem_mib: mems[0],
             level: ("cpu", 4.0),
-            method: "pml",
+            method: best,
             mode,
             ws: Some(1024),
         });
@@ -209,7 +219,7 @@ fn matrix(quick: bool) -> Vec<Config> {
             v.push(Config {
                 mem_mib: mems[0],
                 level: LEVELS[3],
-                method: "pml",
+                method: best,
                 mode,
                 ws: None,
             });
@@ -221,7 +231,7 @@ fn matrix(quick: bool) -> Vec<Config> {
         v.push(Config {
             mem_mib: mems[0],
             level: LEVELS[1],
-            method: "pml",
+            method: best,
             mode,
             ws: Some(256),
         });
@@ -233,7 +243,7 @@ fn matrix(quick: bool) -> Vec<Config> {
         v.push(Config {
             mem_mib,
             level: LEVELS[2],
-            method: "pml",
+            method: best,
             mode: "precopy",
             ws: Some(w),
         });
@@ -295,7 +305,8 @@ fn run_matrix(args: &BenchArgs) -> Result<Results, String> {
     let quick = args.quick;
     let repeats = args.repeats.unwrap_or(if quick { 1 } else { 3 });
     let opts = BootOpts::new(&args.emu, true)?;
-    let cfgs: Vec<Config> = matrix(quick)
+    let svm = opts.emulator == Emulator::QemuTcg;
+    let cfgs: Vec<Config> = matrix(quick, svm)
         .into_iter()
         .filter(|c| {
             args.only.is_empty() || args.only.iter().any(|w| c.label().contains(w.as_str()))
@@ -722,9 +733,19 @@ mod tests {
 
     #[test]
     fn quick_matrix_is_small() {
-        assert_eq!(matrix(true).len(), 12);
-        assert_eq!(matrix(false).len(), 2 * 4 * 4 + 1 + 2 + 11 + 2 + 2 + 2 + 3);
-        let labels: Vec<String> = matrix(false).iter().map(Config::label).collect();
+        assert_eq!(matrix(true, false).len(), 12);
+        assert_eq!(
+            matrix(false, false).len(),
+            2 * 4 * 4 + 1 + 2 + 11 + 2 + 2 + 2 + 3
+        );
+        // SVM: no PML; NPT dirty flags take its place, one method fewer per level.
+        assert_eq!(matrix(true, true).len(), 12);
+        assert_eq!(
+            matrix(false, true).len(),
+            2 * 4 * 3 + 1 + 2 + 11 + 2 + 2 + 2 + 3
+        );
+        assert!(matrix(false, true).iter().all(|c| c.method != "pml"));
+        let labels: Vec<String> = matrix(false, false).iter().map(Config::label).collect();
         assert!(
             labels.contains(&"16 MiB high pml+hybrid ws 4096".to_string()),
             "{labels:?}"
