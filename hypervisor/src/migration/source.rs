@@ -194,9 +194,13 @@ const DRAIN_LEFT: usize = 4096 + 64;
 /// Bytes handed to the link at a time while the guest is paused (see `flush`).
 const FROZEN_PIECE: usize = 4096;
 /// Pre-copy: most bytes encoded but not yet acknowledged (ours and the socket's), so
-/// pages are read late and a round's end is near the wire's (about 21 ms at Bochs'
-/// 1.16 MB/s: still more than the 10 ms a guest slice can keep the stream waiting).
-const AHEAD: usize = 24 * 1024;
+/// pages are read late and a round's end is near the wire's: what the link carries in
+/// AHEAD_US at the stream's measured rate (two guest slices, so the link never runs dry
+/// while a guest runs), at least AHEAD_MIN (about 21 ms at Bochs' 1.16 MB/s), at most
+/// what the buffers hold (at QEMU TCG's 18 MB/s, 20 ms is 360 KB).
+const AHEAD_US: u64 = 20_000;
+const AHEAD_MIN: usize = 24 * 1024;
+const AHEAD_MAX: usize = OUT_HIGH + 128 * 1024;
 /// How long to wait for Resumed after COMMIT before reporting the source's part only.
 const RESUMED_TIMEOUT_US: u64 = 5_000_000;
 /// Post-copy: bulk pages are queued only while less than this is waiting in front of
@@ -442,6 +446,18 @@ impl Source {
             self.trace_mut().in_poll_us += spent;
             self.last_poll_end_us = Some(end_us);
         }
+    }
+
+    /// Pre-copy: how much may wait ahead of the link now (see [`AHEAD_US`]).
+    fn ahead_limit(&self, now_us: u64) -> usize {
+        let elapsed = now_us.saturating_sub(self.started_us);
+        let sent: u64 = self.stats.rounds.iter().map(|r| r.bytes).sum::<u64>() + self.cur.bytes;
+        if elapsed < 100_000 || sent == 0 {
+            // No measure yet: round 0 starts at full depth.
+            return AHEAD_MAX;
+        }
+        let bytes = sent.saturating_mul(AHEAD_US) / elapsed;
+        (bytes as usize).clamp(AHEAD_MIN, AHEAD_MAX)
     }
 
     /// The guest is frozen here and waits for what is being sent (the pause).
@@ -748,7 +764,8 @@ impl Source {
             return Ok(());
         }
         let ahead = self.out.len() - self.out_off + link.queued();
-        if self.phase == Phase::Precopy && ahead >= AHEAD {
+        let ahead_max = self.ahead_limit(now_us);
+        if self.phase == Phase::Precopy && ahead >= ahead_max {
             // Encode a page only shortly before the link can carry it: what sits in
             // buffers goes stale as the guest writes on, and a deep backlog at the end
             // of a round becomes a long drain that the guest spends dirtying the final
@@ -796,9 +813,11 @@ impl Source {
             }
             Phase::StopCopy if self.holder.holding(HoldPoint::Freeze, now_us) => {}
             Phase::Precopy | Phase::StopCopy => {
-                // Pre-copy fills only up to AHEAD with what the link holds (see there).
+                // Pre-copy fills only up to the limit with what the link holds.
                 let limit = if self.phase == Phase::Precopy {
-                    (self.out.len() + AHEAD).saturating_sub(ahead)
+                    (self.out.len() + ahead_max)
+                        .saturating_sub(ahead)
+                        .min(OUT_HIGH)
                 } else {
                     OUT_HIGH
                 };
