@@ -135,3 +135,24 @@ pub fn expect(text: &str, needle: &str) -> Result<(), String> {
         Err(format!("expected {needle:?} in output:\n{text}"))
     }
 }
+
+/// Migrates guest `id` from `src` to the peer (within 240 s), printing its figures;
+/// returns the id it got there.
+pub fn migrate(
+    src: &mut hv_tools::console::Console,
+    dst: &mut hv_tools::console::Console,
+    id: u32,
+    peer: &str,
+    opts: &str,
+) -> Result<u32, String> {
+    let m = hv_tools::session::migrate(
+        src,
+        dst,
+        id,
+        peer,
+        opts,
+        std::time::Duration::from_secs(240),
+    )?;
+    eprintln!("migrated guest {id} to {peer} {opts}: {:?}", m.stats);
+    Ok(m.new_id)
+}

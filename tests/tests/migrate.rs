@@ -3,26 +3,12 @@
 
 use std::time::Duration;
 
-use hv_tests::{expect, scenario, Emulator, Setup, CMD_TIMEOUT};
+use hv_tests::{expect, migrate, scenario, Emulator, Setup, CMD_TIMEOUT};
 use hv_tools::bxnet::BxEndpoint;
-use hv_tools::console::Console;
 use hv_tools::{session, streams};
 
 const MIGRATE_TIMEOUT: Duration = Duration::from_secs(240);
 const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Migrates guest `id` from `src` to the peer; returns the id it got there.
-fn migrate(
-    src: &mut Console,
-    dst: &mut Console,
-    id: u32,
-    peer: &str,
-    opts: &str,
-) -> Result<u32, String> {
-    let m = session::migrate(src, dst, id, peer, opts, MIGRATE_TIMEOUT)?;
-    eprintln!("migrated guest {id} to {peer} {opts}: {:?}", m.stats);
-    Ok(m.new_id)
-}
 
 #[test]
 #[ignore = "boots an emulator pair: run with cargo xtask test"]

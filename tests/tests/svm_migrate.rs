@@ -5,24 +5,12 @@
 
 use std::time::Duration;
 
-use hv_tests::{expect, scenario, scenario_cross, Emulator, Setup, CMD_TIMEOUT};
+use hv_tests::{expect, migrate, scenario, scenario_cross, Emulator, Setup, CMD_TIMEOUT};
 use hv_tools::console::Console;
 use hv_tools::session;
 
 const MIGRATE_TIMEOUT: Duration = Duration::from_secs(240);
 const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn migrate(
-    src: &mut Console,
-    dst: &mut Console,
-    id: u32,
-    peer: &str,
-    opts: &str,
-) -> Result<u32, String> {
-    let m = session::migrate(src, dst, id, peer, opts, MIGRATE_TIMEOUT)?;
-    eprintln!("migrated guest {id} to {peer} {opts}: {:?}", m.stats);
-    Ok(m.new_id)
-}
 
 /// A counter moves `src` -> `dst` and continues without a gap; returns its id there.
 fn counter_moves(
