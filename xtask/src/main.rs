@@ -98,6 +98,16 @@ enum Cmd {
     },
 }
 
+/// `--emulator` / `--emulator-b` values (with the `qemu` alias) as an [`Emulator`].
+fn emulator_parser() -> impl clap::builder::TypedValueParser<Value = Emulator> {
+    PossibleValuesParser::new([
+        PossibleValue::new("bochs"),
+        PossibleValue::new("qemu-kvm"),
+        PossibleValue::new("qemu-tcg").alias("qemu"),
+    ])
+    .map(|s| s.parse::<Emulator>().expect("listed values parse"))
+}
+
 /// The emulator options shared by the subcommands that boot instances.
 #[derive(Clone, Debug, Args)]
 pub struct EmuArgs {
@@ -105,12 +115,7 @@ pub struct EmuArgs {
     #[arg(
         long,
         value_name = "EMULATOR",
-        value_parser = PossibleValuesParser::new([
-            PossibleValue::new("bochs"),
-            PossibleValue::new("qemu-kvm"),
-            PossibleValue::new("qemu-tcg").alias("qemu"),
-        ])
-            .map(|s| s.parse::<Emulator>().expect("listed values parse"))
+        value_parser = emulator_parser()
     )]
     pub emulator: Option<Emulator>,
     /// A different emulator for instance B of a pair (a cross-vendor pair, e.g.
@@ -118,12 +123,7 @@ pub struct EmuArgs {
     #[arg(
         long,
         value_name = "EMULATOR",
-        value_parser = PossibleValuesParser::new([
-            PossibleValue::new("bochs"),
-            PossibleValue::new("qemu-kvm"),
-            PossibleValue::new("qemu-tcg").alias("qemu"),
-        ])
-            .map(|s| s.parse::<Emulator>().expect("listed values parse"))
+        value_parser = emulator_parser()
     )]
     pub emulator_b: Option<Emulator>,
     /// Bochs instructions per emulated second (sets Bochs' emulated clock).
